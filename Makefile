@@ -1,0 +1,61 @@
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-builtin-rules
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# Re-install when the project's dependencies change.
+INSTALLED := $(VENV)/.installed
+PROTOS := $(wildcard protos/freshrec/v1/*.proto)
+GENERATED := freshrec/v1/.generated
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+
+$(INSTALLED): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	@# torch is pinned to 2.13.0 in pyproject.toml: any other spec pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet --config-settings editable_mode=compat -e '.[dev,text]'
+	touch $@
+
+.PHONY: install
+install: $(INSTALLED) $(GENERATED) ## Create .venv, install everything, generate protobuf code
+
+$(GENERATED): $(PROTOS) $(INSTALLED)
+	rm -rf freshrec/v1
+	mkdir -p freshrec/v1
+	$(BIN)/python -m grpc_tools.protoc -Iprotos \
+		--python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	touch $@
+
+.PHONY: proto
+proto: $(GENERATED) ## Regenerate Python code and .pyi stubs from protos/
+
+.PHONY: run
+run: install ## Start the whole stack (NATS, SQLite, model store under ./var, four services)
+	$(BIN)/python -m cli up
+
+.PHONY: test
+test: install ## Run the test suite (real nats-server, SQLite, gRPC, onnxruntime)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: install ## Ruff and mypy on hand-written code
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy shared services cli
+
+.PHONY: bench
+bench: install ## Run every benchmark under bench/
+	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python "$$script"; done
+
+.PHONY: clean
+clean: ## Remove generated code and runtime state (keeps .venv)
+	rm -rf freshrec var .pytest_cache

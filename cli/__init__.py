@@ -1,0 +1,1 @@
+"""The ``freshrec`` command line: the embedded stack and operator verbs (not a service)."""

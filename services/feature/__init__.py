@@ -1,0 +1,1 @@
+"""feature: turns the event stream into fresh user and item features and keeps the item catalogue."""

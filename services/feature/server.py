@@ -1,0 +1,73 @@
+"""Wires the feature service together: SQL, the in-memory state, the consumer and the gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import partial
+from pathlib import Path
+
+import grpc
+
+from freshrec.v1 import feature_pb2, feature_pb2_grpc
+from services.feature.consumer import FeatureConsumer
+from services.feature.servicer import FeatureServicer
+from services.feature.settings import FeatureSettings
+from services.feature.state import FeatureState
+from services.feature.store import FeatureStore
+from shared import nats as fnats
+from shared.db import make_engine, make_sessionmaker, upgrade_schema
+from shared.grpc_server import RunningServer, full_service_name, start_grpc_server
+from shared.metrics import start_metrics_endpoint
+
+logger = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+VERSION_TABLE = "alembic_version_feature"
+SERVICE_NAME = full_service_name(feature_pb2.DESCRIPTOR, "FeatureService")
+
+
+class FeatureApp:
+    """The running feature service."""
+
+    def __init__(self, settings: FeatureSettings) -> None:
+        self.settings = settings
+        self.server: RunningServer | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None, "not started"
+        return self.server.port
+
+    async def start(self) -> None:
+        s = self.settings
+        engine = make_engine(s.database)
+        await asyncio.to_thread(upgrade_schema, engine, MIGRATIONS, VERSION_TABLE)
+        store = FeatureStore(make_sessionmaker(engine), s.consumer_name)
+        state = FeatureState(s.recent_items, s.type_weights)
+        await asyncio.to_thread(store.load, state)
+        logger.info(
+            "feature state loaded: %d users, %d items, stream position %d",
+            len(state.users),
+            len(state.items),
+            state.watermark.stream_sequence,
+        )
+
+        nc = await fnats.connect(s.nats, name="freshrec-feature")
+        js = nc.jetstream()
+        await fnats.ensure_events_stream(js)
+        consumer = FeatureConsumer(js, state, store, s.consumer_name, s.fetch_batch)
+
+        def register(server: grpc.aio.Server) -> None:
+            feature_pb2_grpc.add_FeatureServiceServicer_to_server(FeatureServicer(state, store), server)
+
+        self.server = await start_grpc_server(s.grpc, [SERVICE_NAME], register)
+        self.server.cleanups += [nc.drain, partial(asyncio.to_thread, engine.dispose)]
+        self.server.tasks.append(asyncio.create_task(consumer.run(), name="feature-consumer"))
+        if s.metrics.enabled:
+            start_metrics_endpoint(s.metrics)
+        logger.info("feature listening on %s:%d", s.grpc.host, self.server.port)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(self.settings.grpc.grace_s)

@@ -1,0 +1,31 @@
+"""Configuration of the inference service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import GrpcSettings, ServiceSettings
+
+
+class InferenceSettings(ServiceSettings):
+    """freshrec inference: answers Recommend, ScoreItems, SimilarItems and GetModelInfo from the live
+    ONNX model, hot-swapping each version announced on freshrec.models.published. Every option can
+    also be set from the environment as FRESHREC_<OPTION> with '__' between levels, for example
+    FRESHREC_FEATURE_ADDR=feature:50052."""
+
+    model_config = SettingsConfigDict(cli_prog_name="python -m services.inference")
+
+    grpc: GrpcSettings = GrpcSettings(port=50054)
+    model_store: Path = Field(Path("var/models"), description="Folder of the model store.")
+    feature_addr: str = Field("127.0.0.1:50052", description="host:port of the feature service.")
+    feature_deadline_s: float = Field(
+        0.05, gt=0, description="Deadline of a feature lookup on the request path (then the cache answers)."
+    )
+    poll_interval_s: float = Field(
+        5.0, gt=0, description="How often the store's LIVE pointer is checked, besides announcements."
+    )
+    keep_versions: int = Field(3, ge=1, description="Versions kept loaded for an instant rollback.")
+    onnx_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads per session.")

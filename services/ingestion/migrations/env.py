@@ -1,0 +1,6 @@
+"""Alembic environment of the ingestion service's tables."""
+
+from services.ingestion.store import Base
+from shared.db import run_migrations
+
+run_migrations(Base.metadata)

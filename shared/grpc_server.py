@@ -1,0 +1,130 @@
+"""The gRPC server bootstrap every service uses: health, reflection, metrics, graceful stop.
+
+A service builds its servicers inside its own ``serve`` and hands a ``register`` callback
+here; this module owns the parts that must be identical everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shared.metrics import RpcMetricsInterceptor
+from shared.settings import GrpcSettings
+
+logger = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class RunningServer:
+    """A started gRPC server with its health servicer and the port it bound."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    service_names: Sequence[str]
+    #: Background work (consumers, relays) cancelled after the RPCs have drained.
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    #: Run last, in reverse order of registration (NATS drain, engine dispose).
+    cleanups: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
+
+    async def set_serving(self, serving: bool) -> None:
+        """Sets the health of every service this server hosts (and the server as a whole)."""
+        status = SERVING if serving else NOT_SERVING
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stops in the documented order: health NOT_SERVING, drain RPCs, background tasks, cleanups."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                try:
+                    await task
+                except Exception:
+                    logger.exception("background task %s had failed", task.get_name())
+        for cleanup in reversed(self.cleanups):
+            try:
+                await cleanup()
+            except Exception:
+                logger.exception("cleanup failed during shutdown")
+
+
+async def start_grpc_server(
+    settings: GrpcSettings,
+    service_names: Sequence[str],
+    register: Callable[[grpc.aio.Server], None],
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+) -> RunningServer:
+    """Builds, binds and starts a ``grpc.aio`` server with health and reflection."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(interceptors=[RpcMetricsInterceptor(), *interceptors], options=options)
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise RuntimeError(f"could not bind gRPC port {settings.host}:{settings.port}; is it in use?")
+    await server.start()
+    running = RunningServer(server=server, health=health_servicer, port=port, service_names=service_names)
+    await running.set_serving(True)
+    return running
+
+
+async def wait_for_stop_signal() -> None:
+    """Returns when SIGTERM or SIGINT arrives."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+class Service(Protocol):
+    """What a service's app object offers: start (binding its port) and a graceful stop."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def serve_until_signal(app: Service) -> None:
+    """Starts the app, waits for SIGTERM/SIGINT, then stops it gracefully."""
+    await app.start()
+    try:
+        await wait_for_stop_signal()
+        logger.info("stop signal received; shutting down")
+    finally:
+        await app.stop()
+
+
+def full_service_name(file_descriptor, service: str) -> str:  # type: ignore[no-untyped-def]
+    """The fully qualified name of a service in a generated ``*_pb2`` module's descriptor."""
+    return str(file_descriptor.services_by_name[service].full_name)

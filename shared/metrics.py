@@ -1,0 +1,86 @@
+"""Prometheus metrics shared by every service: the HTTP endpoint and per-RPC figures."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import Counter, Histogram, start_http_server
+
+from shared.settings import MetricsSettings
+
+logger = logging.getLogger(__name__)
+
+RPC_LATENCY = Histogram(
+    "freshrec_rpc_latency_seconds",
+    "Server-side latency of each gRPC method.",
+    ["method"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+RPC_TOTAL = Counter("freshrec_rpc_total", "gRPC calls by method and status code.", ["method", "code"])
+
+
+def start_metrics_endpoint(settings: MetricsSettings) -> int | None:
+    """Serves /metrics over HTTP in a background thread; returns the bound port."""
+    if not settings.enabled:
+        return None
+    server, _thread = start_http_server(settings.port, addr=settings.host)
+    port = int(server.server_port)
+    logger.info("metrics on http://%s:%d/metrics", settings.host, port)
+    return port
+
+
+class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Records latency and status code of every unary-response RPC."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith("/grpc."):
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _timed(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                _timed(handler.stream_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _timed(behaviour: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        start = time.perf_counter()
+        failure: str | None = None
+        try:
+            return await behaviour(request_or_iterator, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            failure = "UNKNOWN"
+            raise
+        finally:
+            RPC_LATENCY.labels(method).observe(time.perf_counter() - start)
+            RPC_TOTAL.labels(method, failure or _code_name(context.code())).inc()
+
+    return wrapper
+
+
+def _code_name(code: Any) -> str:
+    if code is None:
+        return "OK"
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    return str(code)

@@ -1,0 +1,77 @@
+"""Settings pieces every service composes into its own ``Settings`` class.
+
+All settings come from the environment with the prefix ``FRESHREC_`` and ``__`` between
+nested names, for example ``FRESHREC_NATS__URL`` or ``FRESHREC_GRPC__PORT``; each
+``python -m services.<name> --help`` lists its own.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class NatsSettings(BaseModel):
+    """How to reach NATS JetStream."""
+
+    url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated.")
+    user: str | None = Field(None, description="NATS user name, if the server requires one.")
+    password: SecretStr | None = Field(None, description="NATS password.")
+    connect_timeout_s: float = Field(2.0, gt=0, description="Timeout of one connection attempt.")
+    reconnect_wait_s: float = Field(0.5, gt=0, description="Pause between reconnection attempts.")
+
+    @property
+    def servers(self) -> list[str]:
+        return [u.strip() for u in self.url.split(",") if u.strip()]
+
+
+class DatabaseSettings(BaseModel):
+    """Where the service keeps its SQL state (SQLAlchemy URL)."""
+
+    url: str = Field("sqlite:///var/freshrec.db", description="SQLAlchemy database URL.")
+    echo: bool = Field(False, description="Log every SQL statement.")
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = Field(
+        "FULL", description="SQLite synchronous pragma (FULL: a commit survives power loss)."
+    )
+
+
+class GrpcSettings(BaseModel):
+    """The service's gRPC server."""
+
+    host: str = Field("0.0.0.0", description="Interface to listen on.")
+    port: int = Field(0, ge=0, le=65535, description="Port to listen on (0: any free port).")
+    grace_s: float = Field(10.0, ge=0, description="How long in-flight RPCs may run after SIGTERM.")
+    max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest gRPC message accepted.")
+
+
+class MetricsSettings(BaseModel):
+    """The Prometheus metrics endpoint."""
+
+    enabled: bool = Field(True, description="Serve Prometheus metrics over HTTP.")
+    host: str = Field("0.0.0.0", description="Interface of the metrics endpoint.")
+    port: int = Field(0, ge=0, le=65535, description="Port of the metrics endpoint (0: any free port).")
+
+
+class LogSettings(BaseModel):
+    """Logging output."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    json_lines: bool = Field(False, description="Write JSON lines instead of plain text.")
+
+
+class ServiceSettings(BaseSettings):
+    """What every freshrec service is configured with; each service extends it."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FRESHREC_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        cli_kebab_case=True,
+    )
+
+    log: LogSettings = LogSettings()
+    nats: NatsSettings = NatsSettings()
+    grpc: GrpcSettings = GrpcSettings()
+    metrics: MetricsSettings = MetricsSettings()
