@@ -38,6 +38,10 @@ $(GENERATED): $(PROTOS) $(INSTALLED)
 .PHONY: proto
 proto: $(GENERATED) ## Regenerate Python code and .pyi stubs from protos/
 
+.PHONY: migration
+migration: install ## New Alembic revision from model changes: make migration SERVICE=feature MSG="add x"
+	$(BIN)/python -m cli.migration "$${SERVICE:?set SERVICE=<service>}" "$${MSG:?set MSG=<what changes>}"
+
 .PHONY: run
 run: install ## Start the whole stack (NATS, SQLite, model store under ./var, four services)
 	$(BIN)/python -m cli up

@@ -39,8 +39,12 @@ RAW_SUBJECT = "freshrec.events.raw"
 DLQ_SUBJECT = "freshrec.events.dlq"
 #: The live model version changed (new export, promotion or rollback).
 MODELS_PUBLISHED_SUBJECT = "freshrec.models.published"
-#: Catalogue entries published by producers (feature service input).
+#: Catalogue entries published by producers (feature service input, validated there).
 CATALOG_ITEMS_SUBJECT = "freshrec.catalog.items"
+#: JetStream stream of validated catalogue entries (protobuf ``Item``), published by the feature
+#: service after each accepted upsert; the trainer and inference follow it.
+CATALOG_STREAM = "FRESHREC_CATALOG"
+CATALOG_ACCEPTED_SUBJECT = "freshrec.catalog.accepted"
 
 #: The header carrying a message's idempotency key; JetStream drops repeats within its window.
 MSG_ID_HEADER = "Nats-Msg-Id"
