@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 
 import nats
 from nats.aio.client import Client as NatsClient
@@ -30,9 +31,14 @@ logger = logging.getLogger(__name__)
 
 #: JetStream stream holding every accepted event, in acceptance order.
 EVENTS_STREAM = "FRESHREC_EVENTS"
-#: Accepted events are published on ``freshrec.events.accepted.<type>`` (type in lower case).
+#: Accepted events are published on ``freshrec.events.accepted.<type>.<partition>``: the type in
+#: lower case, the partition ``user_partition(user_id)``. Subscribe to ``freshrec.events.accepted.>``
+#: for everything, ``freshrec.events.accepted.purchase.*`` for one type, or
+#: ``freshrec.events.accepted.*.<p>`` for one partition (how feature replicas split users).
 ACCEPTED_SUBJECT_PREFIX = "freshrec.events.accepted"
 ACCEPTED_SUBJECTS = f"{ACCEPTED_SUBJECT_PREFIX}.>"
+#: Number of user partitions in the subject; the most replicas that can split users between them.
+EVENT_PARTITIONS = 64
 #: Producers publish raw events (protobuf or JSON) here for ingestion to validate and accept.
 RAW_SUBJECT = "freshrec.events.raw"
 #: Messages that could not be ingested land here, with the reason in a header.
@@ -50,9 +56,28 @@ CATALOG_ACCEPTED_SUBJECT = "freshrec.catalog.accepted"
 MSG_ID_HEADER = "Nats-Msg-Id"
 
 
-def accepted_subject(event_type_name: str) -> str:
-    """``EVENT_TYPE_PURCHASE`` -> ``freshrec.events.accepted.purchase``."""
-    return f"{ACCEPTED_SUBJECT_PREFIX}.{event_type_name.removeprefix('EVENT_TYPE_').lower()}"
+def user_partition(user_id: str) -> int:
+    """The partition of a user: CRC-32 (zlib, IEEE) of the UTF-8 id modulo ``EVENT_PARTITIONS``.
+
+    Stable across processes and languages, so producers, ingestion and consumers agree.
+    """
+    return zlib.crc32(user_id.encode("utf-8")) % EVENT_PARTITIONS
+
+
+def accepted_subject(event_type_name: str, user_id: str) -> str:
+    """``EVENT_TYPE_PURCHASE``, ``alice`` -> ``freshrec.events.accepted.purchase.<partition of alice>``."""
+    kind = event_type_name.removeprefix("EVENT_TYPE_").lower()
+    return f"{ACCEPTED_SUBJECT_PREFIX}.{kind}.{user_partition(user_id)}"
+
+
+def partition_filter_subjects(replica: int, replicas: int) -> list[str]:
+    """The subject filters of replica ``replica`` (0-based) of ``replicas``: the partitions ``p``
+    with ``p % replicas == replica``; one replica gets everything."""
+    if not 0 <= replica < replicas <= EVENT_PARTITIONS:
+        raise ValueError(f"replica {replica} of {replicas} is not valid (at most {EVENT_PARTITIONS})")
+    if replicas == 1:
+        return [ACCEPTED_SUBJECTS]
+    return [f"{ACCEPTED_SUBJECT_PREFIX}.*.{p}" for p in range(EVENT_PARTITIONS) if p % replicas == replica]
 
 
 async def connect(settings: NatsSettings, name: str) -> NatsClient:
@@ -113,6 +138,32 @@ async def ensure_events_stream(
             await js.update_stream(config)
 
 
+def catalog_stream_config() -> StreamConfig:
+    """The configuration of ``FRESHREC_CATALOG``: every accepted catalogue entry, kept (file storage,
+    limits retention, no age limit) so a follower can rebuild the catalogue from sequence 1."""
+    return StreamConfig(
+        name=CATALOG_STREAM,
+        subjects=[CATALOG_ACCEPTED_SUBJECT],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=120.0,
+    )
+
+
+async def ensure_catalog_stream(js: JetStreamContext, *, owner: bool = False) -> None:
+    """Declares ``FRESHREC_CATALOG`` idempotently (the feature service owns it; followers such as
+    the trainer and inference may call it too so they can start first)."""
+    config = catalog_stream_config()
+    try:
+        await js.add_stream(config)
+    except BadRequestError as exc:
+        if getattr(exc, "err_code", None) != 10058:
+            raise
+        if owner:
+            await js.update_stream(config)
+
+
 async def pull_subscribe_events(
     js: JetStreamContext,
     durable: str,
@@ -121,21 +172,26 @@ async def pull_subscribe_events(
     ack_wait_s: float = 30.0,
     max_ack_pending: int = 100_000,
     ack_all: bool = True,
+    filter_subjects: list[str] | None = None,
 ) -> JetStreamContext.PullSubscription:
     """A durable pull consumer on ``FRESHREC_EVENTS``.
 
     With ``ack_all`` one ack covers every earlier message, so a consumer acks once per
-    committed batch (or checkpoint) instead of once per event.
+    committed batch (or checkpoint) instead of once per event. ``filter_subjects`` (several
+    filters, e.g. ``partition_filter_subjects``) replaces ``filter_subject``.
     """
+    several = filter_subjects is not None and len(filter_subjects) > 1
     config = ConsumerConfig(
         durable_name=durable,
         ack_policy=AckPolicy.ALL if ack_all else AckPolicy.EXPLICIT,
         ack_wait=ack_wait_s,
         max_ack_pending=max_ack_pending,
         deliver_policy=DeliverPolicy.ALL,
-        filter_subject=filter_subject,
+        filter_subject=None if several else (filter_subjects or [filter_subject])[0],
+        filter_subjects=filter_subjects if several else None,
     )
-    return await js.pull_subscribe(filter_subject, durable=durable, stream=EVENTS_STREAM, config=config)
+    subject = (filter_subjects or [filter_subject])[0]
+    return await js.pull_subscribe(subject, durable=durable, stream=EVENTS_STREAM, config=config)
 
 
 async def fetch_batch(psub: JetStreamContext.PullSubscription, batch: int, timeout_s: float) -> list[Msg]:

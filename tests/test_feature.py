@@ -20,7 +20,7 @@ async def publish(nats_client, events: list[event_pb2.Event]) -> None:  # type: 
     js = nats_client.jetstream()
     await ensure_events_stream(js)
     for e in events:
-        subject = accepted_subject(event_pb2.EventType.Name(e.type))
+        subject = accepted_subject(event_pb2.EventType.Name(e.type), e.user_id)
         await js.publish(subject, e.SerializeToString(), headers={MSG_ID_HEADER: e.event_id})
 
 

@@ -13,7 +13,7 @@ from freshrec.v1 import event_pb2, ingestion_pb2, ingestion_pb2_grpc
 from services.ingestion.server import IngestionApp
 from services.ingestion.settings import IngestionSettings
 from services.ingestion.validation import derive_event_id, validate_event
-from shared.nats import EVENTS_STREAM, MSG_ID_HEADER
+from shared.nats import EVENTS_STREAM, MSG_ID_HEADER, user_partition
 from tests.conftest import eventually, service_settings
 from tests.factories import event
 
@@ -75,7 +75,7 @@ async def test_accepts_dedups_and_rejects_per_event(stub, nats_client) -> None:
     msgs, total = await stream_messages(nats_client, 2)
     assert total == 2
     assert [m.headers[MSG_ID_HEADER] for m in msgs] == ["e1", "e2"]
-    assert msgs[0].subject == "freshrec.events.accepted.click"
+    assert msgs[0].subject == f"freshrec.events.accepted.click.{user_partition('u1')}"
     assert event_pb2.Event.FromString(msgs[1].data).item_id == "i2"
 
 

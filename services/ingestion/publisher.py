@@ -15,8 +15,8 @@ from shared.nats import EVENTS_STREAM, MSG_ID_HEADER, accepted_subject
 logger = logging.getLogger(__name__)
 
 
-def subject_for(event_type: int) -> str:
-    return accepted_subject(event_pb2.EventType.Name(event_type))
+def subject_for(event_type: int, user_id: str) -> str:
+    return accepted_subject(event_pb2.EventType.Name(event_type), user_id)
 
 
 class Publisher:
@@ -44,7 +44,7 @@ class Publisher:
             for e in events:
                 futures.append(
                     await self.js.publish_async(
-                        subject_for(e.type),
+                        subject_for(e.type, e.user_id),
                         e.payload,
                         headers={MSG_ID_HEADER: e.event_id},
                         stream=EVENTS_STREAM,

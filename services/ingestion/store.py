@@ -70,12 +70,14 @@ class EventRow(Base):
 
 @dataclass(frozen=True)
 class StoredEvent:
-    """An event as committed: its log position, id, subject type and wire payload."""
+    """An event as committed: its log position, id, subject type and wire payload, and its user
+    (whose partition is part of the subject)."""
 
     seq: int
     event_id: str
     type: int
     payload: bytes
+    user_id: str
 
 
 class EventLog:
@@ -120,7 +122,7 @@ class EventLog:
             stmt = (
                 insert(EventRow)
                 .on_conflict_do_nothing(index_elements=["event_id"])
-                .returning(EventRow.seq, EventRow.event_id, EventRow.type, EventRow.payload)
+                .returning(EventRow.seq, EventRow.event_id, EventRow.type, EventRow.payload, EventRow.user_id)
             )
             result = session.execute(stmt, rows)
             stored = [StoredEvent(*row) for row in result.all()]
@@ -137,7 +139,7 @@ class EventLog:
         """Committed events JetStream has not acknowledged yet, oldest first."""
         with self.sessions.begin() as session:
             rows = session.execute(
-                select(EventRow.seq, EventRow.event_id, EventRow.type, EventRow.payload)
+                select(EventRow.seq, EventRow.event_id, EventRow.type, EventRow.payload, EventRow.user_id)
                 .where(EventRow.published == false(), EventRow.seq > after_seq)
                 .order_by(EventRow.seq)
                 .limit(limit)
