@@ -59,8 +59,7 @@ class FeatureConsumer:
         await msgs[-1].ack()
 
     async def _reload(self) -> None:
-        fresh = FeatureState(self.state.max_recent, {})
-        fresh.type_weights = self.state.type_weights
+        fresh = FeatureState(self.state.max_recent, self.state.preprocessor.settings)
         await asyncio.to_thread(self.store.load, fresh)
         self.state.users, self.state.items = fresh.users, fresh.items
         self.state.item_categories, self.state.watermark = fresh.item_categories, fresh.watermark

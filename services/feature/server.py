@@ -44,7 +44,7 @@ class FeatureApp:
         engine = make_engine(s.database)
         await asyncio.to_thread(upgrade_schema, engine, MIGRATIONS, VERSION_TABLE)
         store = FeatureStore(make_sessionmaker(engine), s.consumer_name)
-        state = FeatureState(s.recent_items, s.type_weights)
+        state = FeatureState(s.recent_items, s.preprocessing)
         await asyncio.to_thread(store.load, state)
         logger.info(
             "feature state loaded: %d users, %d items, stream position %d",

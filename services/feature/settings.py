@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from shared.preprocessing import PreprocessingSettings
 from shared.settings import DatabaseSettings, GrpcSettings, ServiceSettings
 
 
@@ -20,15 +21,7 @@ class FeatureSettings(ServiceSettings):
     consumer_name: str = Field("feature", description="Durable JetStream consumer name.")
     recent_items: int = Field(50, gt=0, le=1000, description="Recent interactions kept per user.")
     fetch_batch: int = Field(1000, gt=0, description="Events fetched and committed together.")
-    type_weights: dict[str, float] = Field(
-        {
-            "EVENT_TYPE_VIEW": 1.0,
-            "EVENT_TYPE_CLICK": 2.0,
-            "EVENT_TYPE_ADD_TO_CART": 3.0,
-            "EVENT_TYPE_PURCHASE": 5.0,
-            "EVENT_TYPE_RATE": 1.0,
-            "EVENT_TYPE_LIKE": 3.0,
-            "EVENT_TYPE_DISLIKE": -1.0,
-        },
-        description="Weight of each event type in popularity and training signals.",
+    preprocessing: PreprocessingSettings = Field(
+        default_factory=PreprocessingSettings,
+        description="Event weights and denoising rules (give the trainer the same values).",
     )

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from freshrec.v1 import event_pb2
+from shared.preprocessing import PreprocessingSettings, Preprocessor
 
 
 @dataclass
@@ -80,23 +81,24 @@ class Watermark:
 class FeatureState:
     """Users, items and the stream watermark; the catalogue's categories for filtering."""
 
-    def __init__(self, max_recent: int, type_weights: dict[str, float]) -> None:
+    def __init__(self, max_recent: int, preprocessing: PreprocessingSettings) -> None:
         self.max_recent = max_recent
-        self.type_weights = {event_pb2.EventType.Value(k): v for k, v in type_weights.items()}
+        self.preprocessor = Preprocessor(preprocessing)
         self.users: dict[str, UserState] = {}
         self.items: dict[str, ItemState] = {}
         self.item_categories: dict[str, list[str]] = {}
         self.watermark = Watermark()
-
-    def weight(self, event: event_pb2.Event) -> float:
-        return self.type_weights.get(event.type, 1.0)
 
     def apply(self, event: event_pb2.Event, stream_sequence: int) -> bool:
         """Applies one event; returns False (and changes nothing) for one already applied."""
         if stream_sequence <= self.watermark.stream_sequence:
             return False
         ts = event.occurred_at.seconds + event.occurred_at.nanos / 1e9
-        weight = self.weight(event)
+        out = self.preprocessor.process(event.user_id, event.item_id, event.type, event.value, ts)
+        self.watermark = Watermark(stream_sequence, max(self.watermark.event_time, ts))
+        if not out.kept:
+            return True
+        weight = out.weight
         type_name = event_pb2.EventType.Name(event.type)
 
         user = self.users.get(event.user_id)
@@ -105,6 +107,8 @@ class FeatureState:
         user.recent.append(Interaction(event.item_id, event.type, ts, weight))
         user.counts[type_name] += 1
         user.last_event_at = max(user.last_event_at, ts)
+        if not out.signal:
+            return True
 
         item = self.items.get(event.item_id)
         if item is None:
@@ -113,8 +117,6 @@ class FeatureState:
         item.counts[type_name] += 1
         item.first_seen_at = min(item.first_seen_at, ts)
         item.last_seen_at = max(item.last_seen_at, ts)
-
-        self.watermark = Watermark(stream_sequence, max(self.watermark.event_time, ts))
         return True
 
     def popular(self, k: int, category: str = "") -> list[tuple[str, float]]:

@@ -74,6 +74,8 @@ class FeatureStore:
         with self.sessions.begin() as session:
             for user_id, doc in session.execute(select(UserRow.user_id, UserRow.state)):
                 state.users[user_id] = UserState.from_json(doc, state.max_recent)
+                if doc.get("pre") is not None:
+                    state.preprocessor.import_user(user_id, doc["pre"])
             for item_id, doc in session.execute(select(ItemStatsRow.item_id, ItemStatsRow.state)):
                 state.items[item_id] = ItemState.from_json(doc)
             for item_id, categories in session.execute(select(CatalogItem.item_id, CatalogItem.categories)):
@@ -86,9 +88,12 @@ class FeatureStore:
         """Writes the touched users and items and the stream position in one transaction."""
         with self.sessions.begin() as session:
             for user_id in users:
-                session.merge(UserRow(user_id=user_id, state=state.users[user_id].to_json()))
+                doc = state.users[user_id].to_json()
+                doc["pre"] = state.preprocessor.export_user(user_id)
+                session.merge(UserRow(user_id=user_id, state=doc))
             for item_id in items:
-                session.merge(ItemStatsRow(item_id=item_id, state=state.items[item_id].to_json()))
+                if item_id in state.items:  # events of likely bots do not touch items
+                    session.merge(ItemStatsRow(item_id=item_id, state=state.items[item_id].to_json()))
             session.merge(
                 ConsumerPosition(
                     consumer=self.consumer,
