@@ -53,16 +53,21 @@ def nats_server_binary() -> str:
 class NatsServer:
     """A private nats-server with JetStream, storing under ``store_dir``."""
 
-    def __init__(self, store_dir: Path, port: int = 0, log_file: Path | None = None) -> None:
+    def __init__(
+        self, store_dir: Path, port: int = 0, log_file: Path | None = None, config: str | None = None
+    ) -> None:
         self.store_dir = Path(store_dir)
         self.port = port or free_port()
         self.monitor_port = free_port()
         self.log_file = log_file
+        #: Extra nats-server configuration (authorization, tls blocks), written to a file at start.
+        self.config = config
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        scheme = "tls" if self.config and "tls" in self.config else "nats"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 20.0) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +83,10 @@ class NatsServer:
             "-sd",
             str(self.store_dir),
         ]
+        if self.config:
+            config_file = self.store_dir / "nats.conf"
+            config_file.write_text(self.config)
+            args += ["-c", str(config_file)]
         out = self.log_file.open("ab") if self.log_file else subprocess.DEVNULL
         self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s

@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared.metrics import RpcMetricsInterceptor
+from shared.security import TokenAuthInterceptor, server_credentials
 from shared.settings import GrpcSettings
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,12 @@ async def start_grpc_server(
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(interceptors=[RpcMetricsInterceptor(), *interceptors], options=options)
+    security: list[grpc.aio.ServerInterceptor] = []
+    if settings.auth_token is not None:
+        security.append(TokenAuthInterceptor(settings.auth_token.get_secret_value()))
+    server = grpc.aio.server(
+        interceptors=[RpcMetricsInterceptor(), *security, *interceptors], options=options
+    )
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -85,7 +91,9 @@ async def start_grpc_server(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    credentials = server_credentials(settings.tls)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind gRPC port {settings.host}:{settings.port}; is it in use?")
     await server.start()

@@ -22,6 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from shared.signing import SignatureError, sign_manifest, verify_manifest
+
 MANIFEST = "manifest.json"
 LIVE_POINTER = "LIVE"
 
@@ -83,14 +87,23 @@ class ModelStore:
         self.versions_dir.mkdir(parents=True, exist_ok=True)
 
     # -- writing (trainer) -------------------------------------------------------------
-    def write_version(self, version: str, files: dict[str, bytes], manifest: dict[str, Any]) -> StoredVersion:
-        """Writes a complete version atomically; the manifest gains ``files`` and ``sha256``."""
+    def write_version(
+        self,
+        version: str,
+        files: dict[str, bytes],
+        manifest: dict[str, Any],
+        signing_key: Ed25519PrivateKey | None = None,
+    ) -> StoredVersion:
+        """Writes a complete version atomically; the manifest gains ``files``, ``sha256`` and,
+        with a signing key, an Ed25519 ``signature`` over all of it."""
         self.ensure()
         final = self.versions_dir / version
         if final.exists():
             raise FileExistsError(f"model version {version} already exists in {self.versions_dir}")
         entries = {name: {"sha256": sha256_bytes(data), "bytes": len(data)} for name, data in files.items()}
         full_manifest = {**manifest, "version": version, "files": entries, "sha256": artifact_digest(entries)}
+        if signing_key is not None:
+            full_manifest["signature"] = sign_manifest(full_manifest, signing_key)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=self.root))
         try:
             for name, data in files.items():
@@ -159,9 +172,17 @@ class ModelStore:
             raise ArtifactError(f"version {version}: manifest lists no files")
         return manifest
 
-    def open_verified(self, version: str, expected_sha256: str | None = None) -> StoredVersion:
-        """Reads the manifest and checks every file's size and sha256; ArtifactError on any mismatch."""
+    def open_verified(
+        self, version: str, expected_sha256: str | None = None, public_key: Ed25519PublicKey | None = None
+    ) -> StoredVersion:
+        """Reads the manifest, checks its signature (when a public key is given), then every file's
+        size and sha256; ArtifactError on any mismatch."""
         manifest = self.read_manifest(version)
+        if public_key is not None:
+            try:
+                verify_manifest(manifest, public_key)
+            except SignatureError as exc:
+                raise ArtifactError(f"version {version}: {exc}") from exc
         files: dict[str, dict[str, Any]] = manifest["files"]
         if manifest.get("sha256") != artifact_digest(files):
             raise ArtifactError(f"version {version}: manifest digest does not match its file list")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import zlib
 
 import nats
@@ -25,7 +26,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError
 
-from shared.settings import NatsSettings
+from shared.settings import NatsSettings, TlsSettings
 
 logger = logging.getLogger(__name__)
 
@@ -81,30 +82,65 @@ def partition_filter_subjects(replica: int, replicas: int) -> list[str]:
 
 
 async def connect(settings: NatsSettings, name: str) -> NatsClient:
-    """Connects with reconnection forever, logging disconnects; raises if the first connect fails."""
+    """Connects, trying ``connect_attempts`` times; once connected, reconnects forever.
 
-    async def on_error(exc: Exception) -> None:
-        logger.warning("nats error: %s", exc)
+    Raises ``ConnectionError`` with what to check when the first connection cannot be made.
+    """
+    # nats-py can hang after a failed TLS handshake instead of counting the attempt: bound the wait.
+    give_up_after = settings.connect_attempts * (settings.connect_timeout_s + settings.reconnect_wait_s) + 2
+    try:
+        nc = await asyncio.wait_for(_connect(settings, name), give_up_after)
+    except Exception as exc:
+        raise ConnectionError(
+            f"cannot connect to NATS at {settings.url} after {settings.connect_attempts} attempts ({exc!r}); "
+            "check FRESHREC_NATS__URL, the credentials (FRESHREC_NATS__USER/PASSWORD/TOKEN/CREDS_FILE) "
+            "and FRESHREC_NATS__TLS__CA_FILE"
+        ) from exc
+    # From now on ride out any outage: nats-py reads this option at every reconnection.
+    nc.options["max_reconnect_attempts"] = -1
+    return nc
 
-    async def on_disconnect() -> None:
-        logger.warning("nats disconnected")
 
-    async def on_reconnect() -> None:
-        logger.info("nats reconnected")
+async def _on_error(exc: Exception) -> None:
+    logger.warning("nats error: %s", exc)
 
+
+async def _on_disconnect() -> None:
+    logger.warning("nats disconnected")
+
+
+async def _on_reconnect() -> None:
+    logger.info("nats reconnected")
+
+
+async def _connect(settings: NatsSettings, name: str) -> NatsClient:
     return await nats.connect(
         servers=settings.servers,
         name=name,
         user=settings.user,
         password=settings.password.get_secret_value() if settings.password else None,
+        token=settings.token.get_secret_value() if settings.token else None,
+        user_credentials=str(settings.creds_file) if settings.creds_file else None,
+        nkeys_seed=str(settings.nkey_seed_file) if settings.nkey_seed_file else None,
+        tls=tls_context(settings.tls),
         connect_timeout=settings.connect_timeout_s,
         reconnect_time_wait=settings.reconnect_wait_s,
-        max_reconnect_attempts=-1,
+        max_reconnect_attempts=settings.connect_attempts,
         allow_reconnect=True,
-        error_cb=on_error,
-        disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
+        error_cb=_on_error,
+        disconnected_cb=_on_disconnect,
+        reconnected_cb=_on_reconnect,
     )
+
+
+def tls_context(tls: TlsSettings) -> ssl.SSLContext | None:
+    """A client TLS context for NATS, or None for plaintext."""
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    if tls.cert_file and tls.key_file:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    return context
 
 
 def events_stream_config(duplicate_window_s: float = 120.0) -> StreamConfig:

@@ -7,10 +7,38 @@ nested names, for example ``FRESHREC_NATS__URL`` or ``FRESHREC_GRPC__PORT``; eac
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class TlsSettings(BaseModel):
+    """TLS files (PEM). As a server: cert+key turn TLS on; a CA file then requires client
+    certificates signed by it (mutual TLS). As a client: the CA verifies the server; cert+key
+    present this client's identity for mutual TLS."""
+
+    cert_file: Path | None = Field(None, description="Certificate chain (PEM).")
+    key_file: Path | None = Field(None, description="Private key of the certificate (PEM).")
+    ca_file: Path | None = Field(None, description="CA bundle to verify the other side (PEM).")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file or self.ca_file)
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TlsSettings:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("tls.cert_file and tls.key_file go together: set both or neither")
+        return self
+
+
+class PeerSettings(BaseModel):
+    """How this service calls another freshrec service over gRPC."""
+
+    tls: TlsSettings = TlsSettings()
+    token: SecretStr | None = Field(None, description="Bearer token sent to the peer, if it requires one.")
 
 
 class NatsSettings(BaseModel):
@@ -19,7 +47,14 @@ class NatsSettings(BaseModel):
     url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated.")
     user: str | None = Field(None, description="NATS user name, if the server requires one.")
     password: SecretStr | None = Field(None, description="NATS password.")
+    token: SecretStr | None = Field(None, description="NATS authentication token.")
+    creds_file: Path | None = Field(None, description="NATS credentials file (JWT + nkey seed).")
+    nkey_seed_file: Path | None = Field(None, description="NATS nkey seed file.")
+    tls: TlsSettings = TlsSettings()
     connect_timeout_s: float = Field(2.0, gt=0, description="Timeout of one connection attempt.")
+    connect_attempts: int = Field(
+        20, gt=0, description="Attempts of the first connection before giving up (reconnects never give up)."
+    )
     reconnect_wait_s: float = Field(0.5, gt=0, description="Pause between reconnection attempts.")
 
     @property
@@ -44,6 +79,10 @@ class GrpcSettings(BaseModel):
     port: int = Field(0, ge=0, le=65535, description="Port to listen on (0: any free port).")
     grace_s: float = Field(10.0, ge=0, description="How long in-flight RPCs may run after SIGTERM.")
     max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest gRPC message accepted.")
+    tls: TlsSettings = TlsSettings()
+    auth_token: SecretStr | None = Field(
+        None, description="When set, every RPC but health checks needs 'authorization: Bearer <token>'."
+    )
 
 
 class MetricsSettings(BaseModel):

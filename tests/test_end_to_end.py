@@ -20,6 +20,7 @@ from freshrec.v1 import (
     trainer_pb2,
     trainer_pb2_grpc,
 )
+from shared.signing import generate_keypair
 from tests.conftest import eventually
 from tests.factories import event
 
@@ -40,12 +41,18 @@ def events_for(round_: int, start_at: float) -> list[event_pb2.Event]:
 
 @pytest.fixture
 def stack(tmp_path: Path):
+    # Models are signed by the trainer and verified by inference, as a production setup would.
+    private_key, public_key = generate_keypair(tmp_path / "keys")
     s = Stack(
         tmp_path / "var",
         ports={"nats": 0, "ingestion": 0, "feature": 0, "trainer": 0, "inference": 0},
         extra_env={
-            "trainer": {"FRESHREC_EXPORT_INTERVAL_S": "1", "FRESHREC_MICRO_BATCH": "32"},
-            "inference": {"FRESHREC_POLL_INTERVAL_S": "30"},
+            "trainer": {
+                "FRESHREC_EXPORT_INTERVAL_S": "1",
+                "FRESHREC_MICRO_BATCH": "32",
+                "FRESHREC_SIGNING_KEY_FILE": str(private_key),
+            },
+            "inference": {"FRESHREC_POLL_INTERVAL_S": "30", "FRESHREC_VERIFY_KEY_FILE": str(public_key)},
         },
         log_dir=tmp_path / "logs",
     )

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shared.model_store import ArtifactError, ModelStore
 
@@ -52,9 +53,16 @@ class LoadedModel:
         return np.asarray(vectors, dtype=np.float32)
 
 
-def load_model(store: ModelStore, version: str, expected_sha256: str | None, threads: int) -> LoadedModel:
-    """Verifies and loads one version; raises ArtifactError with the reason on any defect."""
-    stored = store.open_verified(version, expected_sha256)
+def load_model(
+    store: ModelStore,
+    version: str,
+    expected_sha256: str | None,
+    threads: int,
+    public_key: Ed25519PublicKey | None = None,
+) -> LoadedModel:
+    """Verifies (signature first, when a key is configured) and loads one version; raises
+    ArtifactError with the reason on any defect, before any session is built."""
+    stored = store.open_verified(version, expected_sha256, public_key)
     manifest = stored.manifest
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"version {version}: format {manifest.get('format')!r} is not {FORMAT}")

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
@@ -28,8 +29,11 @@ LIVE_VERSION = Gauge("freshrec_inference_model_info", "The version being served 
 class ModelHolder:
     """The reference every request reads, plus the last few versions for an instant rollback."""
 
-    def __init__(self, store: ModelStore, keep: int, threads: int) -> None:
+    def __init__(
+        self, store: ModelStore, keep: int, threads: int, public_key: Ed25519PublicKey | None = None
+    ) -> None:
         self.store = store
+        self.public_key = public_key
         self.keep = keep
         self.threads = threads
         self.current: LoadedModel | None = None
@@ -46,7 +50,7 @@ class ModelHolder:
             if model is None:
                 try:
                     model = await asyncio.to_thread(
-                        load_model, self.store, version, expected_sha256, self.threads
+                        load_model, self.store, version, expected_sha256, self.threads, self.public_key
                     )
                 except ArtifactError as exc:
                     RELOADS.labels("rejected").inc()

@@ -16,6 +16,8 @@ from shared import nats as fnats
 from shared.grpc_server import RunningServer, full_service_name, start_grpc_server
 from shared.metrics import start_metrics_endpoint
 from shared.model_store import ModelStore
+from shared.security import make_channel
+from shared.signing import load_public_key
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +39,15 @@ class InferenceApp:
 
     async def start(self) -> None:
         s = self.settings
-        holder = self.holder = ModelHolder(ModelStore(s.model_store), s.keep_versions, s.onnx_threads)
+        public_key = load_public_key(s.verify_key_file) if s.verify_key_file else None
+        holder = self.holder = ModelHolder(
+            ModelStore(s.model_store), s.keep_versions, s.onnx_threads, public_key
+        )
         await holder.sync_with_store()  # serve the newest live model from the first request on
 
         nc = await fnats.connect(s.nats, name="freshrec-inference")
         await holder.subscribe(nc)
-        channel = grpc.aio.insecure_channel(s.feature_addr)
+        channel = make_channel(s.feature_addr, s.feature)
         features = FeatureClient(channel, s.feature_deadline_s)
 
         def register(server: grpc.aio.Server) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import GrpcSettings, ServiceSettings
+from shared.settings import GrpcSettings, PeerSettings, ServiceSettings
 
 
 class InferenceSettings(ServiceSettings):
@@ -27,5 +27,10 @@ class InferenceSettings(ServiceSettings):
     poll_interval_s: float = Field(
         5.0, gt=0, description="How often the store's LIVE pointer is checked, besides announcements."
     )
+    verify_key_file: Path | None = Field(
+        None,
+        description="Ed25519 public key (PEM): when set, only versions whose manifest it verifies load.",
+    )
+    feature: PeerSettings = PeerSettings()
     keep_versions: int = Field(3, ge=1, description="Versions kept loaded for an instant rollback.")
     onnx_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads per session.")

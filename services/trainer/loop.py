@@ -27,6 +27,7 @@ from services.trainer.registry import LIVE, CheckpointFile, ModelRow, NewVersion
 from services.trainer.settings import TrainerSettings
 from shared.model_store import ModelStore
 from shared.nats import MODELS_PUBLISHED_SUBJECT, fetch_batch, pull_subscribe_events
+from shared.signing import load_private_key
 from shared.watermark import watermark_proto
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class TrainerLoop:
         self.live_lock = asyncio.Lock()
         self.last_export_at: float = 0.0
         self.last_export_seconds: float = 0.0
+        self.signing_key = load_private_key(settings.signing_key_file) if settings.signing_key_file else None
 
     async def run(self) -> None:
         s = self.settings
@@ -120,7 +122,9 @@ class TrainerLoop:
         exported = await asyncio.to_thread(export_learner, self.learner, parent)
         known = [*await asyncio.to_thread(self.registry.versions), *self.store.list_versions()]
         version = next_version(known)
-        stored = await asyncio.to_thread(self.store.write_version, version, exported.files, exported.manifest)
+        stored = await asyncio.to_thread(
+            self.store.write_version, version, exported.files, exported.manifest, self.signing_key
+        )
         await asyncio.to_thread(self.checkpoint.save, self.learner.checkpoint_bytes())
         trained = exported.manifest["trained_through"]
         new = NewVersion(

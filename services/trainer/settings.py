@@ -23,6 +23,10 @@ class TrainerSettings(ServiceSettings):
     database: DatabaseSettings = DatabaseSettings(url="sqlite:///var/trainer.db")
     model_store: Path = Field(Path("var/models"), description="Folder of the model store.")
     checkpoint_dir: Path = Field(Path("var/trainer"), description="Folder of the trainer's checkpoint.")
+    signing_key_file: Path | None = Field(
+        None,
+        description="Ed25519 private key (PEM) that signs every manifest (python -m shared.signing keygen).",
+    )
     consumer_name: str = Field("trainer", description="Durable JetStream consumer name.")
     strategy: Literal["online"] = Field("online", description="Update schedule.")
     dim: int = Field(32, gt=0, le=1024, description="Embedding dimension.")
