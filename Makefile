@@ -50,6 +50,10 @@ run: install ## Start the whole stack (NATS, SQLite, model store under ./var, fo
 test: install ## Run the test suite (real nats-server, SQLite, gRPC, onnxruntime)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+.PHONY: faults
+faults: install ## Fault-injection suite: NATS, service and database faults under load (several minutes)
+	$(BIN)/python -m pytest -m faults tests/faults -q $(PYTEST_ARGS)
+
 .PHONY: lint
 lint: install ## Ruff and mypy on hand-written code
 	$(BIN)/ruff check .

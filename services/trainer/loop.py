@@ -166,8 +166,11 @@ class TrainerLoop:
             trained_through=watermark_proto(row.trained_through_sequence, row.trained_through_time),
         )
         try:
+            # No flush(timeout) here: in nats-py a flush that times out leaves a cancelled PONG
+            # future behind, and the late PONG then breaks the client's read loop (seen with the
+            # server frozen). The publish is buffered and sent on reconnection; the store poll
+            # covers an announcement that never arrives.
             await self.nc.publish(MODELS_PUBLISHED_SUBJECT, announcement.SerializeToString())
-            await self.nc.flush(timeout=2)
         except Exception as exc:
             # Inference also polls the store's LIVE pointer, so a lost announcement only delays.
             logger.warning("announcing %s failed: %s", row.version, exc)
