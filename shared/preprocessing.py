@@ -91,7 +91,7 @@ class PreprocessingSettings(BaseModel):
     feature service and the trainer: give both the same values)."""
 
     type_weights: dict[str, float] = Field(
-        default_factory=lambda: dict(DEFAULT_TYPE_WEIGHTS),
+        DEFAULT_TYPE_WEIGHTS,
         description="Weight of each event type (EVENT_TYPE_* name or its suffix, e.g. 'purchase').",
     )
     value_cap: float = Field(

@@ -1,20 +1,30 @@
-"""``python -m services.feature``: run the feature service (``--help`` lists every option)."""
+"""``python -m services.feature``: run the feature service; ``python -m services.feature rebuild``
+recomputes its state from the event log (``--help`` lists every option)."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from pydantic_settings import CliApp
 
+from services.feature.rebuild import ReplicaRunning, rebuild
 from services.feature.server import FeatureApp
-from services.feature.settings import FeatureSettings
+from services.feature.settings import FeatureCommandLine
 from shared.grpc_server import serve_until_signal
 from shared.logs import configure_logging
 
 
 def main() -> None:
-    settings = CliApp.run(FeatureSettings, cli_show_env_vars=True)
+    settings = CliApp.run(FeatureCommandLine, cli_show_env_vars=True)
     configure_logging(settings.log, "feature")
+    if settings.rebuild is not None:
+        try:
+            asyncio.run(rebuild(settings, settings.rebuild.batch, settings.rebuild.force))
+        except ReplicaRunning as exc:
+            print(f"rebuild refused: {exc}", file=sys.stderr)
+            sys.exit(2)
+        return
     asyncio.run(serve_until_signal(FeatureApp(settings)))
 
 

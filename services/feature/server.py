@@ -1,16 +1,18 @@
-"""Wires the feature service together: SQL, the in-memory state, the consumer and the gRPC server."""
+"""Wires the feature service together: SQL, the in-memory state, the consumers and the gRPC server."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from functools import partial
-from pathlib import Path
 
 import grpc
 
 from freshrec.v1 import feature_pb2, feature_pb2_grpc
+from services.feature import metrics
+from services.feature.catalog import Catalog, CatalogFollower, CatalogIntake, ensure_intake_streams
 from services.feature.consumer import FeatureConsumer
+from services.feature.rebuild import MIGRATIONS, VERSION_TABLE
 from services.feature.servicer import FeatureServicer
 from services.feature.settings import FeatureSettings
 from services.feature.state import FeatureState
@@ -22,8 +24,6 @@ from shared.metrics import start_metrics_endpoint
 
 logger = logging.getLogger(__name__)
 
-MIGRATIONS = Path(__file__).parent / "migrations"
-VERSION_TABLE = "alembic_version_feature"
 SERVICE_NAME = full_service_name(feature_pb2.DESCRIPTOR, "FeatureService")
 
 
@@ -33,6 +33,9 @@ class FeatureApp:
     def __init__(self, settings: FeatureSettings) -> None:
         self.settings = settings
         self.server: RunningServer | None = None
+        self.state: FeatureState | None = None
+        self.consumer: FeatureConsumer | None = None
+        self.catalog: Catalog | None = None
 
     @property
     def port(self) -> int:
@@ -43,27 +46,42 @@ class FeatureApp:
         s = self.settings
         engine = make_engine(s.database)
         await asyncio.to_thread(upgrade_schema, engine, MIGRATIONS, VERSION_TABLE)
-        store = FeatureStore(make_sessionmaker(engine), s.consumer_name)
-        state = FeatureState(s.recent_items, s.preprocessing)
+        store = FeatureStore(make_sessionmaker(engine), s.replica_name)
+        state = self.state = FeatureState(s.recent_items, s.preprocessing, s.popularity)
         await asyncio.to_thread(store.load, state)
+        metrics.USERS.set(len(state.users))
+        metrics.ITEMS.set(len(state.items))
         logger.info(
-            "feature state loaded: %d users, %d items, stream position %d",
+            "feature replica %s loaded: %d users, %d items, stream position %d",
+            s.replica_name,
             len(state.users),
             len(state.items),
             state.watermark.stream_sequence,
         )
 
-        nc = await fnats.connect(s.nats, name="freshrec-feature")
+        nc = await fnats.connect(s.nats, name=f"freshrec-feature-{s.replica_name}")
         js = nc.jetstream()
         await fnats.ensure_events_stream(js)
-        consumer = FeatureConsumer(js, state, store, s.consumer_name, s.fetch_batch)
+        await fnats.ensure_catalog_stream(js, owner=True)
+        await ensure_intake_streams(js)
+        catalog = self.catalog = Catalog(nc, js, store, state, s.catalog)
+        consumer = self.consumer = FeatureConsumer(js, state, store, s)
+        follower = CatalogFollower(js, store, state, f"{s.replica_name}:catalog")
+        intake = CatalogIntake(js, catalog)
 
         def register(server: grpc.aio.Server) -> None:
-            feature_pb2_grpc.add_FeatureServiceServicer_to_server(FeatureServicer(state, store), server)
+            feature_pb2_grpc.add_FeatureServiceServicer_to_server(
+                FeatureServicer(state, store, catalog, s), server
+            )
 
         self.server = await start_grpc_server(s.grpc, [SERVICE_NAME], register)
         self.server.cleanups += [nc.drain, partial(asyncio.to_thread, engine.dispose)]
-        self.server.tasks.append(asyncio.create_task(consumer.run(), name="feature-consumer"))
+        self.server.tasks += [
+            asyncio.create_task(consumer.run(), name="feature-consumer"),
+            asyncio.create_task(follower.run(), name="feature-catalog-follower"),
+            asyncio.create_task(intake.run(), name="feature-catalog-intake"),
+            asyncio.create_task(catalog.relay(s.catalog.relay_interval_s), name="feature-catalog-relay"),
+        ]
         if s.metrics.enabled:
             start_metrics_endpoint(s.metrics)
         logger.info("feature listening on %s:%d", s.grpc.host, self.server.port)

@@ -1,105 +1,146 @@
-"""The gRPC face of the feature service: ``freshrec.v1.FeatureService``."""
+"""The gRPC face of the feature service: ``freshrec.v1.FeatureService``.
+
+Feature reads are served from memory and carry the watermark of the state they were read
+from (stream sequence and event time of the last applied event, and the lag to now).
+"""
 
 from __future__ import annotations
 
 import asyncio
+from typing import NoReturn
 
 import grpc
 
-from freshrec.v1 import feature_pb2, feature_pb2_grpc
+from freshrec.v1 import feature_pb2, feature_pb2_grpc, watermark_pb2
+from services.feature.catalog import Catalog
+from services.feature.settings import FeatureSettings
 from services.feature.state import FeatureState
 from services.feature.store import FeatureStore
+from shared.nats import user_partition
 from shared.watermark import watermark_proto
 
 MAX_K = 1000
-MAX_ITEMS_PER_CALL = 1000
+DEFAULT_K = 10
+MAX_IDS_PER_CALL = 1000
 DEFAULT_PAGE = 500
 MAX_ID_LENGTH = 128
+MAX_CATEGORY_LENGTH = 64
+
+
+def _set_time(field, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    field.FromNanoseconds(int(round(seconds * 1e9)))
+
+
+async def _invalid(context: grpc.aio.ServicerContext, reason: str) -> NoReturn:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+    raise AssertionError("unreachable")  # abort raises
+
+
+async def _check_ids(context: grpc.aio.ServicerContext, ids: list[str], what: str) -> None:
+    if len(ids) > MAX_IDS_PER_CALL:
+        await _invalid(context, f"at most {MAX_IDS_PER_CALL} {what} per call")
+    for item_id in ids:
+        if not item_id:
+            await _invalid(context, f"{what} has an empty id")
+        if len(item_id) > MAX_ID_LENGTH:
+            await _invalid(context, f"{what} has an id longer than {MAX_ID_LENGTH}")
 
 
 class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
-    def __init__(self, state: FeatureState, store: FeatureStore) -> None:
+    def __init__(
+        self, state: FeatureState, store: FeatureStore, catalog: Catalog, settings: FeatureSettings
+    ) -> None:
         self.state = state
         self.store = store
+        self.catalog = catalog
+        self.settings = settings
 
-    def _watermark(self):  # type: ignore[no-untyped-def]
+    def _watermark(self) -> watermark_pb2.Watermark:
         wm = self.state.watermark
         return watermark_proto(wm.stream_sequence, wm.event_time)
 
     async def GetUserFeatures(
         self, request: feature_pb2.GetUserFeaturesRequest, context: grpc.aio.ServicerContext
     ) -> feature_pb2.GetUserFeaturesResponse:
-        if not request.user_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "user_id is empty")
-        features = feature_pb2.UserFeatures(user_id=request.user_id)
-        user = self.state.users.get(request.user_id)
+        user_id = request.user_id
+        if not user_id:
+            await _invalid(context, "user_id is empty")
+        if len(user_id) > MAX_ID_LENGTH:
+            await _invalid(context, f"user_id longer than {MAX_ID_LENGTH}")
+        partition = self.settings.partition
+        if not partition.owns_partition(user_partition(user_id)):
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"user {user_id!r} is in partition {user_partition(user_id)}, owned by replica "
+                f"{user_partition(user_id) % partition.replicas} of {partition.replicas}, "
+                f"not this one ({partition.replica})",
+            )
+        state = self.state
+        features = feature_pb2.UserFeatures(user_id=user_id)
+        user = state.users.get(user_id)
         if user is not None:
             features.known = True
-            limit = request.max_recent or self.state.max_recent
-            for interaction in list(reversed(user.recent))[:limit]:
-                entry = features.recent.add(
+            limit = min(request.max_recent or state.max_recent, len(user.recent))
+            recent = features.recent
+            for n in range(1, limit + 1):
+                interaction = user.recent[-n]
+                entry = recent.add(
                     item_id=interaction.item_id, type=interaction.type, weight=interaction.weight
-                )
-                entry.occurred_at.FromNanoseconds(int(interaction.occurred_at * 1e9))
+                )  # type: ignore[arg-type]
+                if interaction.normalized_rating is not None:
+                    entry.normalized_rating = interaction.normalized_rating
+                _set_time(entry.occurred_at, interaction.occurred_at)
             features.event_counts.update(user.counts)
-            features.last_event_at.FromNanoseconds(int(user.last_event_at * 1e9))
+            _set_time(features.last_event_at, user.last_event_at)
+            features.category_affinity.update(state.affinities(user))
+            features.likely_bot = state.is_likely_bot(user_id)
+            pre = state.preprocessor.users.get(user_id)
+            if pre is not None:
+                features.rating_count = pre.n_ratings
+                features.rating_mean, features.rating_std = pre.rating_stats(state.preprocessor.settings)
         return feature_pb2.GetUserFeaturesResponse(features=features, watermark=self._watermark())
 
     async def GetItemFeatures(
         self, request: feature_pb2.GetItemFeaturesRequest, context: grpc.aio.ServicerContext
     ) -> feature_pb2.GetItemFeaturesResponse:
-        if len(request.item_ids) > MAX_ITEMS_PER_CALL:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_ITEMS_PER_CALL} item_ids per call"
-            )
+        await _check_ids(context, list(request.item_ids), "item_ids")
+        state = self.state
         response = feature_pb2.GetItemFeaturesResponse(watermark=self._watermark())
         for item_id in request.item_ids:
             entry = response.items.add(item_id=item_id)
-            item = self.state.items.get(item_id)
+            item = state.items.get(item_id)
             if item is not None:
                 entry.known = True
-                entry.popularity = item.popularity
+                entry.popularity = state.item_popularity(item)
+                entry.trending = state.trending_window.score(item.trending)
                 entry.event_counts.update(item.counts)
-                entry.first_seen_at.FromNanoseconds(int(item.first_seen_at * 1e9))
-                entry.last_seen_at.FromNanoseconds(int(item.last_seen_at * 1e9))
-            elif item_id in self.state.item_categories:
+                _set_time(entry.first_seen_at, item.first_seen_at)
+                _set_time(entry.last_seen_at, item.last_seen_at)
+            elif item_id in state.item_categories:
                 entry.known = True
         return response
 
     async def UpsertItems(
         self, request: feature_pb2.UpsertItemsRequest, context: grpc.aio.ServicerContext
     ) -> feature_pb2.UpsertItemsResponse:
-        if len(request.items) > MAX_ITEMS_PER_CALL:
+        limit = self.settings.catalog.max_items_per_request
+        if len(request.items) > limit:
+            await _invalid(context, f"at most {limit} items per call")
+        try:
+            upserted, errors = await self.catalog.upsert(list(request.items), "grpc")
+        except Exception as exc:
             await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_ITEMS_PER_CALL} items per call"
+                grpc.StatusCode.UNAVAILABLE, f"the catalogue could not be stored: {type(exc).__name__}"
             )
-        response = feature_pb2.UpsertItemsResponse()
-        valid = []
-        for index, item in enumerate(request.items):
-            if not item.item_id:
-                response.errors.add(index=index, item_id=item.item_id, reason="item_id is empty")
-            elif len(item.item_id) > MAX_ID_LENGTH:
-                response.errors.add(
-                    index=index,
-                    item_id=item.item_id[:MAX_ID_LENGTH],
-                    reason=f"item_id longer than {MAX_ID_LENGTH}",
-                )
-            else:
-                valid.append(item)
-        if valid:
-            await asyncio.to_thread(self.store.upsert_items, valid)
-            for item in valid:
-                self.state.item_categories[item.item_id] = list(item.categories)
-        response.upserted = len(valid)
+        response = feature_pb2.UpsertItemsResponse(upserted=upserted)
+        for error in errors:
+            response.errors.add(index=error.index, item_id=error.item_id, reason=error.reason)
         return response
 
     async def GetItems(
         self, request: feature_pb2.GetItemsRequest, context: grpc.aio.ServicerContext
     ) -> feature_pb2.GetItemsResponse:
-        if len(request.item_ids) > MAX_ITEMS_PER_CALL:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_ITEMS_PER_CALL} item_ids per call"
-            )
+        await _check_ids(context, list(request.item_ids), "item_ids")
         found = await asyncio.to_thread(self.store.get_items, list(request.item_ids))
         response = feature_pb2.GetItemsResponse()
         for item_id in request.item_ids:
@@ -112,7 +153,11 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
     async def ListItems(
         self, request: feature_pb2.ListItemsRequest, context: grpc.aio.ServicerContext
     ) -> feature_pb2.ListItemsResponse:
-        size = min(request.page_size or DEFAULT_PAGE, MAX_ITEMS_PER_CALL)
+        if request.page_size > MAX_IDS_PER_CALL:
+            await _invalid(context, f"page_size must be at most {MAX_IDS_PER_CALL}")
+        if len(request.page_token) > MAX_ID_LENGTH:
+            await _invalid(context, "page_token is not one this service issued")
+        size = request.page_size or DEFAULT_PAGE
         items = await asyncio.to_thread(self.store.list_items, request.page_token, size + 1)
         response = feature_pb2.ListItemsResponse(items=items[:size])
         if len(items) > size:
@@ -123,8 +168,13 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
         self, request: feature_pb2.GetPopularItemsRequest, context: grpc.aio.ServicerContext
     ) -> feature_pb2.GetPopularItemsResponse:
         if request.k > MAX_K:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"k must be at most {MAX_K}")
-        ranked = self.state.popular(request.k or 10, request.category)
+            await _invalid(context, f"k must be at most {MAX_K}")
+        if len(request.category) > MAX_CATEGORY_LENGTH:
+            await _invalid(context, f"category longer than {MAX_CATEGORY_LENGTH}")
+        if request.window not in feature_pb2.PopularityWindow.values():
+            await _invalid(context, f"window {request.window} is not a known PopularityWindow")
+        trending = request.window == feature_pb2.POPULARITY_WINDOW_TRENDING
+        ranked = self.state.popular(request.k or DEFAULT_K, request.category, trending=trending)
         return feature_pb2.GetPopularItemsResponse(
             items=[feature_pb2.PopularItem(item_id=i, score=s) for i, s in ranked],
             watermark=self._watermark(),

@@ -1,75 +1,92 @@
 """In-memory user and item features, the state every read is served from.
 
-The consumer applies events here and then persists the touched entries to SQL together with
-the stream position, so memory and SQL always describe the same prefix of the stream.
+The consumer applies events here in stream order, then persists what changed (the "dirty"
+users and items) to SQL together with the stream position, so memory and SQL describe the
+same prefix of the stream. Everything time-based runs on event time, and everything the
+state holds is persisted exactly (floats round-trip through JSON), so a restart or a replay
+of the stream reaches the same state as living through it.
 """
 
 from __future__ import annotations
 
-import heapq
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from typing import Any
 
 from freshrec.v1 import event_pb2
+from services.feature.popularity import NO_SCORE, Decay, Ranking, TrendingWindow
+from services.feature.settings import PopularitySettings
 from shared.preprocessing import PreprocessingSettings, Preprocessor
 
+_TYPE_NAMES = {v.number: v.name for v in event_pb2.EventType.DESCRIPTOR.values}
 
-@dataclass
+
+@dataclass(slots=True)
 class Interaction:
     item_id: str
     type: int
     occurred_at: float  # event time, unix seconds
-    weight: float
+    weight: float  # the preprocessed weight
+    normalized_rating: float | None = None
 
 
-@dataclass
 class UserState:
-    recent: deque[Interaction]
-    counts: Counter[str] = field(default_factory=Counter)
-    last_event_at: float = 0.0
+    __slots__ = ("recent", "counts", "last_event_at", "affinity")
+
+    def __init__(self, max_recent: int) -> None:
+        self.recent: deque[Interaction] = deque(maxlen=max_recent)
+        self.counts: dict[str, int] = {}
+        self.last_event_at = 0.0
+        self.affinity: dict[str, float] = {}  # category -> decay key
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "recent": [[i.item_id, i.type, i.occurred_at, i.weight] for i in self.recent],
+            "recent": [
+                [i.item_id, i.type, i.occurred_at, i.weight, i.normalized_rating] for i in self.recent
+            ],
             "counts": dict(self.counts),
             "last_event_at": self.last_event_at,
+            "affinity": dict(self.affinity),
         }
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], max_recent: int) -> UserState:
-        return cls(
-            recent=deque((Interaction(*r) for r in doc["recent"]), maxlen=max_recent),
-            counts=Counter(doc["counts"]),
-            last_event_at=doc["last_event_at"],
-        )
+        user = cls(max_recent)
+        user.recent.extend(Interaction(*r) for r in doc["recent"])
+        user.counts = {str(k): int(v) for k, v in doc["counts"].items()}
+        user.last_event_at = float(doc["last_event_at"])
+        user.affinity = {str(k): float(v) for k, v in doc.get("affinity", {}).items()}
+        return user
 
 
-@dataclass
 class ItemState:
-    popularity: float = 0.0
-    counts: Counter[str] = field(default_factory=Counter)
-    first_seen_at: float = 0.0
-    last_seen_at: float = 0.0
+    __slots__ = ("popularity", "counts", "first_seen_at", "last_seen_at", "trending")
+
+    def __init__(self, t: float) -> None:
+        self.popularity = NO_SCORE  # decay key of all-time popularity
+        self.counts: dict[str, int] = {}
+        self.first_seen_at = t
+        self.last_seen_at = t
+        self.trending: dict[int, float] = {}  # trending-window slice -> weight
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "popularity": self.popularity,
+            "popularity": None if self.popularity == NO_SCORE else self.popularity,
             "counts": dict(self.counts),
             "first_seen_at": self.first_seen_at,
             "last_seen_at": self.last_seen_at,
+            "trending": {str(k): v for k, v in self.trending.items()},
         }
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> ItemState:
-        return cls(
-            popularity=doc["popularity"],
-            counts=Counter(doc["counts"]),
-            first_seen_at=doc["first_seen_at"],
-            last_seen_at=doc["last_seen_at"],
-        )
+        item = cls(float(doc["first_seen_at"]))
+        item.popularity = NO_SCORE if doc["popularity"] is None else float(doc["popularity"])
+        item.counts = {str(k): int(v) for k, v in doc["counts"].items()}
+        item.last_seen_at = float(doc["last_seen_at"])
+        item.trending = {int(k): float(v) for k, v in doc.get("trending", {}).items()}
+        return item
 
 
 @dataclass
@@ -79,54 +96,180 @@ class Watermark:
 
 
 class FeatureState:
-    """Users, items and the stream watermark; the catalogue's categories for filtering."""
+    """Users, items, rankings and the stream watermark; the catalogue's categories."""
 
-    def __init__(self, max_recent: int, preprocessing: PreprocessingSettings) -> None:
+    def __init__(
+        self,
+        max_recent: int,
+        preprocessing: PreprocessingSettings | None = None,
+        popularity: PopularitySettings | None = None,
+    ) -> None:
         self.max_recent = max_recent
+        self.popularity_settings = popularity or PopularitySettings()
         self.preprocessor = Preprocessor(preprocessing)
         self.users: dict[str, UserState] = {}
         self.items: dict[str, ItemState] = {}
-        self.item_categories: dict[str, list[str]] = {}
+        #: Catalogue categories per item, and the catalogue revision they came from.
+        self.item_categories: dict[str, tuple[str, ...]] = {}
+        self.catalog_revisions: dict[str, int] = {}
         self.watermark = Watermark()
+        p = self.popularity_settings
+        self.all_time = Decay(p.half_life_s)
+        self.affinity_decay = Decay(p.affinity_half_life_s)
+        self.trending_window = TrendingWindow(p.trending_window_s, p.trending_buckets)
+        self.ranking_all_time = Ranking()
+        self.ranking_trending = Ranking()
+        #: Changed since the last ``take_dirty`` (what the next commit must write).
+        self.dirty_users: set[str] = set()
+        self.dirty_items: set[str] = set()
+        #: Changed since the rankings were last brought up to date.
+        self._unranked: set[str] = set()
+
+    # -- applying events -------------------------------------------------------------------
 
     def apply(self, event: event_pb2.Event, stream_sequence: int) -> bool:
         """Applies one event; returns False (and changes nothing) for one already applied."""
         if stream_sequence <= self.watermark.stream_sequence:
             return False
         ts = event.occurred_at.seconds + event.occurred_at.nanos / 1e9
-        out = self.preprocessor.process(event.user_id, event.item_id, event.type, event.value, ts)
-        self.watermark = Watermark(stream_sequence, max(self.watermark.event_time, ts))
+        user_id, item_id = event.user_id, event.item_id
+        out = self.preprocessor.process(user_id, item_id, event.type, event.value, ts)
+        if ts > self.watermark.event_time:
+            self.watermark = Watermark(stream_sequence, ts)
+            self._unranked |= self.trending_window.advance(ts, self._trending_slices)
+        else:
+            self.watermark = Watermark(stream_sequence, self.watermark.event_time)
+
+        self.dirty_users.add(user_id)  # the preprocessing state changed in any case
+        user = self.users.get(user_id)
+        if user is None:
+            user = self.users[user_id] = UserState(self.max_recent)
         if not out.kept:
             return True
         weight = out.weight
-        type_name = event_pb2.EventType.Name(event.type)
-
-        user = self.users.get(event.user_id)
-        if user is None:
-            user = self.users[event.user_id] = UserState(recent=deque(maxlen=self.max_recent))
-        user.recent.append(Interaction(event.item_id, event.type, ts, weight))
-        user.counts[type_name] += 1
-        user.last_event_at = max(user.last_event_at, ts)
+        type_name = _TYPE_NAMES.get(event.type, str(event.type))
+        user.recent.append(Interaction(item_id, event.type, ts, weight, out.normalized_rating))
+        user.counts[type_name] = user.counts.get(type_name, 0) + 1
+        if ts > user.last_event_at:
+            user.last_event_at = ts
+        if weight > 0:
+            for category in self.item_categories.get(item_id, ()):
+                user.affinity[category] = self.affinity_decay.add(
+                    user.affinity.get(category, NO_SCORE), weight, ts
+                )
         if not out.signal:
-            return True
+            return True  # a likely bot: kept out of item popularity
 
-        item = self.items.get(event.item_id)
+        item = self.items.get(item_id)
         if item is None:
-            item = self.items[event.item_id] = ItemState(first_seen_at=ts, last_seen_at=ts)
-        item.popularity += max(weight, 0.0)
-        item.counts[type_name] += 1
-        item.first_seen_at = min(item.first_seen_at, ts)
-        item.last_seen_at = max(item.last_seen_at, ts)
+            item = self.items[item_id] = ItemState(ts)
+        item.counts[type_name] = item.counts.get(type_name, 0) + 1
+        if ts < item.first_seen_at:
+            item.first_seen_at = ts
+        if ts > item.last_seen_at:
+            item.last_seen_at = ts
+        if weight > 0:
+            item.popularity = self.all_time.add(item.popularity, weight, ts)
+            self.trending_window.add(item_id, item.trending, weight, ts)
+            self._unranked.add(item_id)
+        self.dirty_items.add(item_id)
         return True
 
-    def popular(self, k: int, category: str = "") -> list[tuple[str, float]]:
-        """The k items with the highest popularity, optionally within one category."""
-        candidates: Iterable[tuple[str, ItemState]] = self.items.items()
-        if category:
-            candidates = ((i, s) for i, s in candidates if category in self.item_categories.get(i, ()))
-        best = heapq.nlargest(k, candidates, key=lambda kv: (kv[1].popularity, kv[0]))
-        return [(item_id, state.popularity) for item_id, state in best]
+    def _trending_slices(self, item_id: str) -> dict[int, float] | None:
+        item = self.items.get(item_id)
+        return None if item is None else item.trending
 
+    # -- the catalogue -----------------------------------------------------------------------
 
-def to_datetime(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, tz=UTC)
+    def set_categories(self, item_id: str, categories: Iterable[str], revision: int) -> bool:
+        """Records an item's catalogue categories (an older revision than the one held is ignored)."""
+        if revision < self.catalog_revisions.get(item_id, -1):
+            return False
+        self.catalog_revisions[item_id] = revision
+        cats = tuple(dict.fromkeys(c for c in categories if c))
+        if self.item_categories.get(item_id) != cats:
+            self.item_categories[item_id] = cats
+            self._unranked.add(item_id)
+        return True
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def rank(self) -> None:
+        """Brings the rankings up to date with every change since the last call."""
+        if not self._unranked:
+            return
+        for item_id in self._unranked:
+            item = self.items.get(item_id)
+            cats = self.item_categories.get(item_id, ())
+            if item is None:
+                self.ranking_all_time.update(item_id, None)
+                self.ranking_trending.update(item_id, None)
+                continue
+            self.ranking_all_time.update(item_id, item.popularity, cats)
+            trending = TrendingWindow.score(item.trending)
+            self.ranking_trending.update(item_id, trending if trending > 0 else None, cats)
+        self._unranked.clear()
+
+    def popular(self, k: int, category: str = "", trending: bool = False) -> list[tuple[str, float]]:
+        """The k most popular items (optionally within one category), best first, with scores."""
+        self.rank()
+        if trending:
+            return list(self.ranking_trending.top(k, category))
+        at = self.watermark.event_time
+        return [(i, self.all_time.value(key, at)) for i, key in self.ranking_all_time.top(k, category)]
+
+    def item_popularity(self, item: ItemState) -> float:
+        return self.all_time.value(item.popularity, self.watermark.event_time)
+
+    def affinities(self, user: UserState) -> dict[str, float]:
+        at = self.watermark.event_time
+        return {c: self.affinity_decay.value(key, at) for c, key in user.affinity.items()}
+
+    def is_likely_bot(self, user_id: str) -> bool:
+        return self.preprocessor.is_likely_bot(user_id)
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def user_doc(self, user_id: str) -> dict[str, Any]:
+        doc = self.users[user_id].to_json()
+        doc["pre"] = self.preprocessor.export_user(user_id)
+        return doc
+
+    def take_dirty(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], Watermark]:
+        """Snapshots what changed since the last call (users, items, position) and clears it."""
+        users = {u: self.user_doc(u) for u in self.dirty_users}
+        items = {i: self.items[i].to_json() for i in self.dirty_items}
+        self.dirty_users = set()
+        self.dirty_items = set()
+        return users, items, Watermark(self.watermark.stream_sequence, self.watermark.event_time)
+
+    def restore_user(self, user_id: str, doc: dict[str, Any]) -> None:
+        self.users[user_id] = UserState.from_json(doc, self.max_recent)
+        if doc.get("pre") is not None:
+            self.preprocessor.import_user(user_id, doc["pre"])
+
+    def restore_item(self, item_id: str, doc: dict[str, Any]) -> None:
+        self.items[item_id] = ItemState.from_json(doc)
+        self._unranked.add(item_id)
+
+    def finish_restore(self, watermark: Watermark) -> None:
+        """Called once after ``restore_*``: sets the position and derived bookkeeping."""
+        self.watermark = watermark
+        self.trending_window.restore(
+            watermark.event_time if watermark.stream_sequence else None,
+            ((i, s.trending) for i, s in self.items.items()),
+        )
+        self.dirty_users.clear()
+        self.dirty_items.clear()
+        self.rank()
+
+    def dump(self) -> dict[str, Any]:
+        """Everything the state holds, canonically (tests compare states with it)."""
+        self.rank()
+        return {
+            "watermark": [self.watermark.stream_sequence, self.watermark.event_time],
+            "users": {u: self.user_doc(u) for u in sorted(self.users)},
+            "items": {i: self.items[i].to_json() for i in sorted(self.items)},
+            "popular": self.popular(1000),
+            "trending": self.popular(1000, trending=True),
+        }

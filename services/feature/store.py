@@ -1,15 +1,39 @@
-"""The feature service's SQL tables: persisted features, the consumer position, the catalogue."""
+"""The feature service's SQL tables: persisted features, stream positions, the catalogue.
+
+Feature rows are keyed by replica as well as by id, so several partitioned replicas can share
+one database (each keeps and rebuilds only its own rows). Every method is one unit of work;
+call them off the event loop.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, String, Text, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    delete,
+    false,
+    func,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from freshrec.v1 import item_pb2
-from services.feature.state import FeatureState, ItemState, UserState, Watermark
+from services.feature.state import FeatureState, Watermark
 
 
 class Base(DeclarativeBase):
@@ -17,13 +41,19 @@ class Base(DeclarativeBase):
 
 
 class UserRow(Base):
+    """One user's features and preprocessing state, as one replica keeps them."""
+
     __tablename__ = "feature_users"
+    replica: Mapped[str] = mapped_column(String(64), primary_key=True)
     user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     state: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
 class ItemStatsRow(Base):
+    """One item's popularity and counts, as one replica computed them from its users' events."""
+
     __tablename__ = "feature_items"
+    replica: Mapped[str] = mapped_column(String(64), primary_key=True)
     item_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     state: Mapped[dict[str, Any]] = mapped_column(JSON)
 
@@ -38,6 +68,8 @@ class ConsumerPosition(Base):
 
 
 class CatalogItem(Base):
+    """One catalogue entry; ``published`` is false until FRESHREC_CATALOG has this revision."""
+
     __tablename__ = "catalog_items"
     item_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     title: Mapped[str] = mapped_column(Text)
@@ -47,6 +79,18 @@ class CatalogItem(Base):
     attributes: Mapped[dict[str, str]] = mapped_column(JSON)
     created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revision: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    published: Mapped[bool] = mapped_column(Boolean, server_default=false())
+
+    __table_args__ = (
+        # The catalogue outbox: a small partial index over revisions not yet published.
+        Index(
+            "ix_catalog_items_unpublished",
+            "updated_at",
+            sqlite_where=text("published = 0"),
+            postgresql_where=text("published = false"),
+        ),
+    )
 
     def to_proto(self) -> item_pb2.Item:
         item = item_pb2.Item(
@@ -58,68 +102,201 @@ class CatalogItem(Base):
             attributes=self.attributes,
         )
         if self.created_at is not None:
-            item.created_at.FromDatetime(self.created_at)
+            created = self.created_at if self.created_at.tzinfo else self.created_at.replace(tzinfo=UTC)
+            item.created_at.FromDatetime(created)
         return item
 
 
+@dataclass(frozen=True)
+class Revision:
+    """A catalogue entry at one revision."""
+
+    item: item_pb2.Item
+    revision: int
+
+
+def _insert(session: Session):  # type: ignore[no-untyped-def]
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
+def _catalog_row(item: item_pb2.Item, now: datetime) -> dict[str, Any]:
+    return {
+        "item_id": item.item_id,
+        "title": item.title,
+        "description": item.description,
+        "categories": list(item.categories),
+        "tags": list(item.tags),
+        "attributes": dict(item.attributes),
+        "created_at": item.created_at.ToDatetime(tzinfo=UTC) if item.HasField("created_at") else None,
+        "updated_at": now,
+    }
+
+
+_CONTENT = ("title", "description", "categories", "tags", "attributes", "created_at", "updated_at")
+
+
 class FeatureStore:
-    """Persistence of the feature state; every method is one unit of work (call it off the loop)."""
+    """Persistence of one replica's feature state and of the (shared) catalogue."""
 
-    def __init__(self, sessions: sessionmaker, consumer: str) -> None:  # type: ignore[type-arg]
+    def __init__(self, sessions: sessionmaker, replica: str) -> None:  # type: ignore[type-arg]
         self.sessions = sessions
-        self.consumer = consumer
+        self.replica = replica
 
-    def load(self, state: FeatureState) -> None:
-        """Fills an empty state from SQL."""
-        with self.sessions.begin() as session:
-            for user_id, doc in session.execute(select(UserRow.user_id, UserRow.state)):
-                state.users[user_id] = UserState.from_json(doc, state.max_recent)
-                if doc.get("pre") is not None:
-                    state.preprocessor.import_user(user_id, doc["pre"])
-            for item_id, doc in session.execute(select(ItemStatsRow.item_id, ItemStatsRow.state)):
-                state.items[item_id] = ItemState.from_json(doc)
-            for item_id, categories in session.execute(select(CatalogItem.item_id, CatalogItem.categories)):
-                state.item_categories[item_id] = list(categories)
-            position = session.get(ConsumerPosition, self.consumer)
-            if position is not None:
-                state.watermark = Watermark(position.stream_sequence, position.event_time)
+    # -- features ----------------------------------------------------------------------------
 
-    def save(self, state: FeatureState, users: set[str], items: set[str]) -> None:
-        """Writes the touched users and items and the stream position in one transaction."""
+    def load(self, state: FeatureState, *, features: bool = True) -> None:
+        """Fills an empty state from SQL: catalogue categories, then (unless ``features`` is
+        False) this replica's features and stream position."""
         with self.sessions.begin() as session:
-            for user_id in users:
-                doc = state.users[user_id].to_json()
-                doc["pre"] = state.preprocessor.export_user(user_id)
-                session.merge(UserRow(user_id=user_id, state=doc))
-            for item_id in items:
-                if item_id in state.items:  # events of likely bots do not touch items
-                    session.merge(ItemStatsRow(item_id=item_id, state=state.items[item_id].to_json()))
-            session.merge(
-                ConsumerPosition(
-                    consumer=self.consumer,
-                    stream_sequence=state.watermark.stream_sequence,
-                    event_time=state.watermark.event_time,
-                )
+            for item_id, categories, revision in session.execute(
+                select(CatalogItem.item_id, CatalogItem.categories, CatalogItem.revision)
+            ):
+                state.set_categories(item_id, categories, revision)
+            if not features:
+                return
+            for user_id, doc in session.execute(
+                select(UserRow.user_id, UserRow.state).where(UserRow.replica == self.replica)
+            ):
+                state.restore_user(user_id, doc)
+            for item_id, doc in session.execute(
+                select(ItemStatsRow.item_id, ItemStatsRow.state).where(ItemStatsRow.replica == self.replica)
+            ):
+                state.restore_item(item_id, doc)
+            position = session.get(ConsumerPosition, self.replica)
+            watermark = (
+                Watermark() if position is None else Watermark(position.stream_sequence, position.event_time)
             )
+        state.finish_restore(watermark)
 
-    def upsert_items(self, items: list[item_pb2.Item]) -> None:
-        now = datetime.now(UTC)
+    def position(self, consumer: str | None = None) -> Watermark:
         with self.sessions.begin() as session:
-            for item in items:
-                session.merge(
-                    CatalogItem(
-                        item_id=item.item_id,
-                        title=item.title,
-                        description=item.description,
-                        categories=list(item.categories),
-                        tags=list(item.tags),
-                        attributes=dict(item.attributes),
-                        created_at=item.created_at.ToDatetime(tzinfo=UTC)
-                        if item.HasField("created_at")
-                        else None,
-                        updated_at=now,
-                    )
+            row = session.get(ConsumerPosition, consumer or self.replica)
+            return Watermark() if row is None else Watermark(row.stream_sequence, row.event_time)
+
+    def save(
+        self, users: dict[str, dict[str, Any]], items: dict[str, dict[str, Any]], watermark: Watermark
+    ) -> None:
+        """Writes changed users and items and the stream position in one transaction."""
+        with self.sessions.begin() as session:
+            self._write(session, users, items)
+            self._set_position(session, self.replica, watermark)
+
+    def replace_all(self, state: FeatureState) -> None:
+        """Replaces every row of this replica with the given state, in one transaction (rebuild)."""
+        users = {u: state.user_doc(u) for u in state.users}
+        items = {i: s.to_json() for i, s in state.items.items()}
+        with self.sessions.begin() as session:
+            session.execute(delete(UserRow).where(UserRow.replica == self.replica))
+            session.execute(delete(ItemStatsRow).where(ItemStatsRow.replica == self.replica))
+            self._write(session, users, items)
+            self._set_position(session, self.replica, state.watermark)
+
+    def _write(
+        self, session: Session, users: dict[str, dict[str, Any]], items: dict[str, dict[str, Any]]
+    ) -> None:
+        insert = _insert(session)
+        for table, docs, key in ((UserRow, users, "user_id"), (ItemStatsRow, items, "item_id")):
+            if not docs:
+                continue
+            stmt = insert(table)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["replica", key], set_={"state": stmt.excluded.state}
+            )
+            session.execute(stmt, [{"replica": self.replica, key: k, "state": v} for k, v in docs.items()])
+
+    @staticmethod
+    def _set_position(session: Session, consumer: str, watermark: Watermark) -> None:
+        stmt = _insert(session)(ConsumerPosition).values(
+            consumer=consumer, stream_sequence=watermark.stream_sequence, event_time=watermark.event_time
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["consumer"],
+            set_={"stream_sequence": stmt.excluded.stream_sequence, "event_time": stmt.excluded.event_time},
+        )
+        session.execute(stmt)
+
+    # -- the catalogue -----------------------------------------------------------------------
+
+    def upsert_items(self, items: list[item_pb2.Item]) -> list[Revision]:
+        """Stores validated items (later ones win within the list); returns each stored revision,
+        not yet published."""
+        latest = {item.item_id: item for item in items}
+        if not latest:
+            return []
+        now = datetime.now(UTC)
+        rows = [_catalog_row(item, now) | {"revision": 1, "published": False} for item in latest.values()]
+        with self.sessions.begin() as session:
+            stmt = _insert(session)(CatalogItem)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["item_id"],
+                set_={
+                    **{c: stmt.excluded[c] for c in _CONTENT},
+                    "revision": CatalogItem.revision + 1,
+                    "published": False,
+                },
+            ).returning(CatalogItem.item_id, CatalogItem.revision)
+            revisions = {item_id: revision for item_id, revision in session.execute(stmt, rows)}
+        return [Revision(latest[item_id], revisions[item_id]) for item_id in latest]
+
+    def follow(self, revisions: list[Revision], position: int, consumer: str) -> list[Revision]:
+        """Stores entries read from FRESHREC_CATALOG unless a newer revision is already here, with
+        the follower's stream position, in one transaction; returns those newer than what was here."""
+        now = datetime.now(UTC)
+        newest: dict[str, Revision] = {}
+        for r in revisions:
+            if r.item.item_id not in newest or newest[r.item.item_id].revision < r.revision:
+                newest[r.item.item_id] = r
+        with self.sessions.begin() as session:
+            query = select(CatalogItem.item_id, CatalogItem.revision).where(
+                CatalogItem.item_id.in_(list(newest))
+            )
+            held = {item_id: revision for item_id, revision in session.execute(query)}
+            fresh = [r for r in newest.values() if held.get(r.item.item_id, 0) < r.revision]
+            if fresh:
+                stmt = _insert(session)(CatalogItem)
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=["item_id"],
+                    set_={
+                        **{c: stmt.excluded[c] for c in _CONTENT},
+                        "revision": stmt.excluded.revision,
+                        "published": True,
+                    },
+                    where=CatalogItem.revision < stmt.excluded.revision,
                 )
+                session.execute(
+                    stmt,
+                    [_catalog_row(r.item, now) | {"revision": r.revision, "published": True} for r in fresh],
+                )
+            self._set_position(session, consumer, Watermark(position, 0.0))
+        return fresh
+
+    def mark_published(self, revisions: Iterable[Revision]) -> None:
+        with self.sessions.begin() as session:
+            for r in revisions:
+                session.execute(
+                    update(CatalogItem)
+                    .where(CatalogItem.item_id == r.item.item_id, CatalogItem.revision == r.revision)
+                    .values(published=True)
+                )
+
+    def unpublished(self, limit: int) -> list[Revision]:
+        """Stored revisions FRESHREC_CATALOG has not acknowledged yet, oldest first."""
+        with self.sessions.begin() as session:
+            rows = session.scalars(
+                select(CatalogItem)
+                .where(CatalogItem.published == false())
+                .order_by(CatalogItem.updated_at, CatalogItem.item_id)
+                .limit(limit)
+            ).all()
+            return [Revision(row.to_proto(), row.revision) for row in rows]
+
+    def count_unpublished(self) -> int:
+        with self.sessions.begin() as session:
+            return int(
+                session.execute(
+                    select(func.count()).select_from(CatalogItem).where(CatalogItem.published == false())
+                ).scalar_one()
+            )
 
     def get_items(self, item_ids: list[str]) -> dict[str, item_pb2.Item]:
         with self.sessions.begin() as session:

@@ -1,0 +1,107 @@
+"""The in-memory feature state: preprocessing applied, popularity by category and window,
+affinity, and an exact round trip through SQL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from freshrec.v1 import event_pb2, item_pb2
+from services.feature.rebuild import MIGRATIONS, VERSION_TABLE
+from services.feature.settings import PopularitySettings
+from services.feature.state import FeatureState
+from services.feature.store import FeatureStore
+from shared.db import make_engine, make_sessionmaker, upgrade_schema
+from shared.preprocessing import PreprocessingSettings
+from shared.settings import DatabaseSettings
+from tests.factories import event
+from tests.feature.helpers import T0, workload
+
+CLICK, PURCHASE, RATE = event_pb2.EVENT_TYPE_CLICK, event_pb2.EVENT_TYPE_PURCHASE, event_pb2.EVENT_TYPE_RATE
+
+
+def feed(state: FeatureState, events: list[event_pb2.Event], start: int = 1) -> None:
+    for seq, e in enumerate(events, start):
+        state.apply(e, seq)
+
+
+def test_bots_are_visible_in_their_features_but_not_in_popularity() -> None:
+    state = FeatureState(50, PreprocessingSettings(bot_max_events=5, bot_window_s=60, repeat_window_s=0))
+    feed(state, [event("bot", f"spam{n % 2}", at=T0 + n * 0.1) for n in range(30)])
+    feed(state, [event("human", "good", at=T0 + 5)], start=31)
+    assert state.is_likely_bot("bot") and not state.is_likely_bot("human")
+    assert len(state.users["bot"].recent) == 30 and state.users["bot"].counts["EVENT_TYPE_CLICK"] == 30
+    # Only the events before the bound was crossed reached the items.
+    assert [state.items[i].counts["EVENT_TYPE_CLICK"] for i in ("spam0", "spam1")] == [3, 2]
+    assert [i for i, _ in state.popular(3)] == ["spam0", "spam1", "good"]
+
+
+def test_rapid_repeats_change_nothing_but_the_watermark() -> None:
+    state = FeatureState(50, PreprocessingSettings(repeat_window_s=30))
+    feed(state, [event("u", "a", at=T0), event("u", "a", at=T0 + 5), event("u", "a", at=T0 + 29)])
+    assert [i.item_id for i in state.users["u"].recent] == ["a"]
+    assert state.items["a"].counts == {"EVENT_TYPE_CLICK": 1}
+    assert state.watermark.stream_sequence == 3 and state.watermark.event_time == T0 + 29
+
+
+def test_weights_and_normalised_ratings_are_what_the_features_show() -> None:
+    state = FeatureState(50)
+    feed(state, [event("u", "a", type=PURCHASE, at=T0), event("u", "b", type=RATE, value=5.0, at=T0 + 1)])
+    purchase, rating = state.users["u"].recent
+    assert purchase.weight == 5.0 and purchase.normalized_rating is None
+    assert rating.normalized_rating is not None and rating.normalized_rating > 0 and rating.weight > 1.0
+
+
+def test_popularity_per_category_and_trending_window() -> None:
+    state = FeatureState(
+        50, popularity=PopularitySettings(half_life_s=0, trending_window_s=3600, trending_buckets=6)
+    )
+    state.set_categories("old-hit", ["drama"], 1)
+    state.set_categories("new", ["drama", "comedy"], 1)
+    state.set_categories("joke", ["comedy"], 1)
+    events = [event(f"u{n}", "old-hit", type=PURCHASE, at=T0 + n) for n in range(10)]
+    events += [event(f"v{n}", "new", at=T0 + 7200 + n) for n in range(3)]
+    events += [event("w", "joke", at=T0 + 7200)]
+    feed(state, events)
+    assert [i for i, _ in state.popular(5)] == ["old-hit", "new", "joke"]
+    assert state.popular(1)[0][1] == pytest.approx(50.0)  # no decay: 10 purchases of weight 5
+    assert [i for i, _ in state.popular(5, "comedy")] == ["new", "joke"]
+    # Two hours later the old hit has left the one-hour trending window.
+    assert state.popular(5, trending=True) == [("new", 6.0), ("joke", 2.0)]
+    assert [i for i, _ in state.popular(5, "drama", trending=True)] == ["new"]
+    # A catalogue change moves an item between categories.
+    state.set_categories("joke", ["drama"], 2)
+    assert [i for i, _ in state.popular(5, "comedy")] == ["new"]
+    assert state.set_categories("joke", ["comedy"], 1) is False  # an older revision is ignored
+
+
+def test_category_affinity_decays_on_event_time() -> None:
+    day = 86_400.0
+    state = FeatureState(50, popularity=PopularitySettings(affinity_half_life_s=day))
+    state.set_categories("m", ["drama", "crime"], 1)
+    feed(state, [event("u", "m", type=PURCHASE, at=T0), event("u2", "x", at=T0 + day)])
+    assert state.affinities(state.users["u"]) == {"drama": pytest.approx(2.5), "crime": pytest.approx(2.5)}
+
+
+def test_state_round_trips_exactly_through_sql(tmp_path: Path) -> None:
+    engine = make_engine(DatabaseSettings(url=f"sqlite:///{tmp_path / 'f.db'}"))
+    upgrade_schema(engine, MIGRATIONS, VERSION_TABLE)
+    store = FeatureStore(make_sessionmaker(engine), "r")
+    store.upsert_items([item_pb2.Item(item_id=f"i{n}", categories=[f"c{n % 3}"]) for n in range(60)])
+    live = FeatureState(10)
+    store.load(live)
+    events = workload(3000)
+    for half in (events[:1500], events[1500:]):
+        feed(live, half, start=live.watermark.stream_sequence + 1)
+        store.save(*live.take_dirty())
+    loaded = FeatureState(10)
+    store.load(loaded)
+    assert json.dumps(loaded.dump(), sort_keys=True) == json.dumps(live.dump(), sort_keys=True)
+    # And both keep agreeing on what comes next.
+    more = workload(500, seed=9, start=T0 + 7000)
+    feed(live, more, start=3001)
+    feed(loaded, more, start=3001)
+    assert loaded.dump() == live.dump()
+    engine.dispose()
