@@ -322,6 +322,16 @@ class CatalogIntake:
         self.batch = batch
 
     async def run(self) -> None:
+        while True:
+            try:
+                await self._consume()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("catalogue intake failed; resubscribing in 1 s")
+                await asyncio.sleep(1.0)
+
+    async def _consume(self) -> None:
         psub = await self.js.pull_subscribe(
             CATALOG_ITEMS_SUBJECT,
             durable=INTAKE_CONSUMER,

@@ -17,6 +17,7 @@ Exactly-once effects:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -99,6 +100,17 @@ class FeatureConsumer:
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
+        """Consumes until cancelled; after any failure (NATS or SQL) it resumes from SQL."""
+        while True:
+            try:
+                await self._consume()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("event consumer failed; resuming from the position in SQL in 1 s")
+                await asyncio.sleep(1.0)
+
+    async def _consume(self) -> None:
         psub = await bind_durable(self.js, self.settings, self.state.watermark.stream_sequence)
         self.ready.set()
         try:
@@ -111,12 +123,17 @@ class FeatureConsumer:
                 if self._commit is not None and self._commit.done() and not self._commit.result():
                     self._broken = True
                 if self._broken:
-                    psub = await self._recover(psub)
+                    await self._reload()
+                    await psub.unsubscribe()
+                    psub = await bind_durable(self.js, self.settings, self.state.watermark.stream_sequence)
         finally:
-            # Commit what was applied, so a graceful restart resumes without replaying.
-            await asyncio.shield(self._drain())
-            # A pull subscription left open makes the connection's drain wait for its timeout.
-            await psub.unsubscribe()
+            # Commit what was applied, so a restart resumes without replaying; if that fails,
+            # memory is ahead of SQL and is reloaded before consuming again.
+            if not await asyncio.shield(self._drain()):
+                await self._reload()
+            with contextlib.suppress(Exception):
+                # A pull subscription left open makes the connection's drain wait for its timeout.
+                await psub.unsubscribe()
 
     async def apply(self, msgs: list[Msg]) -> None:
         """Applies a batch to memory and starts its commit (after the previous one finished)."""
@@ -191,20 +208,24 @@ class FeatureConsumer:
                 logger.warning("ack after commit failed (%s); redeliveries will be skipped", exc)
         return True
 
-    async def _drain(self) -> None:
+    async def _drain(self) -> bool:
+        """Waits for the commit in flight and commits anything applied since; True when SQL
+        then holds everything memory does."""
         try:
-            if self._commit is not None and not self._broken:
-                ok = await self._commit
-                if ok and (self.state.dirty_users or self.state.dirty_items):
-                    users, items, watermark = self.state.take_dirty()
-                    await asyncio.to_thread(self.store.save, users, items, watermark)
+            if self._broken or (self._commit is not None and not await self._commit):
+                return False
+            if self.state.dirty_users or self.state.dirty_items:
+                users, items, watermark = self.state.take_dirty()
+                await asyncio.to_thread(self.store.save, users, items, watermark)
+            return True
         except Exception:
-            logger.exception("final commit at shutdown failed; the next start replays from SQL")
+            logger.exception("final commit failed; the state is reloaded from SQL")
+            return False
+        finally:
+            self._commit = None
 
-    async def _recover(self, psub: JetStreamContext.PullSubscription) -> JetStreamContext.PullSubscription:
-        """After a failed commit: memory is ahead of SQL, so reload it and resubscribe from SQL."""
-        self._commit = None
-        self._broken = False
+    async def _reload(self) -> None:
+        """Memory got ahead of SQL (a commit failed): reload it from SQL, retrying until it works."""
         while True:
             fresh = FeatureState(
                 self.state.max_recent, self.state.preprocessor.settings, self.state.popularity_settings
@@ -216,6 +237,6 @@ class FeatureConsumer:
                 logger.exception("reloading state from SQL failed; retrying")
                 await asyncio.sleep(1.0)
         self.state.__dict__.update(fresh.__dict__)  # in place: the servicer holds this object
-        await psub.unsubscribe()
+        self._commit = None
+        self._broken = False
         logger.info("state reloaded from SQL at stream position %d", self.state.watermark.stream_sequence)
-        return await bind_durable(self.js, self.settings, self.state.watermark.stream_sequence)
