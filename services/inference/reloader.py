@@ -1,80 +1,173 @@
 """Hot reload: learn of new versions (announcement or poll), load them off the request path, swap.
 
-The swap is one assignment of ``holder.current``; a request reads that reference once and
-finishes on the model it read, so a reload never fails or stalls a request.
+The swap is one assignment of ``holder.state``; a request reads that reference once and
+finishes on the model it read, so a reload never fails or stalls a request. A version that
+fails any check is rejected with a counter (by reason) and one log line; the old model keeps
+serving. The last ``keep`` versions stay loaded, so a rollback swaps back instantly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from freshrec.v1 import trainer_pb2
-from services.inference.model import LoadedModel, load_model
+from services.inference.ann import AnnSettings
+from services.inference.catalogue import Catalogue
+from services.inference.index import ExplorationSettings, ServingState, build_state
+from services.inference.model import LoadedModel, RejectedArtifact, load_model
 from shared.model_store import ArtifactError, ModelStore
 from shared.nats import MODELS_PUBLISHED_SUBJECT
 
 logger = logging.getLogger(__name__)
 
-RELOADS = Counter("freshrec_inference_reloads_total", "Model loads by outcome.", ["outcome"])
+RELOADS = Counter("freshrec_inference_reloads_total", "Model swaps and rejections by outcome.", ["outcome"])
+REJECTIONS = Counter(
+    "freshrec_inference_model_rejections_total", "Model versions rejected, by failed check.", ["reason"]
+)
+LOAD_SECONDS = Histogram(
+    "freshrec_inference_model_load_seconds",
+    "Time to verify, load, smoke-test and index a model version (off the request path).",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
 LIVE_VERSION = Gauge("freshrec_inference_model_info", "The version being served (value 1).", ["version"])
+CATALOGUE_REBUILDS = Counter(
+    "freshrec_inference_catalogue_rebuilds_total", "Serving states rebuilt after catalogue changes."
+)
 
 
 class ModelHolder:
-    """The reference every request reads, plus the last few versions for an instant rollback."""
+    """The state every request reads, plus the last few versions for an instant rollback."""
 
     def __init__(
-        self, store: ModelStore, keep: int, threads: int, public_key: Ed25519PublicKey | None = None
+        self,
+        store: ModelStore,
+        keep: int,
+        threads: int,
+        catalogue: Catalogue | None = None,
+        ann: AnnSettings | None = None,
+        exploration: ExplorationSettings | None = None,
+        public_key: Ed25519PublicKey | None = None,
     ) -> None:
         self.store = store
         self.public_key = public_key
         self.keep = keep
         self.threads = threads
-        self.current: LoadedModel | None = None
+        self.catalogue = catalogue or Catalogue()
+        self.ann = ann or AnnSettings()
+        self.exploration = exploration or ExplorationSettings(86_400.0, 0.1)
+        self.state: ServingState | None = None
         self.loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self.failed: dict[str, str] = {}
+        self.swapped = asyncio.Event()
         self._lock = asyncio.Lock()
+
+    @property
+    def current(self) -> LoadedModel | None:
+        state = self.state
+        return state.model if state is not None else None
+
+    @property
+    def served_version(self) -> str:
+        model = self.current
+        return model.version if model is not None else ""
+
+    def _reject(self, version: str, exc: ArtifactError) -> None:
+        kind = exc.kind if isinstance(exc, RejectedArtifact) else "integrity"
+        RELOADS.labels("rejected").inc()
+        REJECTIONS.labels(kind).inc()
+        if self.failed.get(version) != str(exc):
+            logger.error(
+                "rejected model %s (%s), keeping %s: %s", version, kind, self.served_version or "none", exc
+            )
+        self.failed[version] = str(exc)
 
     async def switch_to(self, version: str, expected_sha256: str | None = None) -> bool:
         """Makes ``version`` the served model; False (old model kept) if it cannot be loaded."""
         async with self._lock:
-            if self.current is not None and self.current.version == version:
+            if self.served_version == version:
                 return True
             model = self.loaded.get(version)
+            if model is not None and expected_sha256 and model.manifest.get("sha256") != expected_sha256:
+                self._reject(
+                    version,
+                    RejectedArtifact(
+                        "integrity", f"version {version}: loaded digest differs from the announced one"
+                    ),
+                )
+                return False
             if model is None:
+                started = time.perf_counter()
                 try:
                     model = await asyncio.to_thread(
-                        load_model, self.store, version, expected_sha256, self.threads, self.public_key
+                        load_model,
+                        self.store,
+                        version,
+                        expected_sha256,
+                        self.threads,
+                        self.ann,
+                        self.public_key,
                     )
                 except ArtifactError as exc:
-                    RELOADS.labels("rejected").inc()
-                    if self.failed.get(version) != str(exc):
-                        logger.error("rejected model %s, keeping %s: %s", version, self.served_version, exc)
-                    self.failed[version] = str(exc)
+                    self._reject(version, exc)
                     return False
-                self.loaded[version] = model
-                while len(self.loaded) > self.keep:
-                    self.loaded.popitem(last=False)
-            else:
-                self.loaded.move_to_end(version)
+                LOAD_SECONDS.observe(time.perf_counter() - started)
+            catalogue_version, snapshot = self.catalogue.snapshot()
+            state = await asyncio.to_thread(
+                build_state, model, catalogue_version, snapshot, self.state, self.exploration
+            )
+            self.loaded[version] = model
+            self.loaded.move_to_end(version)
+            while len(self.loaded) > self.keep:
+                self.loaded.popitem(last=False)
             previous = self.served_version
-            self.current = model
+            self.state = state
             self.failed.pop(version, None)
             RELOADS.labels("loaded").inc()
             LIVE_VERSION.clear()
             LIVE_VERSION.labels(version).set(1)
-            logger.info("now serving model %s (was %s)", version, previous or "none")
+            self.swapped.set()
+            logger.info(
+                "now serving model %s (was %s): %d items (%d newer than the model)",
+                version,
+                previous or "none",
+                state.catalogue_size,
+                len(state.fresh_ids),
+            )
             return True
 
-    @property
-    def served_version(self) -> str:
-        return self.current.version if self.current else ""
+    async def refresh_catalogue(self) -> bool:
+        """Rebuilds the serving state for catalogue changes; True if it rebuilt."""
+        async with self._lock:
+            state = self.state
+            if state is None or state.catalogue_version == self.catalogue.version:
+                return False
+            catalogue_version, snapshot = self.catalogue.snapshot()
+            self.state = await asyncio.to_thread(
+                build_state, state.model, catalogue_version, snapshot, state, self.exploration
+            )
+            CATALOGUE_REBUILDS.inc()
+            return True
+
+    async def follow_catalogue(self, debounce_s: float) -> None:
+        """Rebuilds after catalogue changes, at most once per ``debounce_s``."""
+        while True:
+            await self.catalogue.changed.wait()
+            self.catalogue.changed.clear()
+            try:
+                await self.refresh_catalogue()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("rebuilding the serving state after a catalogue change failed")
+            await asyncio.sleep(debounce_s)
 
     async def sync_with_store(self) -> None:
         """Serves whatever the store's LIVE pointer names (start-up and poll fallback)."""
@@ -101,6 +194,9 @@ class ModelHolder:
                 logger.warning("ignoring a malformed model announcement")
                 return
             if announcement.version:
+                logger.info(
+                    "model %s announced (%s)", announcement.version, announcement.reason or "no reason given"
+                )
                 self.failed.pop(announcement.version, None)
                 await self.switch_to(announcement.version, announcement.sha256 or None)
 

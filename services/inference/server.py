@@ -1,16 +1,20 @@
-"""Wires inference together: the model holder, announcements and polling, the feature client, gRPC."""
+"""Wires inference together: the model holder, announcements and polling, the catalogue, the
+feature client, health, gRPC."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
+import faiss
 import grpc
 
 from freshrec.v1 import inference_pb2, inference_pb2_grpc
-from services.inference.features import FeatureClient
+from services.inference.catalogue import Catalogue, CatalogueFollower
+from services.inference.features import FeatureClient, PopularCache
+from services.inference.index import ExplorationSettings
 from services.inference.reloader import ModelHolder
-from services.inference.servicer import InferenceServicer
+from services.inference.servicer import InferenceServicer, RankingSettings
 from services.inference.settings import InferenceSettings
 from shared import nats as fnats
 from shared.grpc_server import RunningServer, full_service_name, start_grpc_server
@@ -31,33 +35,60 @@ class InferenceApp:
         self.settings = settings
         self.server: RunningServer | None = None
         self.holder: ModelHolder | None = None
+        self.popular: PopularCache | None = None
+        self.catalogue: Catalogue | None = None
+        self.follower: CatalogueFollower | None = None
+        self.serving: bool | None = None
 
     @property
     def port(self) -> int:
         assert self.server is not None, "not started"
         return self.server.port
 
+    def has_answer(self) -> bool:
+        """A model, or the popularity fallback (the feature service answered recently)."""
+        assert self.holder is not None and self.popular is not None
+        return self.holder.state is not None or self.popular.available(3 * self.settings.health_interval_s)
+
     async def start(self) -> None:
         s = self.settings
+        faiss.omp_set_num_threads(s.ann.threads)
+        catalogue = self.catalogue = Catalogue()
         public_key = load_public_key(s.verify_key_file) if s.verify_key_file else None
         holder = self.holder = ModelHolder(
-            ModelStore(s.model_store), s.keep_versions, s.onnx_threads, public_key
+            ModelStore(s.model_store),
+            s.keep_versions,
+            s.onnx_threads,
+            catalogue,
+            s.ann,
+            ExplorationSettings(s.new_item_window_s, s.under_exposed_quantile),
+            public_key,
         )
-        await holder.sync_with_store()  # serve the newest live model from the first request on
-
-        nc = await fnats.connect(s.nats, name="freshrec-inference")
-        await holder.subscribe(nc)
         channel = make_channel(s.feature_addr, s.feature)
         features = FeatureClient(channel, s.feature_deadline_s)
+        popular = self.popular = PopularCache(channel, max(s.feature_deadline_s, 0.5), s.popular_ttl_s)
+        nc = await fnats.connect(s.nats, name="freshrec-inference")
+        follower = self.follower = CatalogueFollower(catalogue, nc, channel)
+        listed = await follower.list_all()
+        logger.info("catalogue: %d items listed from the feature service", listed)
+        await holder.sync_with_store()  # serve the newest live model from the first request on
+        await holder.subscribe(nc)
+        ranking = RankingSettings(s.ann.exact_limit, s.mmr_candidates, s.exploration_sample)
 
         def register(server: grpc.aio.Server) -> None:
             inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-                InferenceServicer(holder, features), server
+                InferenceServicer(holder, features, popular, ranking), server
             )
 
         self.server = await start_grpc_server(s.grpc, [SERVICE_NAME], register)
         self.server.cleanups += [nc.drain, channel.close]
-        self.server.tasks.append(asyncio.create_task(holder.poll(s.poll_interval_s), name="model-poll"))
+        self.server.tasks += [
+            asyncio.create_task(holder.poll(s.poll_interval_s), name="model-poll"),
+            asyncio.create_task(follower.run(), name="catalogue-follower"),
+            asyncio.create_task(holder.follow_catalogue(s.catalogue_debounce_s), name="catalogue-rebuild"),
+            asyncio.create_task(self._watch_health(), name="health"),
+        ]
+        await self._update_health()
         if s.metrics.enabled:
             start_metrics_endpoint(s.metrics)
         logger.info(
@@ -66,6 +97,36 @@ class InferenceApp:
             self.server.port,
             holder.served_version or "none (popularity fallback)",
         )
+
+    async def _update_health(self) -> None:
+        assert self.holder is not None and self.popular is not None and self.server is not None
+        if self.holder.state is None and not self.has_answer():
+            await self.popular.fetch("", 0)  # probe the fallback
+        serving = self.has_answer()
+        if serving != self.serving:
+            self.serving = serving
+            await self.server.set_serving(serving)
+            if serving:
+                logger.info(
+                    "health SERVING (model %s)", self.holder.served_version or "none: popularity fallback"
+                )
+            else:
+                logger.warning("health NOT_SERVING: no model loaded and the feature service is unreachable")
+
+    async def _watch_health(self) -> None:
+        assert self.holder is not None
+        while True:
+            try:
+                await asyncio.wait_for(self.holder.swapped.wait(), self.settings.health_interval_s)
+            except TimeoutError:
+                pass
+            self.holder.swapped.clear()
+            try:
+                await self._update_health()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("health evaluation failed")
 
     async def stop(self) -> None:
         if self.server is not None:

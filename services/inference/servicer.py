@@ -1,119 +1,324 @@
-"""The gRPC face of inference: ``freshrec.v1.InferenceService``."""
+"""The gRPC face of inference: ``freshrec.v1.InferenceService``.
+
+A request reads the serving state once (model, index, catalogue view) and finishes on it. Its
+only network hop is the user lookup in the feature service; then one onnxruntime call computes
+the user vector from the user's latest events, and numpy does the rest.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import time
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
-from freshrec.v1 import inference_pb2, inference_pb2_grpc
-from services.inference.features import FeatureClient
-from services.inference.model import LoadedModel
+from freshrec.v1 import inference_pb2, inference_pb2_grpc, watermark_pb2
+from services.inference.features import FeatureClient, PopularCache, UserView
+from services.inference.index import ServingState, top_k
+from services.inference.ranking import (
+    choose_exploration,
+    exploration_reason,
+    exploration_slots,
+    interleave,
+    mmr,
+    model_reasons,
+)
 from services.inference.reloader import ModelHolder
 from shared.watermark import watermark_proto
 
 MAX_K = 1000
 DEFAULT_K = 10
 MAX_ID_LENGTH = 128
+MAX_LIST = 1000
+MAX_CONTEXT = 32
 MODEL = inference_pb2.RECOMMENDATION_SOURCE_MODEL
 POPULAR = inference_pb2.RECOMMENDATION_SOURCE_POPULAR
 COLD_START = inference_pb2.RECOMMENDATION_SOURCE_COLD_START
+EXPLORATION = inference_pb2.RECOMMENDATION_SOURCE_EXPLORATION
 
 
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k highest scores, best first (-inf scores never returned)."""
-    k = min(k, int(np.isfinite(scores).sum()))
-    if k <= 0:
-        return np.empty(0, dtype=np.int64)
-    part = np.argpartition(-scores, k - 1)[:k]
-    return part[np.argsort(-scores[part], kind="stable")]
+@dataclass(frozen=True)
+class RankingSettings:
+    """Request-path knobs the servicer needs from the service settings."""
+
+    exact_limit: int
+    mmr_candidates: int
+    exploration_sample: int
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, holder: ModelHolder, features: FeatureClient) -> None:
+    def __init__(
+        self,
+        holder: ModelHolder,
+        features: FeatureClient,
+        popular: PopularCache,
+        ranking: RankingSettings,
+        seed: int | None = None,
+    ) -> None:
         self.holder = holder
         self.features = features
+        self.popular = popular
+        self.ranking = ranking
+        self.rng = np.random.default_rng(seed)
+
+    # -- validation ------------------------------------------------------------------------------
+    @staticmethod
+    def _freshness(state: ServingState | None) -> tuple[str, watermark_pb2.Watermark]:
+        if state is None:
+            return "", watermark_proto(0, 0.0)
+        sequence, event_time = state.model.trained_through
+        return state.model.version, watermark_proto(sequence, event_time)
 
     @staticmethod
-    def _freshness(model: LoadedModel | None):  # type: ignore[no-untyped-def]
-        if model is None:
-            return "", watermark_proto(0, 0.0)
-        sequence, event_time = model.trained_through
-        return model.version, watermark_proto(sequence, event_time)
-
-    async def _check_id(self, value: str, name: str, context: grpc.aio.ServicerContext) -> None:
+    async def _check_id(value: str, name: str, context: grpc.aio.ServicerContext) -> None:
         if not value:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is empty")
         if len(value) > MAX_ID_LENGTH:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is longer than {MAX_ID_LENGTH}")
 
-    async def _check_k(self, k: int, context: grpc.aio.ServicerContext) -> int:
+    @staticmethod
+    async def _check_k(k: int, context: grpc.aio.ServicerContext) -> int:
         if k > MAX_K:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"k is {k}; at most {MAX_K} items per call")
         return k or DEFAULT_K
 
+    async def _check_list(self, values: list[str], name: str, context: grpc.aio.ServicerContext) -> None:
+        if len(values) > MAX_LIST:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{name} has {len(values)} ids; at most {MAX_LIST}"
+            )
+        for value in values:
+            await self._check_id(value, f"an entry of {name}", context)
+
+    @staticmethod
+    async def _check_share(value: float, name: str, context: grpc.aio.ServicerContext) -> None:
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is {value}; it must be in [0, 1]")
+
+    async def _validate_recommend(
+        self, request: inference_pb2.RecommendRequest, context: grpc.aio.ServicerContext
+    ) -> int:
+        await self._check_id(request.user_id, "user_id", context)
+        k = await self._check_k(request.k, context)
+        await self._check_list(list(request.exclude_item_ids), "exclude_item_ids", context)
+        if len(request.categories) > MAX_LIST:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_LIST} categories")
+        for category in request.categories:
+            await self._check_id(category, "a category", context)
+        await self._check_share(request.diversity, "diversity", context)
+        await self._check_share(request.exploration, "exploration", context)
+        if len(request.context) > MAX_CONTEXT:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_CONTEXT} context entries")
+        for key, value in request.context.items():
+            if not key or len(key) > MAX_ID_LENGTH or len(value) > MAX_ID_LENGTH:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"context keys must have 1 to {MAX_ID_LENGTH} characters, values at most {MAX_ID_LENGTH}",
+                )
+        return k
+
+    # -- Recommend -------------------------------------------------------------------------------
     async def Recommend(
         self, request: inference_pb2.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.RecommendResponse:
-        await self._check_id(request.user_id, "user_id", context)
-        k = await self._check_k(request.k, context)
-        if request.categories or request.diversity or request.exploration:
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                "categories, diversity and exploration are not supported yet; leave them unset",
-            )
-        model = self.holder.current  # read once: this request finishes on this model
-        version, trained_through = self._freshness(model)
+        k = await self._validate_recommend(request, context)
+        state = self.holder.state  # read once: this request finishes on this model
         user = await self.features.user(request.user_id)
+        version, trained_through = self._freshness(state)
+        response = inference_pb2.RecommendResponse(model_version=version, trained_through=trained_through)
         excluded = set(request.exclude_item_ids)
         if not request.include_seen:
-            excluded.update(user.recent)
-        response = inference_pb2.RecommendResponse(model_version=version, trained_through=trained_through)
+            excluded.update(user.recent_items)
+        categories = list(request.categories)
 
-        known_history = model is not None and any(i in model.item_rows for i in user.recent)
-        if model is not None and (known_history or request.user_id in model.user_rows):
-            vector = model.user_vectors([user.recent], [request.user_id])[0]
-            scores = model.item_matrix @ vector
-            scores[0] = -np.inf
-            for item_id in excluded:
-                row = model.item_rows.get(item_id)
-                if row:
-                    scores[row] = -np.inf
-            reason = f"learned by model {model.version} from your {len(user.recent)} recent interactions"
-            for row in top_k(scores, k):
-                response.items.add(
-                    item_id=model.item_ids[row], score=float(scores[row]), reason=reason, source=MODEL
+        if state is None:
+            await self._popular_into(response, request, categories, excluded, k, POPULAR, context)
+            return response
+        model = state.model
+        personal = request.user_id in model.user_rows or any(i in model.item_rows for i in user.recent_items)
+        vector = model.user_vectors(
+            [user.recent if personal else []], [request.user_id], [dict(request.context)]
+        )[0]
+        banned = state.positions(excluded)
+        allowed = state.allowed(categories)
+        n_explore = exploration_slots(k, request.exploration)
+
+        if not personal:
+            await self._popular_into(
+                response, request, categories, excluded, k - n_explore, COLD_START, context
+            )
+            taken = state.positions([i.item_id for i in response.items])
+            missing = k - n_explore - len(response.items)
+            if missing > 0:  # popularity is short (or unreachable): the model's view of a newcomer fills in
+                fill, fill_scores = self._retrieve(
+                    state, vector, missing, np.concatenate([banned, taken]), allowed, categories
                 )
+                for position, score in zip(fill, fill_scores, strict=True):
+                    response.items.add(
+                        item_id=state.item_id(int(position)),
+                        score=float(score),
+                        reason=f"suggested for newcomers by model {model.version}",
+                        source=COLD_START,
+                    )
+                taken = np.concatenate([taken, fill])
+            explore = choose_exploration(
+                state,
+                vector,
+                k - len(response.items),
+                np.concatenate([banned, taken]),
+                allowed,
+                self.rng,
+                self.ranking.exploration_sample,
+            )
+            self._add_exploration(response, state, explore, vector)
+            state.record_impressions(state.positions([i.item_id for i in response.items]))
             return response
 
-        source = COLD_START if model is not None else POPULAR
-        reason = "popular right now" if model is not None else "popular right now (no model loaded yet)"
-        for item_id, score in await self.features.popular(k + len(excluded)):
-            if item_id not in excluded and len(response.items) < k:
-                response.items.add(item_id=item_id, score=score, reason=reason, source=source)
+        if request.diversity > 0:
+            pool = max(self.ranking.mmr_candidates, 2 * k)
+            candidates, scores = self._retrieve(state, vector, pool, banned, allowed, categories)
+            order = mmr(scores, state.unit_embeddings(candidates), k, request.diversity)
+            main, main_scores = candidates[order], scores[order]
+        else:
+            main, main_scores = self._retrieve(state, vector, k, banned, allowed, categories)
+        explore = choose_exploration(
+            state,
+            vector,
+            n_explore,
+            np.concatenate([banned, main[: k - n_explore]]),
+            allowed,
+            self.rng,
+            self.ranking.exploration_sample,
+        )
+        merged = interleave(list(range(len(main))), list(range(len(explore))), k)
+        explore_scores = state.score_positions(explore, vector)
+        main_reasons = model_reasons(state, main, user.recent)
+        now = time.time()
+        shown: list[int] = []
+        for index, is_exploration in merged:
+            if is_exploration:
+                position = int(explore[index])
+                response.items.add(
+                    item_id=state.item_id(position),
+                    score=float(explore_scores[index]),
+                    reason=exploration_reason(state, position, now),
+                    source=EXPLORATION,
+                )
+            else:
+                position = int(main[index])
+                response.items.add(
+                    item_id=state.item_id(position),
+                    score=float(main_scores[index]),
+                    reason=main_reasons[index],
+                    source=MODEL,
+                )
+            shown.append(position)
+        state.record_impressions(np.array(shown, dtype=np.int64))
         return response
+
+    def _retrieve(
+        self,
+        state: ServingState,
+        vector: np.ndarray,
+        k: int,
+        banned: np.ndarray,
+        allowed: np.ndarray | None,
+        categories: list[str],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return state.retrieve(vector, k, banned, allowed, categories, self.ranking.exact_limit)
+
+    @staticmethod
+    def _add_exploration(
+        response: inference_pb2.RecommendResponse,
+        state: ServingState,
+        positions: np.ndarray,
+        vector: np.ndarray,
+    ) -> None:
+        if not len(positions):
+            return
+        now = time.time()
+        for position, score in zip(positions, state.score_positions(positions, vector), strict=True):
+            response.items.add(
+                item_id=state.item_id(int(position)),
+                score=float(score),
+                reason=exploration_reason(state, int(position), now),
+                source=EXPLORATION,
+            )
+
+    async def _popular_into(
+        self,
+        response: inference_pb2.RecommendResponse,
+        request: inference_pb2.RecommendRequest,
+        categories: list[str],
+        excluded: set[str],
+        k: int,
+        source: int,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """Popular/trending items (per requested category, or the context's ``category``)."""
+        wanted = categories or [request.context.get("category", "")]
+        lists = []
+        for category in wanted:
+            ranked = await self.popular.ranked(category)
+            if ranked is not None:
+                lists.append(ranked)
+        if not lists:
+            if self.holder.state is None:
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "no model is loaded and the feature service cannot provide popular items; retry shortly",
+                )
+            return
+        suffix = "" if source == COLD_START else " (no model loaded yet)"
+        seen = set(excluded)
+        depth = 0
+        while len(response.items) < k and any(depth < len(entries) for entries in lists):
+            for entries in lists:  # round-robin over the requested categories
+                if depth < len(entries) and len(response.items) < k:
+                    item_id, score, reason = entries[depth]
+                    if item_id not in seen:
+                        seen.add(item_id)
+                        response.items.add(
+                            item_id=item_id, score=score, reason=reason + suffix, source=source
+                        )
+            depth += 1
+
+    # -- ScoreItems, SimilarItems, GetModelInfo --------------------------------------------------
+    async def _require_state(self, context: grpc.aio.ServicerContext) -> ServingState:
+        state = self.holder.state
+        if state is None:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "no model is loaded yet; retry once one is published"
+            )
+        assert state is not None
+        return state
+
+    @staticmethod
+    def _user_vector(state: ServingState, user_id: str, user: UserView) -> np.ndarray:
+        model = state.model
+        personal = user_id in model.user_rows or any(i in model.item_rows for i in user.recent_items)
+        return model.user_vectors([user.recent if personal else []], [user_id])[0]
 
     async def ScoreItems(
         self, request: inference_pb2.ScoreItemsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ScoreItemsResponse:
         await self._check_id(request.user_id, "user_id", context)
-        if len(request.item_ids) > MAX_K:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_K} item_ids per call")
-        model = self.holder.current
-        if model is None:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "no model is loaded yet; retry once one is published"
-            )
-        assert model is not None
-        version, trained_through = self._freshness(model)
+        await self._check_list(list(request.item_ids), "item_ids", context)
+        state = await self._require_state(context)
         user = await self.features.user(request.user_id)
-        vector = model.user_vectors([user.recent], [request.user_id])[0]
+        version, trained_through = self._freshness(state)
+        vector = self._user_vector(state, request.user_id, user)
+        ids = list(request.item_ids)
+        positions = np.array([state.position(i) for i in ids], dtype=np.int64)
+        scores = state.score_positions(positions[positions > 0], vector)
         response = inference_pb2.ScoreItemsResponse(model_version=version, trained_through=trained_through)
-        for item_id in request.item_ids:
-            row = model.item_rows.get(item_id)
-            if row:
-                response.scores.add(item_id=item_id, score=float(model.item_matrix[row] @ vector))
+        known = iter(scores)
+        for item_id, position in zip(ids, positions, strict=True):
+            if position:
+                response.scores.add(item_id=item_id, score=float(next(known)))
             else:
                 response.unknown_item_ids.append(item_id)
         return response
@@ -123,28 +328,41 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> inference_pb2.SimilarItemsResponse:
         await self._check_id(request.item_id, "item_id", context)
         k = await self._check_k(request.k, context)
-        model = self.holder.current
-        if model is None:
+        state = await self._require_state(context)
+        position = state.position(request.item_id)
+        if not position:
             await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "no model is loaded yet; retry once one is published"
+                grpc.StatusCode.NOT_FOUND,
+                f"item {request.item_id!r} is unknown to model {state.model.version} and the catalogue",
             )
-        assert model is not None
-        row = model.item_rows.get(request.item_id)
-        if not row:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"item {request.item_id!r} is unknown to model {model.version}"
-            )
-        version, trained_through = self._freshness(model)
-        matrix = model.item_matrix
-        norms = np.linalg.norm(matrix, axis=1) * (np.linalg.norm(matrix[row]) or 1.0)
-        scores = (matrix @ matrix[row]) / np.where(norms > 0, norms, 1.0)
-        scores[[0, row]] = -np.inf
+        version, trained_through = self._freshness(state)
+        anchor = state.unit_embeddings(np.array([position]))[0]
+        banned = np.array([position], dtype=np.int64)
+        if state.model.ann is None:
+            candidates = np.arange(1, state.total)
+        else:  # inner-product neighbours of the unit vector, re-ranked by cosine below
+            candidates, _ = state.retrieve(anchor, max(4 * k, 100), banned)
+        candidates = candidates[candidates != position]
+        cosine = state.unit_embeddings(candidates) @ anchor
+        best = top_k(cosine, k)
+        mine = (
+            set(state.catalogue[request.item_id].categories) if request.item_id in state.catalogue else set()
+        )
         response = inference_pb2.SimilarItemsResponse(model_version=version, trained_through=trained_through)
-        for other in top_k(scores, k):
+        for index in best:
+            other = int(candidates[index])
+            other_id = state.item_id(other)
+            entry = state.catalogue.get(other_id)
+            shared = sorted(mine & set(entry.categories)) if entry else []
+            reason = (
+                f"close to “{state.title(request.item_id)}” in model {state.model.version}'s embedding space"
+            )
+            if shared:
+                reason += f"; both in {', '.join(shared)}"
             response.items.add(
-                item_id=model.item_ids[other],
-                score=float(scores[other]),
-                reason=f"embedding closest to {request.item_id}",
+                item_id=other_id,
+                score=float(cosine[index]),
+                reason=reason,
                 source=MODEL,
             )
         return response
@@ -152,15 +370,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GetModelInfo(
         self, request: inference_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GetModelInfoResponse:
-        model = self.holder.current
-        version, trained_through = self._freshness(model)
+        state = self.holder.state
+        version, trained_through = self._freshness(state)
         response = inference_pb2.GetModelInfoResponse(
             model_version=version,
             trained_through=trained_through,
             loaded_versions=list(reversed(self.holder.loaded)),
         )
-        if model is not None:
-            response.manifest_json = json.dumps(model.manifest, sort_keys=True)
-            response.loaded_at.FromNanoseconds(int(model.loaded_at * 1e9))
-            response.catalogue_size = len(model.item_ids) - 1
+        if state is not None:
+            response.manifest_json = json.dumps(state.model.manifest, sort_keys=True)
+            response.loaded_at.FromNanoseconds(int(state.model.loaded_at * 1e9))
+            response.catalogue_size = state.catalogue_size
         return response

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from services.inference.ann import AnnSettings
 from shared.settings import GrpcSettings, PeerSettings, ServiceSettings
 
 
@@ -34,3 +35,28 @@ class InferenceSettings(ServiceSettings):
     feature: PeerSettings = PeerSettings()
     keep_versions: int = Field(3, ge=1, description="Versions kept loaded for an instant rollback.")
     onnx_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads per session.")
+    ann: AnnSettings = AnnSettings()
+    mmr_candidates: int = Field(
+        200, ge=10, le=5000, description="Candidates re-ranked by MMR when a request asks for diversity."
+    )
+    new_item_window_s: float = Field(
+        86_400.0, ge=0, description="Catalogue items created this recently count as new for exploration."
+    )
+    under_exposed_quantile: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Items shown at most as often as this quantile of impressions count as under-exposed.",
+    )
+    exploration_sample: int = Field(
+        256, ge=1, description="Random sample of the exploration pool scored per request."
+    )
+    popular_ttl_s: float = Field(
+        2.0, gt=0, description="Age after which a cached popularity list is refreshed in the background."
+    )
+    catalogue_debounce_s: float = Field(
+        0.05, ge=0, description="Least time between two rebuilds of the serving state for catalogue changes."
+    )
+    health_interval_s: float = Field(
+        1.0, gt=0, description="How often health is re-evaluated (NOT_SERVING: no model and no fallback)."
+    )
