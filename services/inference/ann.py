@@ -25,7 +25,7 @@ class AnnSettings(BaseModel):
         description="Catalogue size up to which retrieval is exact; above it an ANN index is used.",
     )
     m: int = Field(32, ge=4, le=128, description="HNSW graph degree.")
-    ef_construction: int = Field(100, ge=8, description="HNSW build-time beam width.")
+    ef_construction: int = Field(200, ge=8, description="HNSW build-time beam width.")
     ef_search: int = Field(128, ge=8, description="HNSW query-time beam width (recall against speed).")
     threads: int = Field(1, ge=1, description="Threads faiss may use (index builds run beside requests).")
 

@@ -8,6 +8,7 @@ import logging
 
 import faiss
 import grpc
+from threadpoolctl import threadpool_limits
 
 from freshrec.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.catalogue import Catalogue, CatalogueFollower
@@ -53,6 +54,7 @@ class InferenceApp:
     async def start(self) -> None:
         s = self.settings
         faiss.omp_set_num_threads(s.ann.threads)
+        threadpool_limits(limits=s.blas_threads, user_api="blas")
         catalogue = self.catalogue = Catalogue()
         public_key = load_public_key(s.verify_key_file) if s.verify_key_file else None
         holder = self.holder = ModelHolder(

@@ -35,6 +35,12 @@ class InferenceSettings(ServiceSettings):
     feature: PeerSettings = PeerSettings()
     keep_versions: int = Field(3, ge=1, description="Versions kept loaded for an instant rollback.")
     onnx_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads per session.")
+    blas_threads: int = Field(
+        1,
+        ge=1,
+        description="Threads numpy's BLAS may use; a request multiplies one vector, where more threads "
+        "only spin and contend.",
+    )
     ann: AnnSettings = AnnSettings()
     mmr_candidates: int = Field(
         200, ge=10, le=5000, description="Candidates re-ranked by MMR when a request asks for diversity."

@@ -1,0 +1,35 @@
+"""bench/serve.py keeps running: its --quick smoke run ends with one JSON object of figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_serve_bench_quick_run_prints_its_figures() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "serve.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["bench"] == "serve" and figures["quick"] is True
+    assert figures["catalogue_served"] >= figures["catalogue_items"]
+    for phase in ("open_loop", "closed_loop", "echo_closed_loop", "steady", "reloads"):
+        assert figures[phase]["requests"] > 0 and figures[phase]["p99_ms"] > 0, phase
+    # Correctness, not speed: no request fails, reloads all land, the event shows up.
+    assert figures["reloads"]["errors"] == 0 and figures["reloads"]["all_swapped"]
+    assert figures["open_loop"]["errors"] == 0 and figures["closed_loop"]["errors"] == 0
+    assert figures["freshness"]["changed"] == figures["freshness"]["probes"]
+    assert 0 <= figures["ann"]["recall_at_10"] <= 1
+    assert figures["series"]["reload_p99_ms_per_s"]
