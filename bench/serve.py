@@ -266,8 +266,6 @@ async def closed_loop(call: Any, make: Any, clients: int, seconds: float) -> Run
 # -- the benchmark --------------------------------------------------------------------------------
 async def bench(cfg: Config, quick: bool, workdir: Path) -> dict[str, Any]:
     import nats
-    from nats.js.api import StreamConfig
-    from nats.js.errors import NotFoundError
 
     from cli.stack import NatsServer, ServiceProcess, free_port, wait_healthy
     from freshrec.v1 import (
@@ -286,6 +284,7 @@ async def bench(cfg: Config, quick: bool, workdir: Path) -> dict[str, Any]:
         MODELS_PUBLISHED_SUBJECT,
         MSG_ID_HEADER,
         accepted_subject,
+        ensure_catalog_stream,
         ensure_events_stream,
     )
     from tests.factories import event
@@ -340,7 +339,7 @@ async def bench(cfg: Config, quick: bool, workdir: Path) -> dict[str, Any]:
         for n, (user, item) in enumerate(feed):
             e = event(user, item, event_id=f"b{n}", at=at + n * 1e-3)
             await js.publish_async(
-                accepted_subject("EVENT_TYPE_CLICK"),
+                accepted_subject("EVENT_TYPE_CLICK", user),
                 e.SerializeToString(),
                 headers={MSG_ID_HEADER: e.event_id},
             )
@@ -358,11 +357,8 @@ async def bench(cfg: Config, quick: bool, workdir: Path) -> dict[str, Any]:
         items = [item_pb2.Item(item_id=i, title=f"Item {i}", categories=c) for i, c in catalogue]
         for start in range(0, len(items), 1000):
             await features.UpsertItems(feature_pb2.UpsertItemsRequest(items=items[start : start + 1000]))
-        try:
-            published = (await js.stream_info(CATALOG_STREAM)).state.messages
-        except NotFoundError:
-            await js.add_stream(StreamConfig(name=CATALOG_STREAM, subjects=[CATALOG_ACCEPTED_SUBJECT]))
-            published = 0
+        await ensure_catalog_stream(js)
+        published = (await js.stream_info(CATALOG_STREAM)).state.messages
         if published < len(items):
             for item in items:
                 await js.publish_async(CATALOG_ACCEPTED_SUBJECT, item.SerializeToString())
@@ -439,7 +435,7 @@ async def bench(cfg: Config, quick: bool, workdir: Path) -> dict[str, Any]:
             top = (await stub.Recommend(inference_pb2.RecommendRequest(user_id=user, k=10))).items[0].item_id
             e = event(user, top, event_id=f"fresh{n}", type=event_pb2.EVENT_TYPE_CLICK)
             await js.publish(
-                accepted_subject("EVENT_TYPE_CLICK"),
+                accepted_subject("EVENT_TYPE_CLICK", user),
                 e.SerializeToString(),
                 headers={MSG_ID_HEADER: e.event_id},
             )

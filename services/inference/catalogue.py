@@ -22,7 +22,7 @@ from nats.js.api import DeliverPolicy
 from prometheus_client import Gauge
 
 from freshrec.v1 import feature_pb2, feature_pb2_grpc, item_pb2
-from shared.nats import CATALOG_ACCEPTED_SUBJECT, CATALOG_STREAM
+from shared.nats import CATALOG_ACCEPTED_SUBJECT, CATALOG_STREAM, ensure_catalog_stream
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ class CatalogueFollower:
 
         while True:
             try:
+                await ensure_catalog_stream(js)  # so inference may start before the feature service
                 sub = await js.subscribe(
                     CATALOG_ACCEPTED_SUBJECT,
                     stream=CATALOG_STREAM,

@@ -11,8 +11,6 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from nats.js.api import StreamConfig
-from nats.js.errors import BadRequestError
 
 from freshrec.v1 import (
     event_pb2,
@@ -30,22 +28,13 @@ from services.inference.settings import InferenceSettings
 from shared.model_store import ModelStore
 from shared.nats import (
     CATALOG_ACCEPTED_SUBJECT,
-    CATALOG_STREAM,
     MODELS_PUBLISHED_SUBJECT,
     MSG_ID_HEADER,
     accepted_subject,
+    ensure_catalog_stream,
     ensure_events_stream,
 )
 from tests.conftest import eventually, service_settings
-
-
-async def ensure_catalog_stream(js: Any) -> None:
-    """Declares FRESHREC_CATALOG as the feature service does (idempotent)."""
-    try:
-        await js.add_stream(StreamConfig(name=CATALOG_STREAM, subjects=[CATALOG_ACCEPTED_SUBJECT]))
-    except BadRequestError as exc:
-        if getattr(exc, "err_code", None) != 10058:
-            raise
 
 
 async def publish_items(nats_client: Any, items: list[item_pb2.Item]) -> None:
@@ -68,7 +57,7 @@ async def publish_events(nats_client: Any, events: list[event_pb2.Event]) -> Non
     js = nats_client.jetstream()
     await ensure_events_stream(js)
     for e in events:
-        subject = accepted_subject(event_pb2.EventType.Name(e.type))
+        subject = accepted_subject(event_pb2.EventType.Name(e.type), e.user_id)
         await js.publish(subject, e.SerializeToString(), headers={MSG_ID_HEADER: e.event_id})
 
 
