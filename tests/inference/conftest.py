@@ -61,7 +61,11 @@ async def publish_events(nats_client: Any, events: list[event_pb2.Event]) -> Non
         await js.publish(subject, e.SerializeToString(), headers={MSG_ID_HEADER: e.event_id})
 
 
-async def announce(nats_client: Any, version: str, sha256: str = "", reason: str = "published") -> None:
+async def announce(
+    nats_client: Any, store: ModelStore, version: str, sha256: str = "", reason: str = "published"
+) -> None:
+    """What the trainer does to make a version live: move LIVE, then announce it."""
+    store.set_live(version)
     msg = trainer_pb2.ModelAnnouncement(version=version, sha256=sha256, reason=reason)
     await nats_client.publish(MODELS_PUBLISHED_SUBJECT, msg.SerializeToString())
     await nats_client.flush()

@@ -120,11 +120,11 @@ async def test_bad_versions_are_rejected_while_the_old_model_keeps_serving(
     for n, (_name, make, kind, _words) in enumerate(BAD, start=2):
         version = f"v{n:06d}"
         make(store, version)
-        await announce(nats_client, version)
+        await announce(nats_client, store, version)
         expected_extra[kind] = expected_extra.get(kind, 0) + 1
     wrong_digest = f"v{len(BAD) + 2:06d}"
     write(store, wrong_digest)
-    await announce(nats_client, wrong_digest, "f" * 64)
+    await announce(nats_client, store, wrong_digest, "f" * 64)
     expected_extra["integrity"] += 1
     bad_versions = {f"v{n:06d}" for n in range(2, len(BAD) + 3)}
 
@@ -147,7 +147,7 @@ async def test_bad_versions_are_rejected_while_the_old_model_keeps_serving(
 
     # The poll does not retry a version already rejected; a good one still swaps in.
     good = write(store, "v000100")
-    await announce(nats_client, "v000100", good)
+    await announce(nats_client, store, "v000100", good)
     await wait_serving(stub, "v000100")
 
 

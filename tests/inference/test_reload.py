@@ -65,14 +65,14 @@ async def test_reloads_under_concurrent_load_fail_no_request(start_inference, st
     clients = [asyncio.create_task(client(n)) for n in range(9)]
     try:
         for version in versions[1:]:
-            await announce(nats_client, version, digests[version])
+            await announce(nats_client, store, version, digests[version])
             await wait_serving(stub, version)
             before = sum(served.values())
             await eventually(lambda b=before: _more(served, b), what="requests on the new version")
         # A rollback to a version still loaded is instant; one evicted is loaded again.
-        await announce(nats_client, versions[-2], digests[versions[-2]], reason="rolled_back")
+        await announce(nats_client, store, versions[-2], digests[versions[-2]], reason="rolled_back")
         await wait_serving(stub, versions[-2])
-        await announce(nats_client, versions[0], digests[versions[0]], reason="rolled_back")
+        await announce(nats_client, store, versions[0], digests[versions[0]], reason="rolled_back")
         await wait_serving(stub, versions[0])
         before = sum(served.values())
         await eventually(lambda: _more(served, before), what="requests after the rollbacks")
@@ -96,7 +96,7 @@ async def test_a_request_finishes_on_the_model_it_started_with(start_inference, 
     await wait_serving(stub, "v000001")
     held = app.holder.state  # what an in-flight request holds
     sha = write(store, "v000002", seed=7)
-    await announce(nats_client, "v000002", sha)
+    await announce(nats_client, store, "v000002", sha)
     await wait_serving(stub, "v000002")
     # The old state is intact and usable after the swap.
     vector = held.model.user_vectors([[("alpha-1", 2)]], ["u1"])[0]
@@ -142,7 +142,7 @@ async def test_health_is_not_serving_only_without_model_and_fallback(
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             sha = write(store, "v000001")
             store.set_live("v000001")
-            await announce(nats_client, "v000001", sha)
+            await announce(nats_client, store, "v000001", sha)
 
             async def serving() -> bool:
                 return await health_status(app.port) == SERVING
