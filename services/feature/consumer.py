@@ -4,14 +4,16 @@ Exactly-once effects:
 
 - Each event is applied in stream order; an event whose stream sequence is not above the
   state's watermark was applied before (a redelivery) and is skipped.
-- What a batch changed is committed to SQL together with the new watermark in one transaction
-  (``FeatureStore.save``); only then is the batch acknowledged (``AckPolicy.ALL``: one ack
-  covers it all). Commits run in a worker thread while the next batch is applied, at most one
-  at a time, so reads are served from memory and SQL follows a batch behind.
+- What the applied events changed is committed to SQL together with the new watermark in one
+  transaction (``FeatureStore.save``); only then are they acknowledged (``AckPolicy.ALL``: one
+  ack of the last one covers them all). Commits run in a worker thread, at most one at a time
+  and at most every ``commit_interval_s``, while later events keep being applied: reads are
+  served from memory and SQL follows behind.
 - At start the durable consumer is checked against the position in SQL: if it delivered
-  anything past that position (a crash after delivery and before commit), it is recreated
-  to start right after the position, so nothing delivered but never committed is lost.
-- A failed commit reloads the state from SQL and resubscribes the same way.
+  anything past that position (a crash after delivery and before commit), it is recreated to
+  start right after the position, so nothing delivered but never committed is lost.
+- A failed commit (or any other failure) reloads the state from SQL and resubscribes the same
+  way.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import time
 
 from google.protobuf.message import DecodeError
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
@@ -29,15 +32,18 @@ from nats.js.errors import NotFoundError
 
 from freshrec.v1 import event_pb2
 from services.feature import metrics
+from services.feature.pull import Puller, stream_position
 from services.feature.settings import FeatureSettings
 from services.feature.state import FeatureState, Watermark
 from services.feature.store import FeatureStore
-from shared.nats import EVENTS_STREAM, fetch_batch
+from shared.nats import EVENTS_STREAM
 
 logger = logging.getLogger(__name__)
 
 #: Events applied between two yields to the event loop, so reads are not held up by a big batch.
 YIELD_EVERY = 256
+#: One event in this many has its event→feature lag recorded (the histogram is a sample).
+LAG_SAMPLE = 8
 
 
 def consumer_config(settings: FeatureSettings, start_after: int) -> ConsumerConfig:
@@ -59,11 +65,9 @@ def _filters(info: ConsumerInfo) -> list[str]:
     return sorted(config.filter_subjects or ([config.filter_subject] if config.filter_subject else []))
 
 
-async def bind_durable(
-    js: JetStreamContext, settings: FeatureSettings, position: int
-) -> JetStreamContext.PullSubscription:
-    """Binds the replica's durable consumer, (re)creating it to start right after ``position``
-    unless it has delivered exactly up to there with this replica's subject filters."""
+async def ensure_durable(js: JetStreamContext, settings: FeatureSettings, position: int) -> None:
+    """Makes the replica's durable consumer resume right after ``position``: (re)creates it
+    unless it has delivered exactly up to there, with this replica's subject filters."""
     name = settings.replica_name
     try:
         info: ConsumerInfo | None = await js.consumer_info(EVENTS_STREAM, name)
@@ -84,19 +88,27 @@ async def bind_durable(
             info = None
     if info is None:
         await js.add_consumer(EVENTS_STREAM, consumer_config(settings, position))
-    return await js.pull_subscribe_bind(durable=name, stream=EVENTS_STREAM)
 
 
 class FeatureConsumer:
     def __init__(
-        self, js: JetStreamContext, state: FeatureState, store: FeatureStore, settings: FeatureSettings
-    ):
+        self,
+        nc: NatsClient,
+        js: JetStreamContext,
+        state: FeatureState,
+        store: FeatureStore,
+        settings: FeatureSettings,
+    ) -> None:
+        self.nc = nc
         self.js = js
         self.state = state
         self.store = store
         self.settings = settings
         self._commit: asyncio.Task[bool] | None = None
-        self._broken = False  # a commit failed: memory is ahead of SQL until recovered
+        self._commit_started = 0.0
+        self._broken = False  # a commit failed: memory is ahead of SQL until reloaded
+        self._unacked: Msg | None = None  # the last applied message not yet covered by a commit
+        self._accepted: list[float] = []  # JetStream times of a sample of uncommitted events
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
@@ -111,59 +123,59 @@ class FeatureConsumer:
                 await asyncio.sleep(1.0)
 
     async def _consume(self) -> None:
-        psub = await bind_durable(self.js, self.settings, self.state.watermark.stream_sequence)
+        s = self.settings
+        await ensure_durable(self.js, s, self.state.watermark.stream_sequence)
+        puller = await Puller(self.nc, EVENTS_STREAM, s.replica_name).start()
         self.ready.set()
         try:
             while True:
-                msgs = await fetch_batch(
-                    psub, self.settings.fetch_batch, timeout_s=self.settings.fetch_wait_s
-                )
+                msgs = await puller.fetch(s.fetch_batch, s.fetch_wait_s)
                 if msgs:
                     await self.apply(msgs)
-                if self._commit is not None and self._commit.done() and not self._commit.result():
-                    self._broken = True
+                else:
+                    await self._maybe_commit()
                 if self._broken:
                     await self._reload()
-                    await psub.unsubscribe()
-                    psub = await bind_durable(self.js, self.settings, self.state.watermark.stream_sequence)
+                    await puller.close()
+                    await ensure_durable(self.js, s, self.state.watermark.stream_sequence)
+                    puller = await Puller(self.nc, EVENTS_STREAM, s.replica_name).start()
         finally:
             # Commit what was applied, so a restart resumes without replaying; if that fails,
             # memory is ahead of SQL and is reloaded before consuming again.
-            if not await asyncio.shield(self._drain()):
+            if not await asyncio.shield(self.flush()):
                 await self._reload()
             with contextlib.suppress(Exception):
-                # A pull subscription left open makes the connection's drain wait for its timeout.
-                await psub.unsubscribe()
+                await puller.close()
 
     async def apply(self, msgs: list[Msg]) -> None:
-        """Applies a batch to memory and starts its commit (after the previous one finished)."""
+        """Applies a batch to memory, then commits if one is due."""
         state = self.state
         applied = skipped = 0
-        accepted_at: list[float] = []
+        lag = metrics.EVENT_LAG
         now = time.time()
         for n, msg in enumerate(msgs):
-            if n % 64 == 63:
-                now = time.time()
-            meta = msg.metadata
+            sequence, accepted_ns = stream_position(msg.reply)
             event = event_pb2.Event()
             try:
                 event.ParseFromString(msg.data)
             except DecodeError:
                 # Ingestion only publishes what it parsed; never stall the stream on one bad message.
-                logger.error("stream message %d is not a freshrec.v1.Event; skipped", meta.sequence.stream)
-                state.watermark = Watermark(
-                    max(state.watermark.stream_sequence, meta.sequence.stream), state.watermark.event_time
-                )
+                logger.error("stream message %d is not a freshrec.v1.Event; skipped", sequence)
+                if sequence > state.watermark.stream_sequence:
+                    state.watermark.stream_sequence = sequence
                 continue
-            if state.apply(event, meta.sequence.stream):
+            if state.apply(event, sequence):
                 applied += 1
-                accepted = meta.timestamp.timestamp()
-                accepted_at.append(accepted)
-                metrics.EVENT_LAG.observe(max(0.0, now - accepted))
+                if n % LAG_SAMPLE == 0:
+                    accepted = accepted_ns / 1e9
+                    self._accepted.append(accepted)
+                    lag.observe(max(0.0, now - accepted))
             else:
                 skipped += 1
             if n % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)
+                now = time.time()
+        self._unacked = msgs[-1]
         metrics.BATCH_SIZE.observe(len(msgs))
         metrics.EVENTS_APPLIED.inc(applied)
         if skipped:
@@ -173,22 +185,38 @@ class FeatureConsumer:
         metrics.WATERMARK_EVENT_TIME.set(state.watermark.event_time)
         metrics.USERS.set(len(state.users))
         metrics.ITEMS.set(len(state.items))
-        await self._start_commit(msgs[-1], accepted_at)
+        await self._maybe_commit()
 
-    async def _start_commit(self, last: Msg | None, accepted_at: list[float]) -> None:
-        if self._broken or (self._commit is not None and not await self._commit):
-            self._broken = True  # the previous commit failed: the loop recovers before anything else
+    async def _maybe_commit(self, force: bool = False) -> None:
+        """Starts a commit of everything applied since the last one, unless one is still running
+        or the last started less than ``commit_interval_s`` ago (``force``: wait for it and go)."""
+        if self._commit is not None:
+            if not self._commit.done() and not force:
+                return
+            ok = await self._commit
+            self._commit = None
+            if not ok:
+                self._broken = True
+                return
+        if self._broken:
             return
-        users, items, watermark = self.state.take_dirty()
-        self._commit = asyncio.create_task(self._save(users, items, watermark, last, accepted_at))
+        state = self.state
+        if self._unacked is None and not state.dirty_users and not state.dirty_items:
+            return
+        if not force and time.monotonic() - self._commit_started < self.settings.commit_interval_s:
+            return
+        users, items, watermark = state.take_dirty()
+        last, self._unacked = self._unacked, None
+        accepted, self._accepted = self._accepted, []
+        self._commit_started = time.monotonic()
+        self._commit = asyncio.create_task(self._save(users, items, watermark, last, accepted))
 
-    async def _save(
-        self, users, items, watermark: Watermark, last: Msg | None, accepted_at: list[float]
-    ) -> bool:  # type: ignore[no-untyped-def]
+    async def _save(  # type: ignore[no-untyped-def]
+        self, users, items, watermark: Watermark, last: Msg | None, accepted: list[float]
+    ) -> bool:
         started = time.perf_counter()
         try:
-            if users or items or last is not None:
-                await asyncio.to_thread(self.store.save, users, items, watermark)
+            await asyncio.to_thread(self.store.save, users, items, watermark)
         except Exception:
             metrics.COMMIT_FAILURES.inc()
             logger.exception(
@@ -196,10 +224,9 @@ class FeatureConsumer:
             )
             return False
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
-        if accepted_at:
-            now = time.time()
-            for accepted in accepted_at[:: max(1, len(accepted_at) // 50)]:
-                metrics.COMMIT_LAG.observe(max(0.0, now - accepted))
+        now = time.time()
+        for t in accepted:
+            metrics.COMMIT_LAG.observe(max(0.0, now - t))
         if last is not None:
             try:
                 await last.ack()
@@ -208,21 +235,19 @@ class FeatureConsumer:
                 logger.warning("ack after commit failed (%s); redeliveries will be skipped", exc)
         return True
 
-    async def _drain(self) -> bool:
-        """Waits for the commit in flight and commits anything applied since; True when SQL
-        then holds everything memory does."""
+    async def flush(self) -> bool:
+        """Commits everything applied so far and waits for it; True when SQL then holds all
+        that memory does."""
         try:
-            if self._broken or (self._commit is not None and not await self._commit):
-                return False
-            if self.state.dirty_users or self.state.dirty_items:
-                users, items, watermark = self.state.take_dirty()
-                await asyncio.to_thread(self.store.save, users, items, watermark)
-            return True
+            await self._maybe_commit(force=True)
+            if self._commit is not None:
+                ok = await self._commit
+                self._commit = None
+                self._broken = self._broken or not ok
         except Exception:
-            logger.exception("final commit failed; the state is reloaded from SQL")
-            return False
-        finally:
-            self._commit = None
+            logger.exception("commit failed; the state is reloaded from SQL")
+            self._broken = True
+        return not self._broken
 
     async def _reload(self) -> None:
         """Memory got ahead of SQL (a commit failed): reload it from SQL, retrying until it works."""
@@ -239,4 +264,6 @@ class FeatureConsumer:
         self.state.__dict__.update(fresh.__dict__)  # in place: the servicer holds this object
         self._commit = None
         self._broken = False
+        self._unacked = None
+        self._accepted = []
         logger.info("state reloaded from SQL at stream position %d", self.state.watermark.stream_sequence)

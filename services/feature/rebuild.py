@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from pathlib import Path
 
 from nats.js import JetStreamContext
@@ -20,6 +21,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from freshrec.v1 import event_pb2
+from services.feature.pull import Puller, pending_after, stream_position
 from services.feature.settings import FeatureSettings
 from services.feature.state import FeatureState
 from services.feature.store import FeatureStore
@@ -77,34 +79,36 @@ async def rebuild(settings: FeatureSettings, batch: int = 5000, force: bool = Fa
             filter_subjects=filters if len(filters) > 1 else None,
             inactive_threshold=60.0,
         )
-        psub = await js.pull_subscribe(filters[0], stream=fnats.EVENTS_STREAM, config=config)
+        name = f"{settings.replica_name}-rebuild-{uuid.uuid4().hex[:8]}"
+        config.name = name
+        info = await js.add_consumer(fnats.EVENTS_STREAM, config)
+        puller = await Puller(nc, fnats.EVENTS_STREAM, name).start()
         try:
-            remaining = (await psub.consumer_info()).num_pending or 0
+            remaining = info.num_pending or 0
             total = remaining
             logger.info("replaying %d events of %s", total, fnats.EVENTS_STREAM)
             applied = 0
             next_report = time.monotonic() + 5
             while remaining > 0:
-                msgs = await fnats.fetch_batch(psub, batch, timeout_s=5.0)
+                msgs = await puller.fetch(batch, 1.0)
                 if not msgs:
-                    remaining = (await psub.consumer_info()).num_pending or 0
+                    remaining = (await js.consumer_info(fnats.EVENTS_STREAM, name)).num_pending or 0
                     continue
                 for msg in msgs:
                     event = event_pb2.Event()
                     event.ParseFromString(msg.data)
-                    state.apply(event, msg.metadata.sequence.stream)
+                    state.apply(event, stream_position(msg.reply)[0])
                 applied += len(msgs)
-                remaining = msgs[-1].metadata.num_pending
+                remaining = pending_after(msgs[-1].reply)
                 if time.monotonic() > next_report:
                     logger.info("replayed %d of %d events", applied, total)
                     next_report = time.monotonic() + 5
-            name = (await psub.consumer_info()).name
         finally:
-            await psub.unsubscribe()
-        try:
-            await js.delete_consumer(fnats.EVENTS_STREAM, name)
-        except Exception:  # it expires on its own after inactive_threshold
-            logger.debug("could not delete the replay consumer", exc_info=True)
+            await puller.close()
+            try:
+                await js.delete_consumer(fnats.EVENTS_STREAM, name)
+            except Exception:  # it expires on its own after inactive_threshold
+                logger.debug("could not delete the replay consumer", exc_info=True)
         state.preprocessor.take_counts()
         state.dirty_users.clear()
         state.dirty_items.clear()

@@ -65,7 +65,7 @@ class FeatureApp:
         await fnats.ensure_catalog_stream(js, owner=True)
         await ensure_intake_streams(js)
         catalog = self.catalog = Catalog(nc, js, store, state, s.catalog)
-        consumer = self.consumer = FeatureConsumer(js, state, store, s)
+        consumer = self.consumer = FeatureConsumer(nc, js, state, store, s)
         follower = CatalogFollower(js, store, state, f"{s.replica_name}:catalog")
         intake = CatalogIntake(js, catalog)
 

@@ -79,8 +79,11 @@ class FeatureSettings(ServiceSettings):
         description="Durable JetStream consumer name (with partitions: <name>-<replica>-of-<replicas>).",
     )
     recent_items: int = Field(50, gt=0, le=1000, description="Recent interactions kept per user.")
-    fetch_batch: int = Field(2000, gt=0, description="Most events fetched, applied and committed together.")
+    fetch_batch: int = Field(2000, gt=0, le=100_000, description="Most events fetched and applied at once.")
     fetch_wait_s: float = Field(1.0, gt=0, description="Longest wait of one fetch when the stream is idle.")
+    commit_interval_s: float = Field(
+        0.25, ge=0, description="Shortest time between two commits of applied events to SQL."
+    )
     ack_wait_s: float = Field(60.0, gt=0, description="JetStream redelivers an event not acked by then.")
     preprocessing: PreprocessingSettings = Field(
         PreprocessingSettings(),

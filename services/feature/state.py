@@ -134,11 +134,13 @@ class FeatureState:
         ts = event.occurred_at.seconds + event.occurred_at.nanos / 1e9
         user_id, item_id = event.user_id, event.item_id
         out = self.preprocessor.process(user_id, item_id, event.type, event.value, ts)
-        if ts > self.watermark.event_time:
-            self.watermark = Watermark(stream_sequence, ts)
-            self._unranked |= self.trending_window.advance(ts, self._trending_slices)
-        else:
-            self.watermark = Watermark(stream_sequence, self.watermark.event_time)
+        watermark = self.watermark
+        watermark.stream_sequence = stream_sequence
+        if ts > watermark.event_time:
+            watermark.event_time = ts
+            expired = self.trending_window.advance(ts, self._trending_slices)
+            if expired:
+                self._unranked |= expired
 
         self.dirty_users.add(user_id)  # the preprocessing state changed in any case
         user = self.users.get(user_id)
