@@ -43,8 +43,8 @@ migration: install ## New Alembic revision from model changes: make migration SE
 	$(BIN)/python -m cli.migration "$${SERVICE:?set SERVICE=<service>}" "$${MSG:?set MSG=<what changes>}"
 
 .PHONY: run
-run: install ## Start the whole stack (NATS, SQLite, model store under ./var, four services)
-	$(BIN)/python -m cli up
+run: install ## Start the whole stack (NATS, SQLite, model store under ./var, four services): freshrec up
+	$(BIN)/freshrec up
 
 .PHONY: test
 test: install ## Run the test suite (real nats-server, SQLite, gRPC, onnxruntime)

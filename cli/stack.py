@@ -6,6 +6,7 @@ This is what ``make run`` starts; the end-to-end tests start it too, on free por
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -18,6 +19,7 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -146,6 +148,12 @@ class ServiceProcess:
     env: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
     restarts: list[float] = field(default_factory=list)
+    metrics_port: int = 0
+    #: ``ingestion``, or ``ingestion-2`` for a second replica.
+    instance: str = ""
+
+    def __post_init__(self) -> None:
+        self.instance = self.instance or self.name
 
     @property
     def address(self) -> str:
@@ -174,8 +182,27 @@ class ServiceProcess:
             self.process.wait()
 
 
+#: Services that may run as several replicas on one machine (the trainer is a single writer;
+#: feature partitioning is configured per replica, not here).
+SCALABLE = ("ingestion", "inference")
+#: Replica ``n`` (from 2) of a service on a fixed base port listens on base + REPLICA_PORT_STEP * (n - 1).
+REPLICA_PORT_STEP = 100
+#: Where ``freshrec up`` records what it started, so the other verbs find it.
+STATE_FILE = "stack.json"
+
+
+def instance_name(service: str, replica: int) -> str:
+    """``ingestion`` for the first replica, ``ingestion-2`` for the second, and so on."""
+    return service if replica == 1 else f"{service}-{replica}"
+
+
 class Stack:
-    """NATS plus the four services, configured to find each other, under one data folder."""
+    """NATS plus the four services, configured to find each other, under one data folder.
+
+    ``replicas`` starts more than one process of ``ingestion`` and ``inference``: ingestion replicas
+    share the SQL event log and the raw-intake consumer, inference replicas each follow every
+    model announcement.
+    """
 
     def __init__(
         self,
@@ -183,27 +210,47 @@ class Stack:
         ports: Mapping[str, int] | None = None,
         extra_env: Mapping[str, Mapping[str, str]] | None = None,
         log_dir: Path | None = None,
+        replicas: Mapping[str, int] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
-        self.ports = {**DEFAULT_PORTS, **(ports or {})}
-        self.ports = {name: (port or free_port()) for name, port in self.ports.items()}
+        self.replicas = {name: 1 for name in SERVICES}
+        for name, count in (replicas or {}).items():
+            if name not in SERVICES:
+                raise ValueError(f"unknown service {name!r}; choose from {', '.join(SERVICES)}")
+            if count < 1 or (count > 1 and name not in SCALABLE):
+                raise ValueError(f"{name} cannot run {count} replicas here (scalable: {', '.join(SCALABLE)})")
+            self.replicas[name] = count
+        requested = {**DEFAULT_PORTS, **(ports or {})}
+        self.ports = {name: (port or free_port()) for name, port in requested.items()}
         self.log_dir = log_dir
         self.nats = NatsServer(
             self.data_dir / "nats", self.ports["nats"], log_dir / "nats.log" if log_dir else None
         )
-        self.services = {
-            name: ServiceProcess(name, self.ports[name], self._env(name, (extra_env or {}).get(name, {})))
-            for name in SERVICES
-        }
+        self.services: dict[str, ServiceProcess] = {}
+        for name in SERVICES:
+            for replica in range(1, self.replicas[name] + 1):
+                if replica == 1:
+                    port = self.ports[name]
+                elif requested[name]:
+                    port = requested[name] + REPLICA_PORT_STEP * (replica - 1)
+                else:
+                    port = free_port()
+                instance = instance_name(name, replica)
+                metrics_port = free_port()
+                env = self._env(name, port, metrics_port, (extra_env or {}).get(name, {}))
+                self.services[instance] = ServiceProcess(
+                    name, port, env, metrics_port=metrics_port, instance=instance
+                )
 
-    def _env(self, name: str, extra: Mapping[str, str]) -> dict[str, str]:
+    def _env(self, name: str, port: int, metrics_port: int, extra: Mapping[str, str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
         env.update(
             {
                 "FRESHREC_NATS__URL": f"nats://127.0.0.1:{self.ports['nats']}",
                 "FRESHREC_GRPC__HOST": "127.0.0.1",
-                "FRESHREC_GRPC__PORT": str(self.ports[name]),
-                "FRESHREC_METRICS__PORT": "0",
+                "FRESHREC_GRPC__PORT": str(port),
+                "FRESHREC_METRICS__HOST": "127.0.0.1",
+                "FRESHREC_METRICS__PORT": str(metrics_port),
                 "FRESHREC_DATABASE__URL": f"sqlite:///{self.data_dir / (name + '.db')}",
                 "FRESHREC_MODEL_STORE": str(self.data_dir / "models"),
                 "FRESHREC_CHECKPOINT_DIR": str(self.data_dir / "trainer"),
@@ -215,29 +262,45 @@ class Stack:
         return env
 
     def address(self, name: str) -> str:
+        """The address of a service's first replica (or of one instance, e.g. ``inference-2``)."""
         return self.services[name].address
 
+    def instances(self, service: str) -> list[str]:
+        """Instance names of a service, first replica first."""
+        return [instance_name(service, r) for r in range(1, self.replicas[service] + 1)]
+
+    def addresses(self, service: str) -> list[str]:
+        return [self.services[i].address for i in self.instances(service)]
+
     def start(self, timeout_s: float = 120.0) -> None:
-        busy = [f"{n}={p}" for n, p in self.ports.items() if port_in_use(p)]
+        ports = {"nats": self.nats.port, **{i: s.port for i, s in self.services.items()}}
+        busy = [f"{n}={p}" for n, p in ports.items() if port_in_use(p)]
         if busy:
             raise RuntimeError(
-                f"ports already in use: {', '.join(busy)}; stop what holds them or choose other ports"
+                f"ports already in use: {', '.join(busy)}; is freshrec already up? "
+                "Stop what holds them or choose other ports (0 picks free ones)"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
         self.nats.start()
         try:
-            for service in self.services.values():
-                service.start(self._log_file(service.name))
-            for service in self.services.values():
-                wait_healthy(service.address, timeout_s, service.process)
+            # First replicas first: they create the schema and the streams; then the others.
+            waves = [
+                [s for i, s in self.services.items() if i in SERVICES],
+                [s for i, s in self.services.items() if i not in SERVICES],
+            ]
+            for wave in waves:
+                for service in wave:
+                    service.start(self._log_file(service.instance))
+                for service in wave:
+                    wait_healthy(service.address, timeout_s, service.process)
         except BaseException:
             self.stop()
             raise
 
-    def _log_file(self, name: str) -> Path | None:
-        return self.log_dir / f"{name}.log" if self.log_dir else None
+    def _log_file(self, instance: str) -> Path | None:
+        return self.log_dir / f"{instance}.log" if self.log_dir else None
 
     def supervise_once(self, max_restarts_per_minute: int = 5) -> list[str]:
         """Restarts services that died; returns their names. Gives up on one that keeps dying."""
@@ -249,14 +312,45 @@ class Stack:
             code = service.process.returncode
             service.restarts = [t for t in service.restarts if now - t < 60] + [now]
             if len(service.restarts) > max_restarts_per_minute:
-                raise RuntimeError(f"{service.name} keeps exiting (last code {code}); see its log")
-            logger.warning("%s exited with %s; restarting it", service.name, code)
-            service.start(self._log_file(service.name))
-            restarted.append(service.name)
+                raise RuntimeError(f"{service.instance} keeps exiting (last code {code}); see its log")
+            logger.warning("%s exited with %s; restarting it", service.instance, code)
+            service.start(self._log_file(service.instance))
+            restarted.append(service.instance)
         return restarted
 
     def stop(self) -> None:
         """Stops the services (consumers of others first), then NATS."""
         for name in reversed(SERVICES):
-            self.services[name].stop()
+            for instance in reversed(self.instances(name)):
+                self.services[instance].stop()
         self.nats.stop()
+
+    def describe(self) -> dict[str, Any]:
+        """What ``freshrec up`` writes to ``stack.json`` for the other verbs to find."""
+        return {
+            "pid": os.getpid(),
+            "data_dir": str(self.data_dir),
+            "nats": self.nats.url,
+            "services": {
+                name: [
+                    {
+                        "instance": i,
+                        "address": self.services[i].address,
+                        "metrics": f"http://127.0.0.1:{self.services[i].metrics_port}/metrics",
+                        "pid": getattr(self.services[i].process, "pid", None),
+                    }
+                    for i in self.instances(name)
+                ]
+                for name in SERVICES
+            },
+        }
+
+    def write_state(self) -> Path:
+        path = self.data_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.describe(), indent=2))
+        os.replace(tmp, path)
+        return path
+
+    def remove_state(self) -> None:
+        (self.data_dir / STATE_FILE).unlink(missing_ok=True)

@@ -1,0 +1,629 @@
+"""``freshrec``: run the embedded stack, feed it, ask it, and operate its models.
+
+Every verb has ``--help``. Verbs that talk to a running freshrec find it through the options
+below (or their ``FRESHREC_*`` variables), else through the ``stack.json`` that ``freshrec up``
+writes into its data folder, else on the default ports.
+"""
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import grpc
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from cli import render
+from cli.clients import CliError, Endpoints, call, resolve
+from cli.stack import DEFAULT_PORTS, SERVICES, Stack
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="freshrec",
+    help="A recommender that learns online: `freshrec up` starts it, `freshrec demo` shows it learn.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="List model versions, promote one, or roll back.", no_args_is_help=True)
+db_app = typer.Typer(help="Schema migrations of the services' SQL tables (Alembic).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(db_app, name="db")
+
+console = Console()
+errors = Console(stderr=True)
+
+#: Trainer settings that make the embedded stack of ``freshrec demo`` export often enough to watch.
+DEMO_TRAINER_ENV = {"FRESHREC_EXPORT_INTERVAL_S": "3", "FRESHREC_MICRO_BATCH": "128"}
+#: The ingestion setting that bounds how old an event may be (lowered for backfills).
+EARLIEST_EVENT_TIME_ENV = "FRESHREC_EARLIEST_EVENT_TIME"
+
+
+class Options:
+    """The root options, shared by every verb."""
+
+    def __init__(self, data_dir: Path, addresses: dict[str, str | None]) -> None:
+        self.data_dir = data_dir
+        self.addresses = addresses
+
+    def endpoints(self) -> Endpoints:
+        return resolve(self.data_dir, self.addresses)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def run(coro: Awaitable[T]) -> T:
+    """Runs a verb's coroutine; a CliError becomes one red line and exit status 1."""
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except CliError as exc:
+        raise fail(str(exc)) from None
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    data_dir: Annotated[
+        Path,
+        typer.Option(
+            envvar="FRESHREC_DATA_DIR", help="Folder of the embedded stack (SQLite, models, NATS, logs)."
+        ),
+    ] = Path("var"),
+    ingestion: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FRESHREC_INGESTION_ADDR", help="host:port of ingestion (comma-separated replicas)."
+        ),
+    ] = None,
+    feature: Annotated[
+        str | None, typer.Option(envvar="FRESHREC_FEATURE_ADDR", help="host:port of feature.")
+    ] = None,
+    trainer: Annotated[
+        str | None, typer.Option(envvar="FRESHREC_TRAINER_ADDR", help="host:port of trainer.")
+    ] = None,
+    inference: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FRESHREC_INFERENCE_ADDR", help="host:port of inference (comma-separated replicas)."
+        ),
+    ] = None,
+) -> None:
+    ctx.obj = Options(
+        data_dir,
+        {"ingestion": ingestion, "feature": feature, "trainer": trainer, "inference": inference},
+    )
+
+
+# -- up ---------------------------------------------------------------------------------------------
+
+
+def start_stack(
+    data_dir: Path,
+    *,
+    ports: dict[str, int],
+    replicas: dict[str, int],
+    extra_env: dict[str, dict[str, str]],
+    logs_to_console: bool = False,
+) -> Stack:
+    stack = Stack(
+        data_dir,
+        ports=ports,
+        replicas=replicas,
+        extra_env=extra_env,
+        log_dir=None if logs_to_console else data_dir / "logs",
+    )
+    with console.status(f"starting freshrec under {stack.data_dir} ..."):
+        try:
+            stack.start()
+        except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
+            hint = f"; see the logs in {stack.log_dir}" if stack.log_dir else ""
+            raise fail(f"{exc}{hint}") from None
+    stack.write_state()
+    return stack
+
+
+@app.command()
+def up(
+    ctx: typer.Context,
+    ingestion_replicas: Annotated[
+        int, typer.Option(min=1, max=8, help="Ingestion processes (share the event log).")
+    ] = 1,
+    inference_replicas: Annotated[
+        int, typer.Option(min=1, max=8, help="Inference processes (each hot-swaps every model).")
+    ] = 1,
+    free_ports: Annotated[
+        bool, typer.Option(help="Pick free ports instead of 4222 and 50051-50054.")
+    ] = False,
+    earliest_event_time: Annotated[
+        str | None,
+        typer.Option(
+            help="Oldest occurred_at ingestion accepts (ISO date); lower it to backfill old history."
+        ),
+    ] = None,
+    logs_to_console: Annotated[
+        bool, typer.Option(help="Print the services' logs here instead of into <data-dir>/logs.")
+    ] = False,
+) -> None:
+    """Start the embedded stack: a private nats-server, SQLite, the model store and the four services."""
+    options: Options = ctx.obj
+    ports = {name: 0 for name in DEFAULT_PORTS} if free_ports else dict(DEFAULT_PORTS)
+    extra: dict[str, dict[str, str]] = {}
+    if earliest_event_time:
+        extra["ingestion"] = {EARLIEST_EVENT_TIME_ENV: earliest_event_time}
+    stack = start_stack(
+        options.data_dir,
+        ports=ports,
+        replicas={"ingestion": ingestion_replicas, "inference": inference_replicas},
+        extra_env=extra,
+        logs_to_console=logs_to_console,
+    )
+    stop = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        from cli.status import stack_status
+
+        statuses = asyncio.run(stack_status(resolve(options.data_dir)))
+        console.print(render.status_table(statuses, title="freshrec is up"))
+        console.print(f"NATS {stack.nats.url}; data in {stack.data_dir}", highlight=False)
+        if stack.log_dir:
+            console.print(f"logs in {stack.log_dir}", highlight=False)
+        console.print("Try [bold]freshrec demo[/] in another shell. Press Ctrl-C to stop.\n")
+        while not stop:
+            for name in stack.supervise_once():
+                errors.print(f"[yellow]{name} exited; restarted it[/]")
+            time.sleep(0.5)
+    except RuntimeError as exc:
+        stack.stop()
+        stack.remove_state()
+        raise fail(str(exc)) from None
+    console.print("stopping freshrec ...")
+    stack.stop()
+    stack.remove_state()
+    console.print("stopped.")
+
+
+# -- status -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Health and state of every service replica: served model, trainer progress, watermarks."""
+    from cli.status import as_json, stack_status
+
+    endpoints = ctx.obj.endpoints()
+    statuses = run(stack_status(endpoints))
+    if json_output:
+        print(as_json(statuses))
+    else:
+        console.print(render.status_table(statuses, title=f"freshrec ({endpoints.source})"))
+    if not all(s.ok for s in statuses):
+        down = ", ".join(f"{s.service} at {s.address}" for s in statuses if not s.ok)
+        raise fail(f"not serving: {down}. Is the stack up? run `freshrec up`")
+
+
+# -- recommend --------------------------------------------------------------------------------------
+
+
+@app.command()
+def recommend(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Argument(help="The user to recommend for.")],
+    k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="How many items.")] = 10,
+    include_seen: Annotated[bool, typer.Option(help="Allow items the user already interacted with.")] = False,
+    exclude: Annotated[list[str] | None, typer.Option(help="An item never to return (repeatable).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
+) -> None:
+    """Ask inference for a user's top-k items, with the model version and how fresh it is."""
+    from google.protobuf.json_format import MessageToJson
+
+    from freshrec.v1 import feature_pb2, feature_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+    endpoints = ctx.obj.endpoints()
+    address = endpoints.first("inference")
+
+    async def ask() -> tuple[Any, dict[str, str]]:
+        request = inference_pb2.RecommendRequest(
+            user_id=user, k=k, include_seen=include_seen, exclude_item_ids=exclude or []
+        )
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            response = await call("inference", address, stub.Recommend(request, timeout=10))
+        titles: dict[str, str] = {}
+        feature_address = endpoints.first("feature")
+        try:  # titles are a nicety: a missing feature service must not hide the answer
+            async with grpc.aio.insecure_channel(feature_address) as channel:
+                items = await feature_pb2_grpc.FeatureServiceStub(channel).GetItems(
+                    feature_pb2.GetItemsRequest(item_ids=[i.item_id for i in response.items]), timeout=3
+                )
+            titles = {i.item_id: i.title for i in items.items}
+        except grpc.RpcError:
+            pass
+        return response, titles
+
+    response, titles = run(ask())
+    if json_output:
+        print(MessageToJson(response, preserving_proto_field_name=True))
+        return
+    console.print(render.recommendations_table(user, response, titles))
+
+
+# -- models -----------------------------------------------------------------------------------------
+
+
+async def _trainer_call(endpoints: Endpoints, method: str, request: Any) -> Any:
+    from freshrec.v1 import trainer_pb2_grpc
+
+    address = endpoints.first("trainer")
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+        return await call("trainer", address, getattr(stub, method)(request, timeout=30))
+
+
+async def _wait_served(endpoints: Endpoints, version: str, timeout_s: float) -> dict[str, str]:
+    """Polls every inference replica until each serves ``version``; returns what each serves."""
+    from freshrec.v1 import inference_pb2, inference_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    served: dict[str, str] = {}
+    while True:
+        for address in endpoints.services["inference"]:
+            async with grpc.aio.insecure_channel(address) as channel:
+                info = await call(
+                    "inference",
+                    address,
+                    inference_pb2_grpc.InferenceServiceStub(channel).GetModelInfo(
+                        inference_pb2.GetModelInfoRequest(), timeout=5
+                    ),
+                )
+            served[address] = info.model_version
+        if all(v == version for v in served.values()) or time.monotonic() > deadline:
+            return served
+        await asyncio.sleep(0.2)
+
+
+def _report_switch(endpoints: Endpoints, verb: str, response: Any, wait: bool, timeout_s: float) -> None:
+    version = response.model.version
+    console.print(f"{verb} [bold]{version}[/] (was {response.previous_version or 'none'})")
+    if not wait:
+        return
+    served = run(_wait_served(endpoints, version, timeout_s))
+    for address, serving in served.items():
+        mark = (
+            "[green]serving it[/]" if serving == version else f"[red]still serving {serving or 'nothing'}[/]"
+        )
+        console.print(f"  inference {address}: {mark}")
+    if any(v != version for v in served.values()):
+        raise fail(f"not every inference replica serves {version} after {timeout_s:.0f}s; see their logs")
+
+
+@models_app.command("list")
+def models_list(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option(min=0, help="Newest N versions (0: all).")] = 20,
+) -> None:
+    """List registered model versions, newest first, with status, parent, metrics and watermark."""
+    from freshrec.v1 import trainer_pb2
+
+    response = run(
+        _trainer_call(ctx.obj.endpoints(), "ListModels", trainer_pb2.ListModelsRequest(limit=limit))
+    )
+    if not response.models:
+        console.print("no model versions yet: the trainer exports one once it has learned from some events")
+        return
+    console.print(render.models_table(response))
+
+
+@models_app.command("promote")
+def models_promote(
+    ctx: typer.Context,
+    version: Annotated[str, typer.Argument(help="The version to make live, e.g. v000007.")],
+    wait: Annotated[bool, typer.Option(help="Wait until every inference replica serves it.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the replicas.")] = 30.0,
+) -> None:
+    """Make a stored version live on every inference replica."""
+    from freshrec.v1 import trainer_pb2
+
+    endpoints = ctx.obj.endpoints()
+    response = run(_trainer_call(endpoints, "PromoteModel", trainer_pb2.PromoteModelRequest(version=version)))
+    _report_switch(endpoints, "promoted", response, wait, timeout)
+
+
+@models_app.command("rollback")
+def models_rollback(
+    ctx: typer.Context,
+    to: Annotated[
+        str, typer.Option(help="The version to return to (default: the live version's parent).")
+    ] = "",
+    wait: Annotated[bool, typer.Option(help="Wait until every inference replica serves it.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the replicas.")] = 30.0,
+) -> None:
+    """Return to the live version's parent (or a named version) on every inference replica."""
+    from freshrec.v1 import trainer_pb2
+
+    endpoints = ctx.obj.endpoints()
+    response = run(_trainer_call(endpoints, "RollbackModel", trainer_pb2.RollbackModelRequest(version=to)))
+    _report_switch(endpoints, "rolled back to", response, wait, timeout)
+
+
+# -- replay -----------------------------------------------------------------------------------------
+
+
+class ReplayFormat(StrEnum):
+    movielens = "movielens"
+
+
+class Timestamps(StrEnum):
+    keep = "keep"
+    shift = "shift"
+
+
+@app.command()
+def replay(
+    ctx: typer.Context,
+    path: Annotated[
+        Path, typer.Argument(help="A rating file: ML-100K u.data, ML-1M ratings.dat or a ratings.csv.")
+    ],
+    format: Annotated[
+        ReplayFormat, typer.Option("--format", help="Layout of the file.")
+    ] = ReplayFormat.movielens,
+    rate: Annotated[
+        float, typer.Option(min=0, help="Events per second (0: as fast as ingestion answers).")
+    ] = 0.0,
+    timestamps: Annotated[
+        Timestamps,
+        typer.Option(help="keep: the file's times (a backfill); shift: move them so the last event is now."),
+    ] = Timestamps.shift,
+    batch: Annotated[int, typer.Option(min=1, max=10_000, help="Events per IngestEvents call.")] = 500,
+    in_flight: Annotated[
+        int, typer.Option(min=1, max=64, help="Calls in flight (1 keeps strict time order).")
+    ] = 1,
+    limit: Annotated[
+        int, typer.Option(min=0, help="Replay only the first N events in time order (0: all).")
+    ] = 0,
+    prefix: Annotated[
+        str, typer.Option(help="Prefix for user, item and event ids (keeps datasets apart).")
+    ] = "",
+) -> None:
+    """Stream a MovieLens-style file through ingestion in time order, with a progress bar and a summary."""
+    from cli.movielens import FormatError, read_ratings, to_event
+    from cli.replay import stream_events
+
+    try:
+        ratings = read_ratings(path)
+    except FormatError as exc:
+        raise fail(str(exc)) from None
+    if limit:
+        ratings = ratings[:limit]
+    if not ratings:
+        raise fail(f"{path} holds no ratings")
+    shift = time.time() - ratings[-1].timestamp if timestamps is Timestamps.shift else 0.0
+    events = [to_event(r, shift, prefix) for r in ratings]
+    endpoints = ctx.obj.endpoints()
+    addresses = endpoints.services["ingestion"]
+    _require_serving("ingestion", addresses)
+    first, last = ratings[0].timestamp + shift, ratings[-1].timestamp + shift
+    console.print(
+        f"replaying {len(events):,} ratings of {len({r.user for r in ratings}):,} users on "
+        f"{len({r.item for r in ratings}):,} items, {render.when(first)} to {render.when(last)} "
+        f"({timestamps.value}), into {', '.join(addresses)}",
+        highlight=False,
+    )
+    progress = Progress(
+        TextColumn("[bold]replay"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[speed]}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+    started = time.monotonic()
+    with progress:
+        task = progress.add_task("replay", total=len(events), speed="")
+
+        def advance(n: int) -> None:
+            done = progress.tasks[0].completed + n
+            speed = done / max(time.monotonic() - started, 1e-6)
+            progress.update(task, advance=n, speed=f"{speed:,.0f} events/s")
+
+        summary = run(
+            stream_events(events, addresses, rate=rate, batch=batch, in_flight=in_flight, on_progress=advance)
+        )
+    console.print(render.replay_summary(summary))
+    too_old = [
+        r
+        for r in summary.reasons
+        if "earliest" in r.lower() or "too old" in r.lower() or "before" in r.lower()
+    ]
+    if too_old and timestamps is Timestamps.keep:
+        errors.print(
+            "[yellow]hint:[/] ingestion refused events older than its earliest accepted time: start "
+            f"the stack with `freshrec up --earliest-event-time {render.date(first)}` "
+            "or replay with `--timestamps shift`",
+            highlight=False,
+        )
+    if summary.rejected and not summary.accepted and not summary.duplicates:
+        raise typer.Exit(1)
+
+
+# -- demo -------------------------------------------------------------------------------------------
+
+
+def _require_serving(service: str, addresses: list[str]) -> None:
+    """Fails early, with the next step, when a service the verb needs is not serving."""
+    from cli.status import instance_status
+
+    async def check() -> list[Any]:
+        return list(await asyncio.gather(*(instance_status(service, a, 2.0) for a in addresses)))
+
+    for status in asyncio.run(check()):
+        if not status.ok:
+            raise fail(
+                f"cannot reach {service} at {status.address} ({status.health}): is the stack up? "
+                f"run `freshrec up` (or point to it with --{service} HOST:PORT)"
+            )
+
+
+def _reachable(endpoints: Endpoints) -> bool:
+    from cli.status import instance_status
+
+    async def check() -> bool:
+        results = await asyncio.gather(*(instance_status(s, endpoints.first(s), 1.0) for s in SERVICES))
+        return all(r.ok for r in results)
+
+    return asyncio.run(check())
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    duration: Annotated[float, typer.Option(min=0, help="Seconds to run (0: until Ctrl-C).")] = 0.0,
+    rate: Annotated[float, typer.Option(min=1, help="Synthetic events per second.")] = 200.0,
+    drift_every: Annotated[
+        float, typer.Option(min=0, help="Seconds between taste drifts (0: never).")
+    ] = 60.0,
+    users: Annotated[int, typer.Option(min=1, help="Synthetic users.")] = 300,
+    items: Annotated[int, typer.Option(min=2, help="Synthetic catalogue size.")] = 400,
+    groups: Annotated[int, typer.Option(min=1, help="Taste groups.")] = 4,
+    categories: Annotated[
+        int, typer.Option(min=1, help="Item categories (at least the number of groups).")
+    ] = 6,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic world.")] = 0,
+    plain: Annotated[bool, typer.Option(help="One line per second instead of a live table.")] = False,
+) -> None:
+    """Stream synthetic users whose tastes drift and watch freshrec follow them (starts it if needed)."""
+    from cli.demo import Demo
+    from cli.synthetic import SyntheticWorld
+
+    options: Options = ctx.obj
+    try:
+        world = SyntheticWorld(users=users, items=items, groups=groups, categories=categories, seed=seed)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    endpoints = options.endpoints()
+    stack: Stack | None = None
+    if not _reachable(endpoints):
+        console.print("freshrec is not running here: starting an embedded stack for the demo")
+        stack = start_stack(
+            options.data_dir,
+            ports={name: 0 for name in DEFAULT_PORTS},
+            replicas={},
+            extra_env={"trainer": DEMO_TRAINER_ENV},
+        )
+        endpoints = resolve(options.data_dir)
+    view = render.PlainDemoView(console) if plain or not console.is_terminal else render.LiveDemoView(console)
+    runner = Demo(endpoints, world, rate=rate, drift_every_s=drift_every)
+    interrupted = False
+    try:
+        with view:
+            try:
+                result = run(runner.run(duration, view))
+            except KeyboardInterrupt:
+                interrupted = True
+                result = runner.result
+    finally:
+        if stack is not None:
+            console.print("stopping the demo's stack ...")
+            stack.stop()
+            stack.remove_state()
+    console.print(render.demo_summary(result, world, interrupted))
+
+
+# -- db ---------------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    ctx: typer.Context,
+    services: Annotated[
+        list[str] | None, typer.Argument(help="Services to upgrade (default: every one with tables).")
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FRESHREC_DATABASE__URL",
+            help="SQLAlchemy URL (default: the embedded stack's SQLite file).",
+        ),
+    ] = None,
+    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+) -> None:
+    """Bring services' tables to a revision (services also do this themselves at start)."""
+    from cli import db
+
+    for service in services or db.migrated_services():
+        target = url or str(db_file(ctx.obj.data_dir, service))
+        try:
+            db.upgrade(service, target, revision)
+            console.print(f"{service}: at {db.current(service, target) or 'base'}")
+        except KeyError as exc:
+            raise fail(str(exc.args[0])) from None
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    ctx: typer.Context,
+    service: Annotated[str, typer.Argument(help="The service whose tables to step back.")],
+    revision: Annotated[str, typer.Argument(help="Target revision, e.g. -1 or base.")],
+    url: Annotated[str | None, typer.Option(envvar="FRESHREC_DATABASE__URL", help="SQLAlchemy URL.")] = None,
+) -> None:
+    """Step a service's tables back to an older revision (take a backup first)."""
+    from cli import db
+
+    target = url or str(db_file(ctx.obj.data_dir, service))
+    try:
+        db.downgrade(service, target, revision)
+    except KeyError as exc:
+        raise fail(str(exc.args[0])) from None
+    console.print(f"{service}: at {db.current(service, target) or 'base'}")
+
+
+@db_app.command("current")
+def db_current(
+    ctx: typer.Context,
+    url: Annotated[str | None, typer.Option(envvar="FRESHREC_DATABASE__URL", help="SQLAlchemy URL.")] = None,
+) -> None:
+    """Show each service's schema revision and the newest one available."""
+    from cli import db
+
+    table = Table("service", "database", "revision", "newest")
+    for service in db.migrated_services():
+        target = url or str(db_file(ctx.obj.data_dir, service))
+        table.add_row(
+            service, render.hide_password(target), db.current(service, target) or "(none)", db.head(service)
+        )
+    console.print(table)
+
+
+def db_file(data_dir: Path, service: str) -> str:
+    """The SQLite URL the embedded stack gives a service."""
+    return f"sqlite:///{Path(data_dir).resolve() / (service + '.db')}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``freshrec`` console script and ``python -m cli``."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(args=argv, prog_name="freshrec", standalone_mode=True)
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    return 0
