@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 import grpc
 
 from cli.stack import DEFAULT_PORTS, SERVICES, STATE_FILE
+from shared.security import make_channel
+from shared.settings import PeerSettings
 
 T = TypeVar("T")
 
@@ -33,9 +35,14 @@ class Endpoints:
     nats: str = f"nats://127.0.0.1:{DEFAULT_PORTS['nats']}"
     metrics: dict[str, list[str]] = field(default_factory=dict)
     source: str = "default ports"
+    #: TLS and bearer token for calls, when the services require them.
+    peer: PeerSettings = field(default_factory=PeerSettings)
 
     def first(self, service: str) -> str:
         return self.services[service][0]
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        return make_channel(address, self.peer)
 
 
 def read_state(data_dir: Path) -> dict[str, Any] | None:
@@ -61,7 +68,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def resolve(data_dir: Path, overrides: dict[str, str | None] | None = None) -> Endpoints:
+def resolve(
+    data_dir: Path, overrides: dict[str, str | None] | None = None, peer: PeerSettings | None = None
+) -> Endpoints:
     """Endpoints from explicit options/env first, then a running stack's state file, then defaults."""
     overrides = overrides or {}
     state = read_state(data_dir)
@@ -80,6 +89,8 @@ def resolve(data_dir: Path, overrides: dict[str, str | None] | None = None) -> E
     nats_url = overrides.get("nats") or os.environ.get("FRESHREC_NATS__URL")
     if nats_url:
         endpoints.nats = nats_url
+    if peer is not None:
+        endpoints.peer = peer
     return endpoints
 
 

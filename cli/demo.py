@@ -113,7 +113,7 @@ class Demo:
         self._channels: list[grpc.aio.Channel] = []
 
     def _channel(self, address: str) -> grpc.aio.Channel:
-        channel = grpc.aio.insecure_channel(address)
+        channel = self.endpoints.channel(address)
         self._channels.append(channel)
         return channel
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import grpc
 import typer
+from pydantic import SecretStr
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -23,6 +24,7 @@ from rich.table import Table
 from cli import render
 from cli.clients import CliError, Endpoints, call, resolve
 from cli.stack import DEFAULT_PORTS, SERVICES, Stack
+from shared.settings import PeerSettings, TlsSettings
 
 T = TypeVar("T")
 
@@ -50,12 +52,13 @@ EARLIEST_EVENT_TIME_ENV = "FRESHREC_EARLIEST_EVENT_TIME"
 class Options:
     """The root options, shared by every verb."""
 
-    def __init__(self, data_dir: Path, addresses: dict[str, str | None]) -> None:
+    def __init__(self, data_dir: Path, addresses: dict[str, str | None], peer: PeerSettings) -> None:
         self.data_dir = data_dir
         self.addresses = addresses
+        self.peer = peer
 
     def endpoints(self) -> Endpoints:
-        return resolve(self.data_dir, self.addresses)
+        return resolve(self.data_dir, self.addresses, self.peer)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -98,10 +101,33 @@ def root(
             envvar="FRESHREC_INFERENCE_ADDR", help="host:port of inference (comma-separated replicas)."
         ),
     ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="FRESHREC_CLIENT_TOKEN", help="Bearer token, when the services require one."),
+    ] = None,
+    ca_file: Annotated[
+        Path | None,
+        typer.Option(envvar="FRESHREC_CLIENT_CA_FILE", help="CA (PEM) that signed the services' TLS."),
+    ] = None,
+    cert_file: Annotated[
+        Path | None,
+        typer.Option(envvar="FRESHREC_CLIENT_CERT_FILE", help="Client certificate (PEM), for mutual TLS."),
+    ] = None,
+    key_file: Annotated[
+        Path | None, typer.Option(envvar="FRESHREC_CLIENT_KEY_FILE", help="Client key (PEM), for mutual TLS.")
+    ] = None,
 ) -> None:
+    try:
+        peer = PeerSettings(
+            token=SecretStr(token) if token else None,
+            tls=TlsSettings(ca_file=ca_file, cert_file=cert_file, key_file=key_file),
+        )
+    except ValueError as exc:
+        raise fail(str(exc)) from None
     ctx.obj = Options(
         data_dir,
         {"ingestion": ingestion, "feature": feature, "trainer": trainer, "inference": inference},
+        peer,
     )
 
 
@@ -179,7 +205,7 @@ def up(
     try:
         from cli.status import stack_status
 
-        statuses = asyncio.run(stack_status(resolve(options.data_dir)))
+        statuses = asyncio.run(stack_status(resolve(options.data_dir, peer=options.peer)))
         console.print(render.status_table(statuses, title="freshrec is up"))
         console.print(f"NATS {stack.nats.url}; data in {stack.data_dir}", highlight=False)
         if stack.log_dir:
@@ -245,13 +271,13 @@ def recommend(
         request = inference_pb2.RecommendRequest(
             user_id=user, k=k, include_seen=include_seen, exclude_item_ids=exclude or []
         )
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with endpoints.channel(address) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             response = await call("inference", address, stub.Recommend(request, timeout=10))
         titles: dict[str, str] = {}
         feature_address = endpoints.first("feature")
         try:  # titles are a nicety: a missing feature service must not hide the answer
-            async with grpc.aio.insecure_channel(feature_address) as channel:
+            async with endpoints.channel(feature_address) as channel:
                 items = await feature_pb2_grpc.FeatureServiceStub(channel).GetItems(
                     feature_pb2.GetItemsRequest(item_ids=[i.item_id for i in response.items]), timeout=3
                 )
@@ -274,7 +300,7 @@ async def _trainer_call(endpoints: Endpoints, method: str, request: Any) -> Any:
     from freshrec.v1 import trainer_pb2_grpc
 
     address = endpoints.first("trainer")
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with endpoints.channel(address) as channel:
         stub = trainer_pb2_grpc.TrainerServiceStub(channel)
         return await call("trainer", address, getattr(stub, method)(request, timeout=30))
 
@@ -287,7 +313,7 @@ async def _wait_served(endpoints: Endpoints, version: str, timeout_s: float) -> 
     served: dict[str, str] = {}
     while True:
         for address in endpoints.services["inference"]:
-            async with grpc.aio.insecure_channel(address) as channel:
+            async with endpoints.channel(address) as channel:
                 info = await call(
                     "inference",
                     address,
@@ -420,7 +446,7 @@ def replay(
     events = [to_event(r, shift, prefix) for r in ratings]
     endpoints = ctx.obj.endpoints()
     addresses = endpoints.services["ingestion"]
-    _require_serving("ingestion", addresses)
+    _require_serving("ingestion", addresses, endpoints.peer)
     first, last = ratings[0].timestamp + shift, ratings[-1].timestamp + shift
     console.print(
         f"replaying {len(events):,} ratings of {len({r.user for r in ratings}):,} users on "
@@ -447,7 +473,15 @@ def replay(
             progress.update(task, advance=n, speed=f"{speed:,.0f} events/s")
 
         summary = run(
-            stream_events(events, addresses, rate=rate, batch=batch, in_flight=in_flight, on_progress=advance)
+            stream_events(
+                events,
+                addresses,
+                rate=rate,
+                batch=batch,
+                in_flight=in_flight,
+                on_progress=advance,
+                peer=endpoints.peer,
+            )
         )
     console.print(render.replay_summary(summary))
     too_old = [
@@ -469,12 +503,12 @@ def replay(
 # -- demo -------------------------------------------------------------------------------------------
 
 
-def _require_serving(service: str, addresses: list[str]) -> None:
+def _require_serving(service: str, addresses: list[str], peer: PeerSettings) -> None:
     """Fails early, with the next step, when a service the verb needs is not serving."""
     from cli.status import instance_status
 
     async def check() -> list[Any]:
-        return list(await asyncio.gather(*(instance_status(service, a, 2.0) for a in addresses)))
+        return list(await asyncio.gather(*(instance_status(service, a, 2.0, peer) for a in addresses)))
 
     for status in asyncio.run(check()):
         if not status.ok:
@@ -488,7 +522,9 @@ def _reachable(endpoints: Endpoints) -> bool:
     from cli.status import instance_status
 
     async def check() -> bool:
-        results = await asyncio.gather(*(instance_status(s, endpoints.first(s), 1.0) for s in SERVICES))
+        results = await asyncio.gather(
+            *(instance_status(s, endpoints.first(s), 1.0, endpoints.peer) for s in SERVICES)
+        )
         return all(r.ok for r in results)
 
     return asyncio.run(check())
@@ -530,7 +566,7 @@ def demo(
             replicas={},
             extra_env={"trainer": DEMO_TRAINER_ENV},
         )
-        endpoints = resolve(options.data_dir)
+        endpoints = resolve(options.data_dir, peer=options.peer)
     view = render.PlainDemoView(console) if plain or not console.is_terminal else render.LiveDemoView(console)
     runner = Demo(endpoints, world, rate=rate, drift_every_s=drift_every)
     interrupted = False

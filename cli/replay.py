@@ -9,10 +9,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import grpc
-
 from cli.clients import call
 from freshrec.v1 import event_pb2, ingestion_pb2, ingestion_pb2_grpc
+from shared.security import make_channel
+from shared.settings import PeerSettings
 
 
 @dataclass
@@ -45,6 +45,7 @@ async def stream_events(
     in_flight: int = 1,
     timeout_s: float = 60.0,
     on_progress: Callable[[int], None] | None = None,
+    peer: PeerSettings | None = None,
 ) -> ReplaySummary:
     """Sends ``events`` in batches through ``IngestEvents``, round-robin over ingestion replicas.
 
@@ -57,7 +58,7 @@ async def stream_events(
     if rate > 0:
         batch = max(1, min(batch, int(rate / 10)))  # about ten sends a second, not bursts
     summary = ReplaySummary()
-    channels = [grpc.aio.insecure_channel(a) for a in addresses]
+    channels = [make_channel(a, peer or PeerSettings()) for a in addresses]
     stubs = [ingestion_pb2_grpc.IngestionServiceStub(c) for c in channels]
     targets = itertools.cycle(range(len(stubs)))
     slots = asyncio.Semaphore(in_flight)

@@ -20,6 +20,8 @@ from freshrec.v1 import (
     trainer_pb2_grpc,
 )
 from freshrec.v1.watermark_pb2 import Watermark
+from shared.security import make_channel
+from shared.settings import PeerSettings
 
 
 @dataclass
@@ -54,8 +56,10 @@ def format_lag(seconds: float) -> str:
     return f"{seconds / 86400:.0f} days"
 
 
-async def instance_status(service: str, address: str, timeout_s: float = 2.0) -> InstanceStatus:
-    async with grpc.aio.insecure_channel(address) as channel:
+async def instance_status(
+    service: str, address: str, timeout_s: float = 2.0, peer: PeerSettings | None = None
+) -> InstanceStatus:
+    async with make_channel(address, peer or PeerSettings()) as channel:
         try:
             answer = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout_s
@@ -116,7 +120,7 @@ async def stack_status(endpoints: Endpoints) -> list[InstanceStatus]:
     for service in SERVICES:
         for n, address in enumerate(endpoints.services[service]):
             jobs.append((service, address, n))
-    results = await asyncio.gather(*(instance_status(s, a) for s, a, _ in jobs))
+    results = await asyncio.gather(*(instance_status(s, a, peer=endpoints.peer) for s, a, _ in jobs))
     for (service, _address, n), status in zip(jobs, results, strict=True):
         urls = endpoints.metrics.get(service, [])
         status.metrics_url = urls[n] if n < len(urls) else ""

@@ -92,11 +92,17 @@ def run_migrations(target_metadata: Any) -> None:
 
 
 def _configure_and_run(context: Any, connection: Any, target_metadata: Any, version_table: str) -> None:
+    def own_tables_only(name: str | None, type_: str, _parents: Any) -> bool:
+        # Services may share one database: autogenerate must not see another service's tables
+        # (nor its version table) as tables to drop.
+        return type_ != "table" or (name is not None and name in target_metadata.tables)
+
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         version_table=version_table,
         render_as_batch=connection.dialect.name == "sqlite",
+        include_name=own_tables_only,
     )
     with context.begin_transaction():
         context.run_migrations()

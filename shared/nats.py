@@ -143,9 +143,10 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext | None:
     return context
 
 
-def events_stream_config(duplicate_window_s: float = 120.0) -> StreamConfig:
+def events_stream_config(duplicate_window_s: float = 120.0, replicas: int = 1) -> StreamConfig:
     """The configuration of ``FRESHREC_EVENTS``: file storage, limits retention, dedup window."""
     return StreamConfig(
+        num_replicas=replicas,
         name=EVENTS_STREAM,
         subjects=[ACCEPTED_SUBJECTS],
         retention=RetentionPolicy.LIMITS,
@@ -156,14 +157,14 @@ def events_stream_config(duplicate_window_s: float = 120.0) -> StreamConfig:
 
 
 async def ensure_events_stream(
-    js: JetStreamContext, duplicate_window_s: float = 120.0, *, owner: bool = False
+    js: JetStreamContext, duplicate_window_s: float = 120.0, *, owner: bool = False, replicas: int = 1
 ) -> None:
     """Declares ``FRESHREC_EVENTS`` idempotently at start.
 
     Consumers call it so they can start before ingestion; only the owner (ingestion) brings
     an existing stream's configuration up to date.
     """
-    config = events_stream_config(duplicate_window_s)
+    config = events_stream_config(duplicate_window_s, replicas)
     try:
         await js.add_stream(config)
     except BadRequestError as exc:
@@ -174,10 +175,11 @@ async def ensure_events_stream(
             await js.update_stream(config)
 
 
-def catalog_stream_config() -> StreamConfig:
+def catalog_stream_config(replicas: int = 1) -> StreamConfig:
     """The configuration of ``FRESHREC_CATALOG``: every accepted catalogue entry, kept (file storage,
     limits retention, no age limit) so a follower can rebuild the catalogue from sequence 1."""
     return StreamConfig(
+        num_replicas=replicas,
         name=CATALOG_STREAM,
         subjects=[CATALOG_ACCEPTED_SUBJECT],
         retention=RetentionPolicy.LIMITS,
@@ -187,10 +189,10 @@ def catalog_stream_config() -> StreamConfig:
     )
 
 
-async def ensure_catalog_stream(js: JetStreamContext, *, owner: bool = False) -> None:
+async def ensure_catalog_stream(js: JetStreamContext, *, owner: bool = False, replicas: int = 1) -> None:
     """Declares ``FRESHREC_CATALOG`` idempotently (the feature service owns it; followers such as
     the trainer and inference may call it too so they can start first)."""
-    config = catalog_stream_config()
+    config = catalog_stream_config(replicas)
     try:
         await js.add_stream(config)
     except BadRequestError as exc:

@@ -56,6 +56,12 @@ class NatsSettings(BaseModel):
         20, gt=0, description="Attempts of the first connection before giving up (reconnects never give up)."
     )
     reconnect_wait_s: float = Field(0.5, gt=0, description="Pause between reconnection attempts.")
+    stream_replicas: int = Field(
+        1,
+        ge=1,
+        le=5,
+        description="Replicas of the JetStream streams a service declares (3 on a 3-node cluster).",
+    )
 
     @property
     def servers(self) -> list[str]:

@@ -189,11 +189,12 @@ async def _declare(js: JetStreamContext, config: StreamConfig) -> None:
         await js.update_stream(config)
 
 
-async def ensure_intake_streams(js: JetStreamContext) -> None:
+async def ensure_intake_streams(js: JetStreamContext, replicas: int = 1) -> None:
     """Declares the catalogue intake and dead-letter streams (owned by the feature service)."""
     await _declare(
         js,
         StreamConfig(
+            num_replicas=replicas,
             name=INTAKE_STREAM,
             subjects=[CATALOG_ITEMS_SUBJECT],
             retention=RetentionPolicy.LIMITS,
@@ -204,6 +205,7 @@ async def ensure_intake_streams(js: JetStreamContext) -> None:
     await _declare(
         js,
         StreamConfig(
+            num_replicas=replicas,
             name=DLQ_STREAM,
             subjects=[DLQ_SUBJECT],
             retention=RetentionPolicy.LIMITS,

@@ -61,9 +61,9 @@ class FeatureApp:
 
         nc = await fnats.connect(s.nats, name=f"freshrec-feature-{s.replica_name}")
         js = nc.jetstream()
-        await fnats.ensure_events_stream(js)
-        await fnats.ensure_catalog_stream(js, owner=True)
-        await ensure_intake_streams(js)
+        await fnats.ensure_events_stream(js, replicas=s.nats.stream_replicas)
+        await fnats.ensure_catalog_stream(js, owner=True, replicas=s.nats.stream_replicas)
+        await ensure_intake_streams(js, s.nats.stream_replicas)
         catalog = self.catalog = Catalog(nc, js, store, state, s.catalog)
         consumer = self.consumer = FeatureConsumer(nc, js, state, store, s)
         follower = CatalogFollower(js, store, state, f"{s.replica_name}:catalog")

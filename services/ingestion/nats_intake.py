@@ -29,10 +29,11 @@ RAW_CONSUMER = "ingestion-raw"
 REASON_HEADER = "Freshrec-Dlq-Reason"
 
 
-async def ensure_intake_streams(js: JetStreamContext) -> None:
+async def ensure_intake_streams(js: JetStreamContext, replicas: int = 1) -> None:
     """Declares the raw intake and dead-letter streams (owned by ingestion)."""
     for config in (
         StreamConfig(
+            num_replicas=replicas,
             name=RAW_STREAM,
             subjects=[RAW_SUBJECT],
             retention=RetentionPolicy.LIMITS,
@@ -40,6 +41,7 @@ async def ensure_intake_streams(js: JetStreamContext) -> None:
             max_age=7 * 24 * 3600,
         ),
         StreamConfig(
+            num_replicas=replicas,
             name=DLQ_STREAM,
             subjects=[DLQ_SUBJECT],
             retention=RetentionPolicy.LIMITS,

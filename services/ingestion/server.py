@@ -48,8 +48,10 @@ class IngestionApp:
 
         nc = await fnats.connect(s.nats, name="freshrec-ingestion")
         js = nc.jetstream()
-        await fnats.ensure_events_stream(js, s.duplicate_window_s, owner=True)
-        await ensure_intake_streams(js)
+        await fnats.ensure_events_stream(
+            js, s.duplicate_window_s, owner=True, replicas=s.nats.stream_replicas
+        )
+        await ensure_intake_streams(js, s.nats.stream_replicas)
 
         publisher = Publisher(nc, js, log, s.publish_timeout_s)
         ingestor = Ingestor(log, publisher)

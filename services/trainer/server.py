@@ -64,7 +64,7 @@ class TrainerApp:
 
         nc = await fnats.connect(s.nats, name="freshrec-trainer")
         js = nc.jetstream()
-        await fnats.ensure_events_stream(js)
+        await fnats.ensure_events_stream(js, replicas=s.nats.stream_replicas)
         loop = TrainerLoop(s, learner, store, registry, checkpoint, nc, js)
 
         def register(server: grpc.aio.Server) -> None:
