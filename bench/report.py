@@ -1,0 +1,371 @@
+"""``make bench``: run every benchmark script and write a report with plots.
+
+Each ``bench/*.py`` (but this one and ``_*.py`` helpers) is run as
+``python bench/<name>.py [--quick]``; it prints a readable table and then, on its last line, one
+JSON object with its figures, optionally with ``"series": {"<name>": [[x, y], ...]}`` for plots.
+This writes ``bench/results/<date>/``:
+
+- ``<name>.json``: the script's JSON; ``<name>.log``: everything it printed;
+- ``*.png``: the headline plots (prequential HR@10 online vs frozen, Recommend latency,
+  ingestion throughput over time, event → served-model lag) and one figure per script's series;
+- ``REPORT.md``: a table of every script (ok, failed, timed out, no JSON, missing), the
+  figures, the plots;
+
+and rewrites the benchmark table between the markers in the README. A script that is missing,
+fails, hangs or prints no JSON is reported as such; the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Scripts the report expects (other issues write them); a missing one is listed as missing.
+EXPECTED = ("accuracy", "stream", "serve", "ingest", "features", "freshness")
+README_BEGIN = "<!-- bench:begin (written by bench/report.py) -->"
+README_END = "<!-- bench:end -->"
+#: Headline plots: file name, title, axis labels, and how to recognise their series by name.
+HEADLINES = (
+    (
+        "prequential_hr10.png",
+        "Prequential HR@10 over the stream: online vs frozen",
+        ("events", "HR@10"),
+        lambda n: "hr" in n and ("online" in n or "frozen" in n),
+    ),
+    ("recommend_latency.png", "Recommend latency", ("latency (ms)", ""), lambda n: "latency" in n),
+    (
+        "ingest_throughput.png",
+        "Ingestion throughput over time",
+        ("seconds", "events/s"),
+        lambda n: "throughput" in n or "events_per_s" in n,
+    ),
+    ("event_to_model_lag.png", "Event → served-model lag", ("seconds", "lag (s)"), lambda n: "lag" in n),
+)
+MAX_README_FIGURES = 8
+
+
+@dataclass
+class Outcome:
+    """What happened when one script ran."""
+
+    name: str
+    status: str  # ok | failed | timeout | no-json | missing
+    seconds: float = 0.0
+    figures: dict[str, Any] = field(default_factory=dict)
+    series: dict[str, list[list[float]]] = field(default_factory=dict)
+    detail: str = ""
+
+
+def discover(bench_dir: Path) -> list[Path]:
+    return sorted(
+        p for p in bench_dir.glob("*.py") if p.name != "report.py" and not p.name.startswith(("_", "test"))
+    )
+
+
+def last_json_line(stdout: str) -> dict[str, Any] | None:
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    if not lines:
+        return None
+    try:
+        parsed = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def run_script(script: Path, out_dir: Path, quick: bool, timeout_s: float, echo: bool) -> Outcome:
+    name = script.stem
+    command = [sys.executable, str(script), *(["--quick"] if quick else [])]
+    started = time.monotonic()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, env=env)
+        stdout, stderr, code = result.stdout, result.stderr, result.returncode
+        timed_out = False
+    except subprocess.TimeoutExpired as exc:
+        stdout = _text(exc.stdout)
+        stderr = _text(exc.stderr)
+        code, timed_out = -1, True
+    seconds = time.monotonic() - started
+    (out_dir / f"{name}.log").write_text(
+        f"$ {' '.join(command)}\n\n{stdout}\n--- stderr ---\n{stderr}\n"
+        f"--- exit {code} after {seconds:.1f}s ---\n"
+    )
+    if echo:
+        print("\n".join(stdout.rstrip().splitlines()[:-1]), flush=True)
+    if timed_out:
+        return Outcome(name, "timeout", seconds, detail=f"did not finish within {timeout_s:.0f}s")
+    if code != 0:
+        return Outcome(name, "failed", seconds, detail=f"exit {code}: {_tail(stderr or stdout)}")
+    doc = last_json_line(stdout)
+    if doc is None:
+        return Outcome(name, "no-json", seconds, detail=f"last line is not a JSON object: {_tail(stdout, 1)}")
+    (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    series = doc.get("series") if isinstance(doc.get("series"), dict) else {}
+    return Outcome(
+        name, "ok", seconds, flatten({k: v for k, v in doc.items() if k != "series"}), clean(series)
+    )
+
+
+def _text(data: str | bytes | None) -> str:
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
+
+
+def _tail(text: str, lines: int = 3) -> str:
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])[:400]
+
+
+def flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; keeps numbers, booleans and short strings."""
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= 60):
+            out[name] = value
+    return out
+
+
+def clean(series: dict[str, Any]) -> dict[str, list[list[float]]]:
+    """Keeps well-formed series: lists of [x, y] with finite numbers."""
+    out = {}
+    for name, points in series.items():
+        if not isinstance(points, list):
+            continue
+        good = [
+            [float(p[0]), float(p[1])]
+            for p in points
+            if isinstance(p, list | tuple)
+            and len(p) == 2
+            and all(isinstance(v, int | float) and math.isfinite(v) for v in p)
+        ]
+        if good:
+            out[str(name)] = good
+    return out
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value == 0 or 0.001 <= abs(value) < 100_000:
+            return f"{value:.4g}"
+        return f"{value:.3e}"
+    return str(value)
+
+
+# -- plots ----------------------------------------------------------------------------------------
+
+
+def plot(outcomes: list[Outcome], out_dir: Path) -> dict[str, list[str]]:
+    """Writes the PNGs; returns the headline files written and, per script, its figure file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: dict[str, list[str]] = {"headlines": []}
+    for filename, title, (xlabel, ylabel), wanted in HEADLINES:
+        lines = [
+            (f"{o.name}: {s}", points)
+            for o in outcomes
+            for s, points in o.series.items()
+            if wanted(s.lower())
+        ]
+        if not lines:
+            continue
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for label, points in lines:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, label=label, linewidth=1.5)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / filename, dpi=110)
+        plt.close(fig)
+        written["headlines"].append(filename)
+    for o in outcomes:
+        if not o.series:
+            continue
+        names = list(o.series)[:9]
+        cols = min(3, len(names))
+        rows = math.ceil(len(names) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+        for ax, name in zip(axes.flat, names, strict=False):
+            xs, ys = zip(*o.series[name], strict=True)
+            ax.plot(xs, ys, linewidth=1.2)
+            ax.set_title(name, fontsize=9)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(names) :]:
+            ax.axis("off")
+        fig.suptitle(f"bench/{o.name}.py")
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{o.name}.png", dpi=100)
+        plt.close(fig)
+        written[o.name] = [f"{o.name}.png"]
+    return written
+
+
+# -- report and README ----------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cores = os.cpu_count()
+    return f"{platform.system()} {platform.machine()}, {cores} cores, Python {platform.python_version()}"
+
+
+def write_report(outcomes: list[Outcome], plots: dict[str, list[str]], out_dir: Path, command: str) -> Path:
+    lines = [
+        f"# freshrec benchmark report, {out_dir.name}",
+        "",
+        f"`{command}` on {machine()}, finished {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}.",
+        "Each script's full output is in `<name>.log` beside this file, its figures in `<name>.json`.",
+        "",
+        "| script | status | seconds | note |",
+        "|---|---|---|---|",
+    ]
+    for o in outcomes:
+        note = (
+            o.detail.replace("|", "/")
+            if o.status != "ok"
+            else f"{len(o.figures)} figures, {len(o.series)} series"
+        )
+        lines.append(f"| `bench/{o.name}.py` | {o.status} | {o.seconds:.0f} | {note} |")
+    titles = {filename: title for filename, title, _, _ in HEADLINES}
+    lines += ["", "## Headline plots", ""]
+    for filename, title, _, _ in HEADLINES:
+        if filename in plots["headlines"]:
+            lines += [f"### {title}", "", f"![{title}]({filename})", ""]
+        else:
+            lines += [
+                f"### {titles[filename]}",
+                "",
+                "_No script reported a series for this plot in this run._",
+                "",
+            ]
+    for o in outcomes:
+        if o.status != "ok":
+            continue
+        lines += [f"## bench/{o.name}.py", "", "| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {fmt(v)} |" for k, v in o.figures.items()]
+        lines.append("")
+        if o.name in plots:
+            lines += [f"![{o.name}]({o.name}.png)", ""]
+    path = out_dir / "REPORT.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def readme_section(outcomes: list[Outcome], out_dir: Path, command: str) -> str:
+    relative = out_dir.relative_to(ROOT) if out_dir.is_relative_to(ROOT) else out_dir
+    lines = [
+        README_BEGIN,
+        f"Latest report: [`{relative}/REPORT.md`]({relative}/REPORT.md), "
+        f"produced by `{command}` on {machine()}.",
+        "",
+        "| benchmark | figure | value |",
+        "|---|---|---|",
+    ]
+    for o in outcomes:
+        if o.status != "ok":
+            lines.append(f"| `bench/{o.name}.py` | ({o.status}) | {o.detail[:80].replace('|', '/')} |")
+            continue
+        shown = list(o.figures.items())[:MAX_README_FIGURES]
+        for k, v in shown:
+            lines.append(f"| `bench/{o.name}.py` | {k} | {fmt(v)} |")
+        if len(o.figures) > len(shown):
+            lines.append(f"| `bench/{o.name}.py` | … {len(o.figures) - len(shown)} more in the report | |")
+    lines.append(README_END)
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, section: str) -> bool:
+    """Replaces the marked section; False (README untouched) when the markers are missing."""
+    text = readme.read_text()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        return False
+    readme.write_text(text[:begin] + section + text[end + len(README_END) :])
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python bench/report.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bench-dir", type=Path, default=ROOT / "bench", help="folder of the scripts")
+    parser.add_argument(
+        "--results-dir", type=Path, default=ROOT / "bench" / "results", help="where reports go"
+    )
+    parser.add_argument("--date", default=datetime.now().strftime("%Y-%m-%d"), help="report folder name")
+    parser.add_argument("--quick", action="store_true", help="pass --quick to every script (a smoke run)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one script may run")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these scripts (names without .py)")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="README to update")
+    parser.add_argument("--no-readme", action="store_true", help="leave the README alone")
+    parser.add_argument(
+        "--expect", nargs="*", default=list(EXPECTED), help="scripts reported missing if absent"
+    )
+    parser.add_argument("--quiet", action="store_true", help="do not echo the scripts' tables")
+    args = parser.parse_args(argv)
+
+    out_dir = args.results_dir / args.date
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scripts = discover(args.bench_dir)
+    if args.only is not None:
+        scripts = [s for s in scripts if s.stem in args.only]
+    command = "make bench" + (" (--quick)" if args.quick else "")
+    outcomes: list[Outcome] = []
+    for script in scripts:
+        print(f"== bench/{script.name}", flush=True)
+        outcome = run_script(script, out_dir, args.quick, args.timeout, echo=not args.quiet)
+        print(
+            f"-- {script.stem}: {outcome.status} in {outcome.seconds:.0f}s {outcome.detail}".rstrip(),
+            flush=True,
+        )
+        outcomes.append(outcome)
+    present = {s.stem for s in discover(args.bench_dir)}
+    for name in args.expect:
+        if name not in present and (args.only is None or name in args.only):
+            outcomes.append(Outcome(name, "missing", detail=f"bench/{name}.py does not exist yet"))
+    plots = plot(outcomes, out_dir)
+    report = write_report(outcomes, plots, out_dir, command)
+    (out_dir / "summary.json").write_text(
+        json.dumps(
+            {
+                o.name: {"status": o.status, "seconds": round(o.seconds, 1), "detail": o.detail}
+                for o in outcomes
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    if not args.no_readme:
+        if update_readme(args.readme, readme_section(outcomes, out_dir, command)):
+            print(f"updated the benchmark table in {args.readme}")
+        else:
+            print(f"{args.readme} has no {README_BEGIN!r} marker; left it alone")
+    print(f"report: {report}")
+    ran = [o for o in outcomes if o.status != "missing"]
+    return 0 if all(o.status == "ok" for o in ran) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
