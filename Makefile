@@ -61,8 +61,8 @@ lint: install ## Ruff and mypy on hand-written code
 	$(BIN)/mypy shared services cli
 
 .PHONY: bench
-bench: install ## Run every benchmark under bench/
-	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python "$$script"; done
+bench: install ## Run every benchmark under bench/ and write bench/results/<date>/REPORT.md with plots
+	$(BIN)/python bench/report.py
 
 .PHONY: clean
 clean: ## Remove generated code and runtime state (keeps .venv)
