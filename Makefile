@@ -64,6 +64,10 @@ lint: install ## Ruff and mypy on hand-written code
 bench: install ## Run every benchmark under bench/ and write bench/results/<date>/REPORT.md with plots
 	$(BIN)/python bench/report.py
 
+.PHONY: docs
+docs: install ## Regenerate the README's configuration reference and metrics list from the code
+	$(BIN)/python -m cli.docs README.md
+
 .PHONY: clean
 clean: ## Remove generated code and runtime state (keeps .venv)
 	rm -rf freshrec var .pytest_cache

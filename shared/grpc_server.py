@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from shared.logs import RequestIdInterceptor
 from shared.metrics import RpcMetricsInterceptor
 from shared.security import TokenAuthInterceptor, server_credentials
 from shared.settings import GrpcSettings
@@ -82,7 +83,8 @@ async def start_grpc_server(
     if settings.auth_token is not None:
         security.append(TokenAuthInterceptor(settings.auth_token.get_secret_value()))
     server = grpc.aio.server(
-        interceptors=[RpcMetricsInterceptor(), *security, *interceptors], options=options
+        interceptors=[RpcMetricsInterceptor(), RequestIdInterceptor(), *security, *interceptors],
+        options=options,
     )
     register(server)
     health_servicer = health.aio.HealthServicer()

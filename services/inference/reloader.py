@@ -85,7 +85,12 @@ class ModelHolder:
         REJECTIONS.labels(kind).inc()
         if self.failed.get(version) != str(exc):
             logger.error(
-                "rejected model %s (%s), keeping %s: %s", version, kind, self.served_version or "none", exc
+                "rejected model %s (%s), keeping %s: %s",
+                version,
+                kind,
+                self.served_version or "none",
+                exc,
+                extra={"model_version": version},
             )
         self.failed[version] = str(exc)
 
@@ -140,6 +145,7 @@ class ModelHolder:
                 previous or "none",
                 state.catalogue_size,
                 len(state.fresh_ids),
+                extra={"model_version": version},
             )
             return True
 
@@ -195,7 +201,10 @@ class ModelHolder:
                 return
             if announcement.version:
                 logger.info(
-                    "model %s announced (%s)", announcement.version, announcement.reason or "no reason given"
+                    "model %s announced (%s)",
+                    announcement.version,
+                    announcement.reason or "no reason given",
+                    extra={"model_version": announcement.version},
                 )
                 self.failed.pop(announcement.version, None)
                 await self.switch_to(announcement.version, announcement.sha256 or None)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 
 from freshrec.v1 import event_pb2, ingestion_pb2
 from services.ingestion.publisher import Publisher
 from services.ingestion.store import EventLog
 from services.ingestion.validation import derive_event_id, validate_event
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Ingestor:
             if reason is None and not event.event_id:
                 event.event_id = derive_event_id(event)
             if reason is not None:
+                logger.debug("rejected event: %s", reason, extra={"event_id": event.event_id})
                 summary.errors.append(
                     ingestion_pb2.EventError(
                         index=first_index + offset, event_id=event.event_id, reason=reason

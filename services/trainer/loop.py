@@ -146,6 +146,7 @@ class TrainerLoop:
             version,
             self.learner.state.events_learned,
             exported.seconds,
+            extra={"model_version": version},
         )
         return row
 

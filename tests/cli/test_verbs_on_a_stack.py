@@ -23,6 +23,8 @@ from tests.conftest import ML100K, eventually
 pytestmark = pytest.mark.slow
 
 FRESHREC = str(Path(sys.executable).parent / "freshrec")
+JSON_LOGS = {"FRESHREC_LOG__JSON_LINES": "true"}
+ROOT = Path(__file__).resolve().parents[2]
 REPLAYED = 3000
 
 
@@ -34,8 +36,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         ports={"nats": 0, "ingestion": 0, "feature": 0, "trainer": 0, "inference": 0},
         replicas={"ingestion": 2, "inference": 2},
         extra_env={
-            "trainer": {"FRESHREC_EXPORT_INTERVAL_S": "1", "FRESHREC_MICRO_BATCH": "128"},
-            "inference": {"FRESHREC_POLL_INTERVAL_S": "60"},  # announcements, not the poll, must do it
+            "ingestion": JSON_LOGS,
+            "feature": JSON_LOGS,
+            "trainer": {"FRESHREC_EXPORT_INTERVAL_S": "1", "FRESHREC_MICRO_BATCH": "128", **JSON_LOGS},
+            # Announcements, not the poll, must do it.
+            "inference": {"FRESHREC_POLL_INTERVAL_S": "60", **JSON_LOGS},
         },
         log_dir=root / "logs",
     )
@@ -226,3 +231,35 @@ def test_every_instance_serves_prometheus_metrics(stack: Stack) -> None:
         text = scrape(stack, instance)
         assert "# TYPE freshrec_rpc_latency_seconds histogram" in text, instance
         assert "process_resident_memory_bytes" in text, instance
+
+
+def exposed_freshrec_metrics(text: str) -> set[str]:
+    return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE freshrec_")}
+
+
+def test_every_instance_exposes_exactly_the_documented_metrics(stack: Stack) -> None:
+    from cli.docs import documented_metrics
+
+    documented = documented_metrics((ROOT / "README.md").read_text())
+    for instance, service in stack.services.items():
+        exposed = exposed_freshrec_metrics(scrape(stack, instance))
+        assert exposed == documented[service.name], (
+            f"{instance}: exposed but not in the README: {sorted(exposed - documented[service.name])}; "
+            f"in the README but not exposed: {sorted(documented[service.name] - exposed)} (run `make docs`)"
+        )
+
+
+def test_service_logs_are_json_lines_with_model_versions(
+    stack: Stack, replayed: subprocess.CompletedProcess[str]
+) -> None:
+    log_dir = stack.log_dir
+    assert log_dir is not None
+    for instance in stack.instances("inference"):
+        text = (log_dir / f"{instance}.log").read_text()
+        entries = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        assert entries and all({"ts", "level", "service", "logger", "msg"} <= set(e) for e in entries)
+        served = [e for e in entries if e["msg"].startswith("now serving model")]
+        assert served and all(e["model_version"] in e["msg"] for e in served)
+    text = (log_dir / "trainer.log").read_text()
+    trainer = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    assert any(e["msg"].startswith("published model") and e["model_version"].startswith("v") for e in trainer)
