@@ -25,6 +25,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,22 +36,37 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = ("accuracy", "stream", "serve", "ingest", "features", "freshness")
 README_BEGIN = "<!-- bench:begin (written by bench/report.py) -->"
 README_END = "<!-- bench:end -->"
-#: Headline plots: file name, title, axis labels, and how to recognise their series by name.
-HEADLINES = (
+#: Headline plots: file name, title, axis labels, and which (script, series name) pairs feed them.
+HEADLINES: tuple[tuple[str, str, tuple[str, str], Callable[[str, str], bool]], ...] = (
     (
         "prequential_hr10.png",
         "Prequential HR@10 over the stream: online vs frozen",
         ("events", "HR@10"),
-        lambda n: "hr" in n and ("online" in n or "frozen" in n),
+        lambda script, n: "hr" in n and ("online" in n or "frozen" in n),
     ),
-    ("recommend_latency.png", "Recommend latency", ("latency (ms)", ""), lambda n: "latency" in n),
+    (
+        "recommend_latency.png",
+        "Recommend latency",
+        ("", "latency (ms)"),
+        lambda script, n: (
+            (script == "serve" and ("latency" in n or "_ms" in n)) or ("recommend" in n and "latency" in n)
+        ),
+    ),
     (
         "ingest_throughput.png",
         "Ingestion throughput over time",
         ("seconds", "events/s"),
-        lambda n: "throughput" in n or "events_per_s" in n,
+        lambda script, n: (
+            (script == "ingest" or "ingest" in n)
+            and ("throughput" in n or "events_per_s" in n or "rate" in n)
+        ),
     ),
-    ("event_to_model_lag.png", "Event → served-model lag", ("seconds", "lag (s)"), lambda n: "lag" in n),
+    (
+        "event_to_model_lag.png",
+        "Event → served-model lag",
+        ("seconds", "lag (s)"),
+        lambda script, n: "lag" in n and ("model" in n or script in ("freshness", "stream")),
+    ),
 )
 MAX_README_FIGURES = 8
 
@@ -186,7 +202,7 @@ def plot(outcomes: list[Outcome], out_dir: Path) -> dict[str, list[str]]:
             (f"{o.name}: {s}", points)
             for o in outcomes
             for s, points in o.series.items()
-            if wanted(s.lower())
+            if wanted(o.name, s.lower()) and not s.lower().endswith("_at_s")
         ]
         if not lines:
             continue

@@ -46,7 +46,7 @@ errors = Console(stderr=True)
 #: Trainer settings that make the embedded stack of ``freshrec demo`` export often enough to watch.
 DEMO_TRAINER_ENV = {"FRESHREC_EXPORT_INTERVAL_S": "3", "FRESHREC_MICRO_BATCH": "128"}
 #: The ingestion setting that bounds how old an event may be (lowered for backfills).
-EARLIEST_EVENT_TIME_ENV = "FRESHREC_EARLIEST_EVENT_TIME"
+EARLIEST_EVENT_TIME_ENV = "FRESHREC_EARLIEST_TIME"
 
 
 class Options:

@@ -294,10 +294,28 @@ class Stack:
                 for service in wave:
                     service.start(self._log_file(service.instance))
                 for service in wave:
-                    wait_healthy(service.address, timeout_s, service.process)
+                    self._wait_started(service, timeout_s)
         except BaseException:
             self.stop()
             raise
+
+    def _wait_started(self, service: ServiceProcess, timeout_s: float, attempts: int = 3) -> None:
+        """Waits for SERVING; a process that exits while starting is started again (twice at most).
+
+        Ports chosen free here may be taken by another program before the service binds them; the
+        metrics port is then chosen anew (the gRPC port is what peers were told, so it stays).
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                wait_healthy(service.address, timeout_s, service.process)
+                return
+            except RuntimeError:
+                if attempt == attempts:
+                    raise
+                logger.warning("%s exited while starting; starting it again (see its log)", service.instance)
+                service.metrics_port = free_port()
+                service.env["FRESHREC_METRICS__PORT"] = str(service.metrics_port)
+                service.start(self._log_file(service.instance))
 
     def _log_file(self, instance: str) -> Path | None:
         return self.log_dir / f"{instance}.log" if self.log_dir else None

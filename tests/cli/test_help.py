@@ -78,3 +78,13 @@ def test_bad_replay_file_says_why(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["replay", str(path), "--format", "movielens"])
     assert result.exit_code == 1
     assert "no user column" in result.output or "no rating column" in result.output
+
+
+def test_earliest_event_time_option_sets_an_ingestion_setting() -> None:
+    from cli.main import EARLIEST_EVENT_TIME_ENV
+    from services.ingestion.settings import IngestionSettings
+
+    field = EARLIEST_EVENT_TIME_ENV.removeprefix("FRESHREC_").lower()
+    if "earliest" not in " ".join(IngestionSettings.model_fields):
+        pytest.skip("ingestion has no earliest-time setting yet (issue 3)")
+    assert field in IngestionSettings.model_fields

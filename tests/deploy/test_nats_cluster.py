@@ -107,9 +107,19 @@ async def test_the_compose_nats_nodes_form_a_jetstream_cluster_that_survives_a_n
     nats3, _ = cluster["nats-3"]
     nats3.kill()
     nats3.wait()
+
+    async def publish(data: str, msg_id: str) -> bool:
+        # While the cluster elects a new stream leader a publish may time out; resending with the
+        # same Nats-Msg-Id is safe (deduplicated), which is what producers do.
+        try:
+            await js.publish(subject, data.encode(), headers={"Nats-Msg-Id": msg_id}, timeout=5)
+        except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError):
+            return False
+        return True
+
     for n in range(10):
-        await js.publish(subject, f"after-{n}".encode(), headers={"Nats-Msg-Id": f"after-{n}"}, timeout=10)
-    await js.publish(subject, b"before-0", headers={"Nats-Msg-Id": "before-0"})  # deduplicated
+        await eventually(lambda n=n: publish(f"after-{n}", f"after-{n}"), timeout_s=60, what=f"publish {n}")
+    await eventually(lambda: publish("before-0", "before-0"), timeout_s=60, what="a repeat")  # deduplicated
 
     psub = await pull_subscribe_events(js, "deploy-test")
     seen: list[str] = []
