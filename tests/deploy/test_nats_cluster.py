@@ -9,6 +9,7 @@ import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -104,6 +105,19 @@ async def test_the_compose_nats_nodes_form_a_jetstream_cluster_that_survives_a_n
     for n in range(10):
         await js.publish(subject, f"before-{n}".encode(), headers={"Nats-Msg-Id": f"before-{n}"})
 
+    # The consumer exists before the failure, as freshrec's do (replicated with the stream).
+    subscribed: list[Any] = []
+
+    async def subscribe() -> bool:
+        try:
+            subscribed.append(await pull_subscribe_events(js, "deploy-test"))
+        except nats.errors.TimeoutError:
+            return False
+        return True
+
+    await eventually(subscribe, timeout_s=60, what="a durable consumer")
+    psub = subscribed[0]
+
     nats3, _ = cluster["nats-3"]
     nats3.kill()
     nats3.wait()
@@ -121,7 +135,6 @@ async def test_the_compose_nats_nodes_form_a_jetstream_cluster_that_survives_a_n
         await eventually(lambda n=n: publish(f"after-{n}", f"after-{n}"), timeout_s=60, what=f"publish {n}")
     await eventually(lambda: publish("before-0", "before-0"), timeout_s=60, what="a repeat")  # deduplicated
 
-    psub = await pull_subscribe_events(js, "deploy-test")
     seen: list[str] = []
 
     async def all_delivered() -> bool:
