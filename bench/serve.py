@@ -415,17 +415,28 @@ async def bench(cfg: Config, quick: bool, workdir: Path) -> dict[str, Any]:
         run = await open_loop(stub.Recommend, recommend, cfg.open_rate, cfg.open_s)
         figures["open_loop"] = {"rate": cfg.open_rate, "seconds": cfg.open_s, **run.summary()}
 
-        cpu_before = cpu_seconds(pid)
+        assert feature.process is not None
+        cpu_before = cpu_seconds(pid), cpu_seconds(feature.process.pid), time.process_time()
         run = await closed_loop(stub.Recommend, recommend, cfg.clients, cfg.closed_s)
-        cpu_used = cpu_seconds(pid) - cpu_before
+        cpu_after = cpu_seconds(pid), cpu_seconds(feature.process.pid), time.process_time()
+        cpu_used, feature_cpu, client_cpu = (a - b for a, b in zip(cpu_after, cpu_before, strict=True))
         figures["closed_loop"] = {
             "clients": cfg.clients,
             "seconds": cfg.closed_s,
             **run.summary(),
             "inference_cpu_ms_per_request": round(1000 * cpu_used / max(len(run.latencies), 1), 3),
+            "feature_cpu_ms_per_request": round(1000 * feature_cpu / max(len(run.latencies), 1), 3),
+            "load_generator_cpu_ms_per_request": round(1000 * client_cpu / max(len(run.latencies), 1), 3),
         }
+        echo_cpu_before = cpu_seconds(echo.pid)
         echo_run = await closed_loop(echo_call, lambda n: echo_payload, cfg.clients, cfg.closed_s)
-        figures["echo_closed_loop"] = {"clients": cfg.clients, "seconds": cfg.closed_s, **echo_run.summary()}
+        echo_cpu = cpu_seconds(echo.pid) - echo_cpu_before
+        figures["echo_closed_loop"] = {
+            "clients": cfg.clients,
+            "seconds": cfg.closed_s,
+            **echo_run.summary(),
+            "server_cpu_ms_per_request": round(1000 * echo_cpu / max(len(echo_run.latencies), 1), 3),
+        }
         figures["recommend_to_echo_ratio"] = round(run.rps / echo_run.rps, 3) if echo_run.rps else None
 
         # Freshness: click the user's top item; the next answer must drop it (seen items are excluded).
@@ -588,6 +599,19 @@ TARGETS = [
     ("echo server req/s (same clients)", lambda f: f["echo_closed_loop"]["rps"], "reference", None),
     ("Recommend / echo throughput", lambda f: f["recommend_to_echo_ratio"], "ratio", None),
     ("inference CPU per request (ms)", lambda f: f["closed_loop"]["inference_cpu_ms_per_request"], "", None),
+    ("feature CPU per request (ms)", lambda f: f["closed_loop"]["feature_cpu_ms_per_request"], "", None),
+    (
+        "load generator CPU per request (ms)",
+        lambda f: f["closed_loop"]["load_generator_cpu_ms_per_request"],
+        "",
+        None,
+    ),
+    (
+        "echo server CPU per request (ms)",
+        lambda f: f["echo_closed_loop"]["server_cpu_ms_per_request"],
+        "",
+        None,
+    ),
     ("event -> changed answer p50 (ms)", lambda f: f["freshness"]["p50_ms"], "", None),
     ("event -> changed answer max (ms)", lambda f: f["freshness"]["max_ms"], "≤ 1000", lambda v: v <= 1000),
     ("steady 200/s p99 (ms)", lambda f: f["steady"]["p99_ms"], "", None),

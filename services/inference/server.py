@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 import faiss
 import grpc
@@ -55,6 +56,9 @@ class InferenceApp:
         s = self.settings
         faiss.omp_set_num_threads(s.ann.threads)
         threadpool_limits(limits=s.blas_threads, user_api="blas")
+        # Model loads run Python in a worker thread; a short switch interval bounds how long they
+        # can hold the GIL while a request waits (the default 5 ms shows up in p99 during reloads).
+        sys.setswitchinterval(s.gil_switch_interval_s)
         catalogue = self.catalogue = Catalogue()
         public_key = load_public_key(s.verify_key_file) if s.verify_key_file else None
         holder = self.holder = ModelHolder(

@@ -41,6 +41,12 @@ class InferenceSettings(ServiceSettings):
         description="Threads numpy's BLAS may use; a request multiplies one vector, where more threads "
         "only spin and contend.",
     )
+    gil_switch_interval_s: float = Field(
+        0.001,
+        gt=0,
+        le=0.1,
+        description="Python's thread switch interval: how long a model load may hold the GIL from requests.",
+    )
     ann: AnnSettings = AnnSettings()
     mmr_candidates: int = Field(
         200, ge=10, le=5000, description="Candidates re-ranked by MMR when a request asks for diversity."

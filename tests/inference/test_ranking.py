@@ -54,6 +54,20 @@ def test_ann_filters_apply_inside_the_search() -> None:
     assert len(best & set(rows.tolist())) >= 9
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_top_k_matches_a_full_sort(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(60):
+        n, k = int(rng.integers(1, 20_000)), int(rng.integers(1, 1200))
+        scores = np.round(rng.normal(size=n), 2).astype(np.float32)  # ties included
+        scores[rng.integers(0, n, int(rng.integers(0, n + 1)))] = -np.inf
+        got = top_k(scores, k)
+        finite = np.flatnonzero(np.isfinite(scores))
+        expected = finite[np.argsort(-scores[finite], kind="stable")][:k]
+        assert len(got) == len(expected) and len(set(got.tolist())) == len(got)
+        assert np.array_equal(scores[got], scores[expected])
+
+
 def test_mmr_without_diversity_is_relevance_order_and_with_it_spreads_out() -> None:
     rng = np.random.default_rng(3)
     unit = rng.normal(size=(50, 8)).astype(np.float32)
