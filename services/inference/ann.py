@@ -26,7 +26,7 @@ class AnnSettings(BaseModel):
     )
     m: int = Field(32, ge=4, le=128, description="HNSW graph degree.")
     ef_construction: int = Field(200, ge=8, description="HNSW build-time beam width.")
-    ef_search: int = Field(128, ge=8, description="HNSW query-time beam width (recall against speed).")
+    ef_search: int = Field(256, ge=8, description="HNSW query-time beam width (recall against speed).")
     threads: int = Field(1, ge=1, description="Threads faiss may use (index builds run beside requests).")
 
 
