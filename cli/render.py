@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -233,7 +232,3 @@ def demo_summary(result: DemoResult, world: SyntheticWorld, interrupted: bool) -
 def _phases(result: DemoResult) -> list[tuple[float, float, str]]:
     bounds = [0.0, *result.drifts, float("inf")]
     return [(bounds[i], bounds[i + 1], f"phase {i}") for i in range(len(bounds) - 1)]
-
-
-def now() -> float:
-    return time.time()
