@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cli import render
-from cli.clients import CliError, Endpoints, call, resolve
+from cli.clients import CliError, Endpoints, call, read_state, resolve
 from cli.stack import DEFAULT_PORTS, SERVICES, Stack
 from shared.settings import PeerSettings, TlsSettings
 
@@ -142,6 +142,12 @@ def start_stack(
     extra_env: dict[str, dict[str, str]],
     logs_to_console: bool = False,
 ) -> Stack:
+    running = read_state(data_dir)
+    if running is not None:
+        raise fail(
+            f"freshrec is already up in {data_dir} (process {running['pid']}): "
+            "see `freshrec status`, stop it with Ctrl-C, or use another --data-dir"
+        )
     stack = Stack(
         data_dir,
         ports=ports,

@@ -59,6 +59,16 @@ async def test_up_shows_a_status_table_and_stops_cleanly_on_ctrl_c(tmp_path: Pat
         assert status.stdout.count("SERVING") == 4
         assert str(data / "stack.json") in status.stdout  # says where it found the stack
 
+        # A second `up` in the same folder is refused with what to do.
+        second = subprocess.run(
+            [FRESHREC, "--data-dir", str(data), "up", "--free-ports"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=ENV,
+        )
+        assert second.returncode == 1 and "already up" in second.stderr, second.stderr
+
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
     finally:
