@@ -146,6 +146,14 @@ def main() -> int:
         finally:
             stack.stop()
     figures = {
+        "headline": [
+            "lag_p50_s",
+            "lag_p95_s",
+            "lag_max_s",
+            "probes_served",
+            "events_per_s",
+            "model_versions_served",
+        ],
         "duration_s": duration,
         "trainer_export_interval_s": export_interval or "default",
         **figures,
@@ -153,7 +161,7 @@ def main() -> int:
     print("event -> served-model lag (every inference replica serving a model trained on the event)")
     print(f"{'figure':<28} value")
     for key, value in figures.items():
-        if key != "series":
+        if key not in ("series", "headline"):
             print(f"{key:<28} {value}")
     print("(measured on a shared 2-core machine: other work competes for the CPU)")
     print(json.dumps(figures))

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -47,7 +48,7 @@ HEADLINES: tuple[tuple[str, str, tuple[str, str], Callable[[str, str], bool]], .
     (
         "recommend_latency.png",
         "Recommend latency",
-        ("", "latency (ms)"),
+        ("seconds into the run", "latency (ms)"),
         lambda script, n: (
             (script == "serve" and ("latency" in n or "_ms" in n)) or ("recommend" in n and "latency" in n)
         ),
@@ -69,6 +70,22 @@ HEADLINES: tuple[tuple[str, str, tuple[str, str], Callable[[str, str], bool]], .
     ),
 )
 MAX_README_FIGURES = 8
+#: Without a script's own ``"headline"`` list, the README shows the figures whose names say most
+#: about quality and speed first (configuration echoes such as ``quick`` or ``items`` last).
+INTERESTING = (
+    "hr@",
+    "ndcg",
+    "p50",
+    "p95",
+    "p99",
+    "per_s",
+    "ratio",
+    "lag",
+    "rss",
+    "recall",
+    "throughput",
+    "_ms",
+)
 
 
 @dataclass
@@ -81,6 +98,20 @@ class Outcome:
     figures: dict[str, Any] = field(default_factory=dict)
     series: dict[str, list[list[float]]] = field(default_factory=dict)
     detail: str = ""
+    headline: list[str] = field(default_factory=list)
+
+    def readme_figures(self) -> list[tuple[str, Any]]:
+        """The few figures the README table shows: the script's headline, else the most telling."""
+        if self.headline:
+            return [(k, self.figures[k]) for k in self.headline if k in self.figures][:MAX_README_FIGURES]
+        scored = sorted(
+            enumerate(self.figures.items()),
+            key=lambda item: (
+                -sum(bool(re.search(rf"(?<![a-z]){re.escape(w)}", item[1][0].lower())) for w in INTERESTING),
+                item[0],
+            ),
+        )
+        return [pair for _, pair in scored[:MAX_README_FIGURES]]
 
 
 def discover(bench_dir: Path) -> list[Path]:
@@ -127,11 +158,29 @@ def run_script(script: Path, out_dir: Path, quick: bool, timeout_s: float, echo:
     doc = last_json_line(stdout)
     if doc is None:
         return Outcome(name, "no-json", seconds, detail=f"last line is not a JSON object: {_tail(stdout, 1)}")
-    (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return outcome_of(name, seconds, doc)
+
+
+def outcome_of(name: str, seconds: float, doc: dict[str, Any]) -> Outcome:
+    """An ``ok`` outcome from a script's JSON object."""
     series = doc.get("series") if isinstance(doc.get("series"), dict) else {}
-    return Outcome(
-        name, "ok", seconds, flatten({k: v for k, v in doc.items() if k != "series"}), clean(series)
-    )
+    headline = [str(k) for k in doc.get("headline", [])] if isinstance(doc.get("headline"), list) else []
+    figures = flatten({k: v for k, v in doc.items() if k not in ("series", "headline")})
+    return Outcome(name, "ok", seconds, figures, clean(series), headline=headline)
+
+
+def load_outcomes(out_dir: Path) -> list[Outcome]:
+    """The outcomes of an earlier run, from its summary.json and JSON files (to re-render)."""
+    summary = json.loads((out_dir / "summary.json").read_text())
+    outcomes = []
+    for name, info in summary.items():
+        if info["status"] == "ok":
+            doc = json.loads((out_dir / f"{name}.json").read_text())
+            outcomes.append(outcome_of(name, float(info["seconds"]), doc))
+        else:
+            outcomes.append(Outcome(name, info["status"], float(info["seconds"]), detail=info["detail"]))
+    return outcomes
 
 
 def _text(data: str | bytes | None) -> str:
@@ -209,7 +258,7 @@ def plot(outcomes: list[Outcome], out_dir: Path) -> dict[str, list[str]]:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for label, points in lines:
             xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, label=label, linewidth=1.5)
+            ax.plot(xs, ys, label=label, linewidth=1.5, marker="." if len(xs) <= 200 else None)
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -305,7 +354,7 @@ def readme_section(outcomes: list[Outcome], out_dir: Path, command: str) -> str:
         if o.status != "ok":
             lines.append(f"| `bench/{o.name}.py` | ({o.status}) | {o.detail[:80].replace('|', '/')} |")
             continue
-        shown = list(o.figures.items())[:MAX_README_FIGURES]
+        shown = o.readme_figures()
         for k, v in shown:
             lines.append(f"| `bench/{o.name}.py` | {k} | {fmt(v)} |")
         if len(o.figures) > len(shown):
@@ -340,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         "--expect", nargs="*", default=list(EXPECTED), help="scripts reported missing if absent"
     )
     parser.add_argument("--quiet", action="store_true", help="do not echo the scripts' tables")
+    parser.add_argument(
+        "--rerender", action="store_true", help="run nothing: redraw the report of --date from its files"
+    )
     args = parser.parse_args(argv)
 
     out_dir = args.results_dir / args.date
@@ -349,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
         scripts = [s for s in scripts if s.stem in args.only]
     command = "make bench" + (" (--quick)" if args.quick else "")
     outcomes: list[Outcome] = []
+    if args.rerender:
+        scripts = []
+        outcomes = load_outcomes(out_dir)
+        args.expect = []
     for script in scripts:
         print(f"== bench/{script.name}", flush=True)
         outcome = run_script(script, out_dir, args.quick, args.timeout, echo=not args.quiet)

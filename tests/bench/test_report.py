@@ -142,3 +142,25 @@ def test_series_are_cleaned_and_figures_flattened() -> None:
 def test_the_real_bench_folder_is_discovered() -> None:
     names = {p.stem for p in report.discover(ROOT / "bench")}
     assert "report" not in names
+
+
+def test_readme_shows_a_scripts_headline_or_the_most_telling_figures() -> None:
+    chosen = report.Outcome("x", "ok", figures={"quick": True, "duration_s": 5, "p99_ms": 3.0, "hr@10": 0.2})
+    assert [k for k, _ in chosen.readme_figures()][:2] == ["p99_ms", "hr@10"]
+    assert "duration_s" in dict(chosen.readme_figures())  # 'ratio' inside 'duration' is not a ratio
+    assert [k for k, _ in chosen.readme_figures()][-2:] == ["quick", "duration_s"]
+    named = report.Outcome("x", "ok", figures={"a": 1, "b": 2, "c": 3}, headline=["c", "missing", "a"])
+    assert named.readme_figures() == [("c", 3), ("a", 1)]
+
+
+def test_rerender_redraws_a_report_without_running_anything(bench: Path, tmp_path: Path) -> None:
+    args = ["--bench-dir", str(bench), "--results-dir", str(tmp_path / "r"), "--date", "d", "--no-readme"]
+    report.main([*args, "--only", "good", "nojson", "--expect", "--quiet"])
+    out = tmp_path / "r" / "d"
+    first = (out / "REPORT.md").read_text()
+    (out / "good.png").unlink()
+    (bench / "good.py").write_text("raise SystemExit(9)\n")  # would fail if it ran again
+    assert report.main([*args, "--rerender"]) == 1  # nojson is still not ok
+    again = (out / "REPORT.md").read_text()
+    assert again.split("\n", 3)[3] == first.split("\n", 3)[3]  # same but for the timestamp line
+    assert (out / "good.png").is_file()
