@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from shared.interceptors import Behaviour, refusal, wrap_behaviour
 from shared.logs import RequestIdInterceptor
 from shared.metrics import RpcMetricsInterceptor
 from shared.security import TokenAuthInterceptor, server_credentials
@@ -29,6 +30,48 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class DrainInterceptor(grpc.aio.ServerInterceptor):
+    """Counts calls in progress; once draining, answers new calls UNAVAILABLE itself.
+
+    gRPC cancels (CANCELLED) every call still queued, not yet handed to the application, when a
+    server stops. So on SIGTERM the server first keeps taking calls and refuses the new ones with
+    UNAVAILABLE while those in progress finish, and only then stops.
+    """
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith("/grpc."):
+            return handler  # health keeps answering (NOT_SERVING) while draining
+        if self.draining:
+            return refusal(
+                handler, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere"
+            )
+        return wrap_behaviour(handler, self._counted)
+
+    def _counted(self, behaviour: Behaviour) -> Behaviour:
+        async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self.in_flight += 1
+            self.idle.clear()
+            try:
+                return await behaviour(request, context)
+            finally:
+                self.in_flight -= 1
+                if self.in_flight == 0:
+                    self.idle.set()
+
+        return counted
+
+
 @dataclass
 class RunningServer:
     """A started gRPC server with its health servicer and the port it bound."""
@@ -37,6 +80,8 @@ class RunningServer:
     health: health.aio.HealthServicer
     port: int
     service_names: Sequence[str]
+    drain: DrainInterceptor
+    drain_s: float = 0.5
     #: Background work (consumers, relays) cancelled after the RPCs have drained.
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     #: Run last, in reverse order of registration (NATS drain, engine dispose).
@@ -49,9 +94,19 @@ class RunningServer:
             await self.health.set(name, status)
 
     async def stop(self, grace_s: float) -> None:
-        """Stops in the documented order: health NOT_SERVING, drain RPCs, background tasks, cleanups."""
+        """Stops in the documented order: health NOT_SERVING, refuse new calls (UNAVAILABLE) while
+        the ones in progress finish (within ``grace_s``), stop the server, cancel background tasks,
+        run the cleanups."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        self.drain.draining = True
+        # Calls sent just before the signal may still sit in gRPC's queue: give them a moment to be
+        # taken (served, or refused UNAVAILABLE) before the queue is cancelled by the stop.
+        await asyncio.sleep(min(self.drain_s, grace_s))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.drain.idle.wait(), max(0.0, deadline - loop.time()))
+        await self.server.stop(max(0.0, deadline - loop.time()))
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
@@ -82,8 +137,9 @@ async def start_grpc_server(
     security: list[grpc.aio.ServerInterceptor] = []
     if settings.auth_token is not None:
         security.append(TokenAuthInterceptor(settings.auth_token.get_secret_value()))
+    drain = DrainInterceptor()
     server = grpc.aio.server(
-        interceptors=[RpcMetricsInterceptor(), RequestIdInterceptor(), *security, *interceptors],
+        interceptors=[RpcMetricsInterceptor(), RequestIdInterceptor(), drain, *security, *interceptors],
         options=options,
     )
     register(server)
@@ -99,7 +155,14 @@ async def start_grpc_server(
     if port == 0:
         raise RuntimeError(f"could not bind gRPC port {settings.host}:{settings.port}; is it in use?")
     await server.start()
-    running = RunningServer(server=server, health=health_servicer, port=port, service_names=service_names)
+    running = RunningServer(
+        server=server,
+        health=health_servicer,
+        port=port,
+        service_names=service_names,
+        drain=drain,
+        drain_s=settings.drain_s,
+    )
     await running.set_serving(True)
     return running
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from shared.interceptors import wrap_behaviour
 from shared.settings import LogSettings
 
 REQUEST_ID_METADATA = "x-request-id"
@@ -136,19 +137,7 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler_call_details.method.startswith("/grpc."):
             return handler
         request_id = request_id_from(handler_call_details.invocation_metadata)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _with_request_id(handler.unary_unary, request_id),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _with_request_id(handler.stream_unary, request_id),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return wrap_behaviour(handler, lambda behaviour: _with_request_id(behaviour, request_id))
 
 
 def _with_request_id(

@@ -24,7 +24,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from shared.settings import NatsSettings, TlsSettings
 
@@ -202,34 +202,97 @@ async def ensure_catalog_stream(js: JetStreamContext, *, owner: bool = False, re
             await js.update_stream(config)
 
 
-async def pull_subscribe_events(
-    js: JetStreamContext,
-    durable: str,
-    *,
-    filter_subject: str = ACCEPTED_SUBJECTS,
-    ack_wait_s: float = 30.0,
-    max_ack_pending: int = 100_000,
-    ack_all: bool = True,
-    filter_subjects: list[str] | None = None,
-) -> JetStreamContext.PullSubscription:
-    """A durable pull consumer on ``FRESHREC_EVENTS``.
+class StreamReader:
+    """Reads a stream in order from a position its owner keeps (committed with the owner's effects).
 
-    With ``ack_all`` one ack covers every earlier message, so a consumer acks once per
-    committed batch (or checkpoint) instead of once per event. ``filter_subjects`` (several
-    filters, e.g. ``partition_filter_subjects``) replaces ``filter_subject``.
+    JetStream redelivers an unacknowledged message only after the ack wait, behind newer ones; a
+    consumer that applies "sequence > last applied" would then skip it for good (a crash between
+    delivery and commit lost events that way). So the reader seats a durable pull consumer at
+    ``position + 1`` whenever its owner (re)starts or rolls back, accepts deliveries only in
+    consumer-sequence order, skips redeliveries of what it already returned, and re-seats itself at
+    the last position it returned when a delivery gap shows up. Acks (AckPolicy.ALL, one per
+    committed batch) only tidy the server side; correctness rests on the owner's position.
     """
-    several = filter_subjects is not None and len(filter_subjects) > 1
-    config = ConsumerConfig(
-        durable_name=durable,
-        ack_policy=AckPolicy.ALL if ack_all else AckPolicy.EXPLICIT,
-        ack_wait=ack_wait_s,
-        max_ack_pending=max_ack_pending,
-        deliver_policy=DeliverPolicy.ALL,
-        filter_subject=None if several else (filter_subjects or [filter_subject])[0],
-        filter_subjects=filter_subjects if several else None,
-    )
-    subject = (filter_subjects or [filter_subject])[0]
-    return await js.pull_subscribe(subject, durable=durable, stream=EVENTS_STREAM, config=config)
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        durable: str,
+        *,
+        stream: str = EVENTS_STREAM,
+        filter_subjects: list[str] | None = None,
+        ack_wait_s: float = 60.0,
+        max_ack_pending: int = 100_000,
+    ) -> None:
+        self.js = js
+        self.durable = durable
+        self.stream = stream
+        self.filter_subjects = filter_subjects or [ACCEPTED_SUBJECTS]
+        self.ack_wait_s = ack_wait_s
+        self.max_ack_pending = max_ack_pending
+        #: The stream sequence of the last message returned by ``fetch``.
+        self.position = 0
+        self._delivered = 0
+        self._psub: JetStreamContext.PullSubscription | None = None
+
+    async def seat(self, position: int) -> None:
+        """(Re)creates the durable consumer so the next message is the first after ``position``."""
+        await self.close()
+        try:
+            await self.js.delete_consumer(self.stream, self.durable)
+        except NotFoundError:
+            pass
+        several = len(self.filter_subjects) > 1
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=AckPolicy.ALL,
+            ack_wait=self.ack_wait_s,
+            max_ack_pending=self.max_ack_pending,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if position else DeliverPolicy.ALL,
+            opt_start_seq=position + 1 if position else None,
+            filter_subject=None if several else self.filter_subjects[0],
+            filter_subjects=self.filter_subjects if several else None,
+        )
+        self._psub = await self.js.pull_subscribe(
+            self.filter_subjects[0], durable=self.durable, stream=self.stream, config=config
+        )
+        self.position = position
+        self._delivered = 0
+
+    async def fetch(self, batch: int, timeout_s: float) -> list[Msg]:
+        """The next messages after ``position``, in stream order, without gaps or repeats."""
+        if self._psub is None:
+            raise RuntimeError("StreamReader.seat() must be called before fetch()")
+        out: list[Msg] = []
+        for msg in await fetch_batch(self._psub, batch, timeout_s):
+            sequence = msg.metadata.sequence
+            if sequence.consumer == self._delivered + 1:
+                self._delivered = sequence.consumer
+                if sequence.stream > self.position:
+                    self.position = sequence.stream
+                    out.append(msg)
+            elif sequence.consumer <= self._delivered and sequence.stream <= self.position:
+                continue  # a redelivery of something already returned
+            else:
+                logger.warning(
+                    "%s: delivery gap (consumer sequence %d after %d); re-seating after stream sequence %d",
+                    self.durable,
+                    sequence.consumer,
+                    self._delivered,
+                    self.position,
+                )
+                await self.seat(self.position)
+                break
+        return out
+
+    async def close(self) -> None:
+        """Stops fetching; the durable consumer stays (a pull subscription left open stalls drain)."""
+        if self._psub is not None:
+            psub, self._psub = self._psub, None
+            try:
+                await psub.unsubscribe()
+            except Exception as exc:  # the connection may already be gone
+                logger.debug("unsubscribing %s: %s", self.durable, exc)
 
 
 async def fetch_batch(psub: JetStreamContext.PullSubscription, batch: int, timeout_s: float) -> list[Msg]:

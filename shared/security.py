@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from shared.interceptors import refusal
 from shared.settings import PeerSettings, TlsSettings
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         logger.info("refused unauthenticated call to %s", method)
-        return _refusal(handler)
+        return refusal(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
 
     def _authorised(self, metadata: Any) -> bool:
         presented = b""
@@ -96,19 +97,6 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
                 presented = value.encode() if isinstance(value, str) else value
         # Constant time: the comparison takes as long however much of the token is right.
         return hmac.compare_digest(presented, self._expected)
-
-
-def _refusal(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
-    async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-
-    if handler is not None and handler.request_streaming and not handler.response_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    if handler is not None and handler.request_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse)
-    if handler is not None and handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
 
 
 class _TokenMetadata:

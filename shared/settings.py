@@ -84,6 +84,11 @@ class GrpcSettings(BaseModel):
     host: str = Field("0.0.0.0", description="Interface to listen on.")
     port: int = Field(0, ge=0, le=65535, description="Port to listen on (0: any free port).")
     grace_s: float = Field(10.0, ge=0, description="How long in-flight RPCs may run after SIGTERM.")
+    drain_s: float = Field(
+        0.5,
+        ge=0,
+        description="After SIGTERM, how long calls already sent are still taken (and refused) before stop.",
+    )
     max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest gRPC message accepted.")
     tls: TlsSettings = TlsSettings()
     auth_token: SecretStr | None = Field(

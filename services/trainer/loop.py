@@ -26,7 +26,7 @@ from services.trainer.learner import OnlineLearner
 from services.trainer.registry import LIVE, CheckpointFile, ModelRow, NewVersion, Registry, next_version
 from services.trainer.settings import TrainerSettings
 from shared.model_store import ModelStore
-from shared.nats import MODELS_PUBLISHED_SUBJECT, fetch_batch, pull_subscribe_events
+from shared.nats import MODELS_PUBLISHED_SUBJECT, StreamReader
 from shared.signing import load_private_key
 from shared.watermark import watermark_proto
 
@@ -64,22 +64,34 @@ class TrainerLoop:
 
     async def run(self) -> None:
         s = self.settings
-        psub = await pull_subscribe_events(
-            self.js, s.consumer_name, ack_wait_s=max(60.0, 3 * s.export_interval_s)
-        )
+        reader = StreamReader(self.js, s.consumer_name, ack_wait_s=max(60.0, 3 * s.export_interval_s))
+        # Seated at the position the checkpoint holds: events after it are learned exactly once.
+        await reader.seat(self.learner.state.stream_sequence)
         try:
-            await self._consume(psub)
+            await self._consume(reader)
         finally:
-            # A pull subscription left open makes the connection's drain wait for its timeout.
-            await psub.unsubscribe()
+            await reader.close()
 
-    async def _consume(self, psub: JetStreamContext.PullSubscription) -> None:
+    async def _consume(self, reader: StreamReader) -> None:
         s = self.settings
         unacked: Msg | None = None
         since_export = 0
         last_export = time.monotonic()
+        reseat = False
         while True:
-            msgs = await fetch_batch(psub, s.micro_batch, timeout_s=s.micro_batch_wait_s)
+            try:
+                if reseat:
+                    await reader.seat(self.learner.state.stream_sequence)
+                    reseat = False
+                msgs = await reader.fetch(s.micro_batch, timeout_s=s.micro_batch_wait_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # NATS trouble: the learner's memory is consistent, so go on from its position.
+                logger.exception("fetching events failed; re-seating after the learner's position")
+                await asyncio.sleep(1.0)
+                reseat = True
+                continue
             if msgs:
                 batch = []
                 for msg in msgs:

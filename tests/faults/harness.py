@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,9 +21,10 @@ from typing import Any
 
 import grpc
 import nats
+import sqlalchemy
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from cli.stack import Stack
+from cli.stack import Stack, free_port, wait_healthy
 from freshrec.v1 import (
     event_pb2,
     feature_pb2,
@@ -36,6 +37,16 @@ from freshrec.v1 import (
 from shared.nats import EVENTS_STREAM, MSG_ID_HEADER
 
 logger = logging.getLogger(__name__)
+
+
+#: What an observer may meet while the stack recovers.
+OBSERVER_ERRORS = (
+    grpc.aio.AioRpcError,
+    sqlalchemy.exc.SQLAlchemyError,
+    OSError,
+    TimeoutError,
+    nats.errors.Error,
+)
 
 
 @dataclass
@@ -61,13 +72,14 @@ class Verdict:
     duplicated: int
     unexpected: int
     trainer_learned: int
+    bad_artifacts: int  # versions in the store that fail verification, plus versions inference rejected
     recovery_s: float
     drain_s: float
     notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and self.duplicated == 0 and self.unexpected == 0
+        return self.lost == 0 and self.duplicated == 0 and self.unexpected == 0 and self.bad_artifacts == 0
 
     def row(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "notes"} | {"ok": self.ok}
@@ -99,12 +111,15 @@ class Producer:
             events.append(e)
         return events
 
-    async def run(self, stop: asyncio.Event, pause_s: float = 0.02) -> None:
+    async def run(self, stop: asyncio.Event, rate: float = 300.0) -> None:
+        """Sends about ``rate`` events per second until ``stop`` (a fault test, not a load test)."""
+        next_at = time.monotonic()
         while not stop.is_set():
             events = self._batch()
             self.ledger.attempted.update(e.event_id for e in events)
             await self._send_until_acked(events, stop)
-            await asyncio.sleep(pause_s)
+            next_at = max(next_at + self.batch / rate, time.monotonic() - 1.0)
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
     async def _send_until_acked(self, events: list[event_pb2.Event], stop: asyncio.Event) -> None:
         request = ingestion_pb2.IngestEventsRequest(events=events)
@@ -149,10 +164,13 @@ async def stream_counts(nats_url: str) -> Counter[str]:
 
 
 def stored_ids(stack: Stack) -> Counter[str]:
-    """Event ids in ingestion's SQL event log (read-only observer of the SQLite file)."""
-    path = stack.data_dir / "ingestion.db"
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as db:
-        return Counter(row[0] for row in db.execute("SELECT event_id FROM events"))
+    """Event ids in ingestion's SQL event log (an observer reading its database, SQLite or PostgreSQL)."""
+    engine = sqlalchemy.create_engine(stack.services["ingestion"].env["FRESHREC_DATABASE__URL"])
+    try:
+        with engine.connect() as connection:
+            return Counter(connection.execute(sqlalchemy.text("SELECT event_id FROM events")).scalars())
+    finally:
+        engine.dispose()
 
 
 async def applied_counts(stack: Stack, users: list[str]) -> dict[str, int]:
@@ -183,7 +201,7 @@ async def feature_position(stack: Stack) -> int:
     return int(r.watermark.stream_sequence)
 
 
-async def drain(stack: Stack, timeout_s: float = 120.0) -> float:
+async def drain(stack: Stack, timeout_s: float = 180.0) -> float:
     """Waits until ingestion's outbox is published and feature and trainer reached the stream's end."""
     start = time.monotonic()
     last: tuple[Any, ...] = ()
@@ -197,7 +215,13 @@ async def drain(stack: Stack, timeout_s: float = 120.0) -> float:
             last = (stored, in_stream, applied_to, learned)
             if stored == len(counts) and in_stream and applied_to >= in_stream and learned >= in_stream:
                 return time.monotonic() - start
-        except (grpc.aio.AioRpcError, sqlite3.Error, OSError, TimeoutError, nats.errors.Error):
+        except (
+            grpc.aio.AioRpcError,
+            sqlalchemy.exc.SQLAlchemyError,
+            OSError,
+            TimeoutError,
+            nats.errors.Error,
+        ):
             pass
         await asyncio.sleep(0.5)
     raise AssertionError(
@@ -206,10 +230,11 @@ async def drain(stack: Stack, timeout_s: float = 120.0) -> float:
 
 
 async def run_scenario(
-    stack: Stack,
+    stack: FaultStack,
     scenario: str,
     inject: Callable[[Stack], Awaitable[None]],
     producers: int = 2,
+    rate: float = 300.0,
     warmup_s: float = 2.0,
     cooldown_s: float = 2.0,
 ) -> Verdict:
@@ -217,7 +242,8 @@ async def run_scenario(
     ledger = Ledger()
     stop = asyncio.Event()
     workers = [
-        asyncio.create_task(Producer(stack, f"{scenario}{p}", ledger).run(stop)) for p in range(producers)
+        asyncio.create_task(Producer(stack, f"{scenario}{p}", ledger).run(stop, rate))
+        for p in range(producers)
     ]
     await asyncio.sleep(warmup_s)
     await inject(stack)
@@ -235,6 +261,7 @@ async def run_scenario(
     applied_by_user = await applied_counts(stack, users)
     applied = {u.replace("-u", "-e", 1): n for u, n in applied_by_user.items() if n}
     status = await trainer_status(stack)
+    bad_artifacts, artifact_notes = check_artifacts(stack)
 
     lost = {e for e in ledger.acknowledged if stored[e] == 0 or applied.get(e, 0) == 0}
     duplicated = (
@@ -254,6 +281,7 @@ async def run_scenario(
         duplicated=len(duplicated),
         unexpected=len(unexpected),
         trainer_learned=int(status.events_learned),
+        bad_artifacts=bad_artifacts,
         recovery_s=round(recovery_s, 2),
         drain_s=round(drain_s, 2),
     )
@@ -262,6 +290,7 @@ async def run_scenario(
         verdict.notes.append(
             f"trainer learned {status.events_learned} of {sum(in_stream.values())} stream events"
         )
+    verdict.notes += artifact_notes
     if lost:
         verdict.notes.append(f"lost e.g. {sorted(lost)[:5]}")
     if duplicated:
@@ -271,16 +300,62 @@ async def run_scenario(
     return verdict
 
 
-def fault_stack(tmp_path: Path) -> Stack:
-    """The embedded stack on free ports, with quick exports so the trainer checkpoints often."""
-    return Stack(
-        tmp_path / "var",
-        ports={"nats": 0, "ingestion": 0, "feature": 0, "trainer": 0, "inference": 0},
-        extra_env={
-            "trainer": {"FRESHREC_EXPORT_INTERVAL_S": "2", "FRESHREC_NATS__RECONNECT_WAIT_S": "0.2"},
-            "ingestion": {"FRESHREC_NATS__RECONNECT_WAIT_S": "0.2", "FRESHREC_RELAY_INTERVAL_S": "0.5"},
-            "feature": {"FRESHREC_NATS__RECONNECT_WAIT_S": "0.2"},
-            "inference": {"FRESHREC_NATS__RECONNECT_WAIT_S": "0.2", "FRESHREC_POLL_INTERVAL_S": "1"},
-        },
-        log_dir=tmp_path / "logs",
-    )
+def check_artifacts(stack: FaultStack) -> tuple[int, list[str]]:
+    """Every stored version verifies, and inference rejected none (it never saw a partial one)."""
+    from shared.model_store import ArtifactError, ModelStore
+
+    store = ModelStore(stack.data_dir / "models")
+    bad, notes = 0, []
+    for version in store.list_versions():
+        try:
+            store.open_verified(version)
+        except ArtifactError as exc:
+            bad += 1
+            notes.append(str(exc))
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{stack.inference_metrics_port}/metrics", timeout=10)
+    for line in metrics.read().decode().splitlines():
+        if line.startswith('freshrec_inference_reloads_total{outcome="rejected"}'):
+            rejected = int(float(line.split()[-1]))
+            if rejected:
+                bad += rejected
+                notes.append(f"inference rejected {rejected} model loads")
+    return bad, notes
+
+
+class FaultStack(Stack):
+    """The embedded stack on free ports, with quick exports (the trainer checkpoints often), quick
+    reconnections, and inference metrics on a known port so the suite can read its reload counters."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.inference_metrics_port = free_port()
+        super().__init__(
+            tmp_path / "var",
+            ports={"nats": 0, "ingestion": 0, "feature": 0, "trainer": 0, "inference": 0},
+            extra_env={
+                "trainer": {"FRESHREC_EXPORT_INTERVAL_S": "2", "FRESHREC_NATS__RECONNECT_WAIT_S": "0.2"},
+                "ingestion": {"FRESHREC_NATS__RECONNECT_WAIT_S": "0.2", "FRESHREC_RELAY_INTERVAL_S": "0.5"},
+                "feature": {"FRESHREC_NATS__RECONNECT_WAIT_S": "0.2"},
+                "inference": {
+                    "FRESHREC_NATS__RECONNECT_WAIT_S": "0.2",
+                    "FRESHREC_POLL_INTERVAL_S": "1",
+                    "FRESHREC_METRICS__PORT": str(self.inference_metrics_port),
+                },
+            },
+            log_dir=tmp_path / "logs",
+        )
+
+
+def kill(stack: Stack, name: str, sig: int = 9) -> None:
+    """Sends a signal (SIGKILL by default) to one service and waits for it to die."""
+    process = stack.services[name].process
+    assert process is not None
+    process.send_signal(sig)
+    process.wait(30)
+
+
+async def restart(stack: Stack, name: str, timeout_s: float = 60.0) -> None:
+    """Starts a (dead) service again on its port and waits until it is SERVING."""
+    service = stack.services[name]
+    log = stack.log_dir / f"{name}.log" if stack.log_dir else None
+    service.start(log)
+    await asyncio.to_thread(wait_healthy, service.address, timeout_s, service.process)
