@@ -87,7 +87,7 @@ class GrpcSettings(BaseModel):
     drain_s: float = Field(
         0.5,
         ge=0,
-        description="After SIGTERM, how long calls already sent are still taken (and refused) before stop.",
+        description="After SIGTERM, how long calls already sent are still taken before the stop.",
     )
     max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest gRPC message accepted.")
     tls: TlsSettings = TlsSettings()

@@ -9,13 +9,12 @@ import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import nats
 import pytest
 
 from cli.stack import free_port, nats_server_binary
-from shared.nats import EVENTS_STREAM, ensure_events_stream, pull_subscribe_events
+from shared.nats import EVENTS_STREAM, StreamReader, ensure_events_stream
 from tests.conftest import eventually
 from tests.deploy.test_compose import NATS_NODES, compose
 
@@ -106,17 +105,16 @@ async def test_the_compose_nats_nodes_form_a_jetstream_cluster_that_survives_a_n
         await js.publish(subject, f"before-{n}".encode(), headers={"Nats-Msg-Id": f"before-{n}"})
 
     # The consumer exists before the failure, as freshrec's do (replicated with the stream).
-    subscribed: list[Any] = []
+    reader = StreamReader(js, "deploy-test")
 
     async def subscribe() -> bool:
         try:
-            subscribed.append(await pull_subscribe_events(js, "deploy-test"))
-        except nats.errors.TimeoutError:
-            return False
+            await reader.seat(0)
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+            return False  # the cluster is still electing a leader
         return True
 
     await eventually(subscribe, timeout_s=60, what="a durable consumer")
-    psub = subscribed[0]
 
     nats3, _ = cluster["nats-3"]
     nats3.kill()
@@ -139,9 +137,9 @@ async def test_the_compose_nats_nodes_form_a_jetstream_cluster_that_survives_a_n
 
     async def all_delivered() -> bool:
         try:
-            msgs = await psub.fetch(20, timeout=1)
-        except nats.errors.TimeoutError:
-            msgs = []
+            msgs = await reader.fetch(20, timeout_s=1)
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+            return False  # re-seating while the cluster elects a leader: try again
         for msg in msgs:
             seen.append(msg.data.decode())
             await msg.ack()

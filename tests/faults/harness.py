@@ -24,7 +24,7 @@ import nats
 import sqlalchemy
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from cli.stack import Stack, free_port, wait_healthy
+from cli.stack import Stack, wait_healthy
 from freshrec.v1 import (
     event_pb2,
     feature_pb2,
@@ -312,7 +312,8 @@ def check_artifacts(stack: FaultStack) -> tuple[int, list[str]]:
         except ArtifactError as exc:
             bad += 1
             notes.append(str(exc))
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{stack.inference_metrics_port}/metrics", timeout=10)
+    port = stack.services["inference"].metrics_port
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10)
     for line in metrics.read().decode().splitlines():
         if line.startswith('freshrec_inference_reloads_total{outcome="rejected"}'):
             rejected = int(float(line.split()[-1]))
@@ -323,11 +324,10 @@ def check_artifacts(stack: FaultStack) -> tuple[int, list[str]]:
 
 
 class FaultStack(Stack):
-    """The embedded stack on free ports, with quick exports (the trainer checkpoints often), quick
-    reconnections, and inference metrics on a known port so the suite can read its reload counters."""
+    """The embedded stack on free ports, with quick exports (the trainer checkpoints often) and
+    quick reconnections."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.inference_metrics_port = free_port()
         super().__init__(
             tmp_path / "var",
             ports={"nats": 0, "ingestion": 0, "feature": 0, "trainer": 0, "inference": 0},
@@ -335,11 +335,7 @@ class FaultStack(Stack):
                 "trainer": {"FRESHREC_EXPORT_INTERVAL_S": "2", "FRESHREC_NATS__RECONNECT_WAIT_S": "0.2"},
                 "ingestion": {"FRESHREC_NATS__RECONNECT_WAIT_S": "0.2", "FRESHREC_RELAY_INTERVAL_S": "0.5"},
                 "feature": {"FRESHREC_NATS__RECONNECT_WAIT_S": "0.2"},
-                "inference": {
-                    "FRESHREC_NATS__RECONNECT_WAIT_S": "0.2",
-                    "FRESHREC_POLL_INTERVAL_S": "1",
-                    "FRESHREC_METRICS__PORT": str(self.inference_metrics_port),
-                },
+                "inference": {"FRESHREC_NATS__RECONNECT_WAIT_S": "0.2", "FRESHREC_POLL_INTERVAL_S": "1"},
             },
             log_dir=tmp_path / "logs",
         )
