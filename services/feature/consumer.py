@@ -139,11 +139,17 @@ class FeatureConsumer:
                     await puller.close()
                     await ensure_durable(self.js, s, self.state.watermark.stream_sequence)
                     puller = await Puller(self.nc, EVENTS_STREAM, s.replica_name).start()
-        finally:
-            # Commit what was applied, so a restart resumes without replaying; if that fails,
-            # memory is ahead of SQL and is reloaded before consuming again.
+        except asyncio.CancelledError:
+            # Stopping: commit what was applied, so the next start resumes without replaying.
+            await asyncio.shield(self.flush())
+            raise
+        except Exception:
+            # Failing: if what was applied cannot be committed, memory is ahead of SQL and is
+            # reloaded before consuming again.
             if not await asyncio.shield(self.flush()):
                 await self._reload()
+            raise
+        finally:
             with contextlib.suppress(Exception):
                 await puller.close()
 

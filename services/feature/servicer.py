@@ -83,13 +83,11 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
             limit = min(request.max_recent or state.max_recent, len(user.recent))
             recent = features.recent
             for n in range(1, limit + 1):
-                interaction = user.recent[-n]
-                entry = recent.add(
-                    item_id=interaction.item_id, type=interaction.type, weight=interaction.weight
-                )  # type: ignore[arg-type]
-                if interaction.normalized_rating is not None:
-                    entry.normalized_rating = interaction.normalized_rating
-                _set_time(entry.occurred_at, interaction.occurred_at)
+                item_id, kind, occurred_at, weight, normalized_rating = user.recent[-n]
+                entry = recent.add(item_id=item_id, type=kind, weight=weight)  # type: ignore[arg-type]
+                if normalized_rating is not None:
+                    entry.normalized_rating = normalized_rating
+                _set_time(entry.occurred_at, occurred_at)
             features.event_counts.update(user.counts)
             _set_time(features.last_event_at, user.last_event_at)
             features.category_affinity.update(state.affinities(user))

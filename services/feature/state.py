@@ -22,13 +22,10 @@ from shared.preprocessing import PreprocessingSettings, Preprocessor
 _TYPE_NAMES = {v.number: v.name for v in event_pb2.EventType.DESCRIPTOR.values}
 
 
-@dataclass(slots=True)
-class Interaction:
-    item_id: str
-    type: int
-    occurred_at: float  # event time, unix seconds
-    weight: float  # the preprocessed weight
-    normalized_rating: float | None = None
+#: One recent interaction: (item_id, type, occurred_at unix seconds, preprocessed weight,
+#: normalised rating or None). A plain tuple of plain values, which the garbage collector stops
+#: tracking; tens of thousands of objects would otherwise lengthen every full collection.
+Interaction = tuple[str, int, float, float, float | None]
 
 
 class UserState:
@@ -42,9 +39,7 @@ class UserState:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "recent": [
-                [i.item_id, i.type, i.occurred_at, i.weight, i.normalized_rating] for i in self.recent
-            ],
+            "recent": [list(i) for i in self.recent],
             "counts": dict(self.counts),
             "last_event_at": self.last_event_at,
             "affinity": dict(self.affinity),
@@ -53,7 +48,7 @@ class UserState:
     @classmethod
     def from_json(cls, doc: dict[str, Any], max_recent: int) -> UserState:
         user = cls(max_recent)
-        user.recent.extend(Interaction(*r) for r in doc["recent"])
+        user.recent.extend(tuple(r) for r in doc["recent"])
         user.counts = {str(k): int(v) for k, v in doc["counts"].items()}
         user.last_event_at = float(doc["last_event_at"])
         user.affinity = {str(k): float(v) for k, v in doc.get("affinity", {}).items()}
@@ -150,7 +145,7 @@ class FeatureState:
             return True
         weight = out.weight
         type_name = _TYPE_NAMES.get(event.type, str(event.type))
-        user.recent.append(Interaction(item_id, event.type, ts, weight, out.normalized_rating))
+        user.recent.append((item_id, event.type, ts, weight, out.normalized_rating))
         user.counts[type_name] = user.counts.get(type_name, 0) + 1
         if ts > user.last_event_at:
             user.last_event_at = ts

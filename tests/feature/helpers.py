@@ -76,6 +76,8 @@ def settings_for(
     nats_server: Any, tmp_path: Path, name: str = "feature", **overrides: Any
 ) -> FeatureSettings:
     settings: FeatureSettings = service_settings(FeatureSettings, nats_server, tmp_path, **overrides)
+    if "database" in overrides:
+        return settings
     return settings.model_copy(
         update={"database": settings.database.model_copy(update={"url": f"sqlite:///{tmp_path / name}.db"})}
     )

@@ -41,7 +41,7 @@ def test_bots_are_visible_in_their_features_but_not_in_popularity() -> None:
 def test_rapid_repeats_change_nothing_but_the_watermark() -> None:
     state = FeatureState(50, PreprocessingSettings(repeat_window_s=30))
     feed(state, [event("u", "a", at=T0), event("u", "a", at=T0 + 5), event("u", "a", at=T0 + 29)])
-    assert [i.item_id for i in state.users["u"].recent] == ["a"]
+    assert [i[0] for i in state.users["u"].recent] == ["a"]
     assert state.items["a"].counts == {"EVENT_TYPE_CLICK": 1}
     assert state.watermark.stream_sequence == 3 and state.watermark.event_time == T0 + 29
 
@@ -49,9 +49,9 @@ def test_rapid_repeats_change_nothing_but_the_watermark() -> None:
 def test_weights_and_normalised_ratings_are_what_the_features_show() -> None:
     state = FeatureState(50)
     feed(state, [event("u", "a", type=PURCHASE, at=T0), event("u", "b", type=RATE, value=5.0, at=T0 + 1)])
-    purchase, rating = state.users["u"].recent
-    assert purchase.weight == 5.0 and purchase.normalized_rating is None
-    assert rating.normalized_rating is not None and rating.normalized_rating > 0 and rating.weight > 1.0
+    (_, _, _, purchase_weight, purchase_z), (_, _, _, rating_weight, rating_z) = state.users["u"].recent
+    assert purchase_weight == 5.0 and purchase_z is None
+    assert rating_z is not None and rating_z > 0 and rating_weight > 1.0
 
 
 def test_popularity_per_category_and_trending_window() -> None:
