@@ -36,7 +36,10 @@ def test_state_and_catalogue_round_trip_on_postgres(postgres_url: str) -> None:
     assert store.follow([Revision(item_pb2.Item(item_id="i1"), 1)], 5, "r0:catalog") == []
     fresh = store.follow([Revision(item_pb2.Item(item_id="i1", categories=["new"]), 3)], 6, "r0:catalog")
     assert [r.revision for r in fresh] == [3]
-    assert store.get_items(["i1"])["i1"].categories == ["new"] and store.position("r0:catalog").stream_sequence == 6
+    assert (
+        store.get_items(["i1"])["i1"].categories == ["new"]
+        and store.position("r0:catalog").stream_sequence == 6
+    )
 
     live = FeatureState(10)
     store.load(live)
@@ -57,13 +60,17 @@ def test_state_and_catalogue_round_trip_on_postgres(postgres_url: str) -> None:
     engine.dispose()
 
 
-async def test_the_service_and_rebuild_on_postgres(nats_server, nats_client, tmp_path: Path, postgres_url: str) -> None:
+async def test_the_service_and_rebuild_on_postgres(
+    nats_server, nats_client, tmp_path: Path, postgres_url: str
+) -> None:
     settings = settings_for(nats_server, tmp_path, database={"url": postgres_url})
     assert settings.database.url.startswith("postgresql")
     app = await started(settings)
     channel, feature = stub(app)
     await feature.UpsertItems(
-        feature_pb2.UpsertItemsRequest(items=[item_pb2.Item(item_id=f"i{n}", categories=["x"]) for n in range(10)])
+        feature_pb2.UpsertItemsRequest(
+            items=[item_pb2.Item(item_id=f"i{n}", categories=["x"]) for n in range(10)]
+        )
     )
     events = workload(1500, seed=3)
     await publish(nats_client, events)
