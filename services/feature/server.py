@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from functools import partial
 
@@ -85,10 +84,6 @@ class FeatureApp:
         ]
         if s.metrics.enabled:
             start_metrics_endpoint(s.metrics)
-        # Everything allocated so far (modules, the loaded state) lives as long as the process:
-        # keep it out of the cyclic collector's full passes, which would otherwise pause reads.
-        gc.collect()
-        gc.freeze()
         logger.info("feature listening on %s:%d", s.grpc.host, self.server.port)
 
     async def stop(self) -> None:
