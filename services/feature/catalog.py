@@ -42,6 +42,7 @@ from nats.js.errors import BadRequestError
 
 from freshrec.v1 import feature_pb2, item_pb2
 from services.feature import metrics
+from services.feature.pull import raise_if_cancelling
 from services.feature.settings import CatalogSettings
 from services.feature.state import FeatureState
 from services.feature.store import FeatureStore, Revision
@@ -301,6 +302,7 @@ class Catalog:
     async def relay(self, interval_s: float, batch: int = 500) -> None:
         """Publishes stored-but-unpublished revisions, forever."""
         while True:
+            raise_if_cancelling()
             try:
                 while True:
                     pending = await asyncio.to_thread(self.store.unpublished, batch)
@@ -311,6 +313,7 @@ class Catalog:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                raise_if_cancelling()
                 logger.exception("catalogue relay pass failed")
             await asyncio.sleep(interval_s)
 
@@ -330,6 +333,7 @@ class CatalogIntake:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                raise_if_cancelling()
                 logger.exception("catalogue intake failed; resubscribing in 1 s")
                 await asyncio.sleep(1.0)
 
@@ -343,6 +347,7 @@ class CatalogIntake:
         )
         try:
             while True:
+                raise_if_cancelling()
                 for msg in await fetch_batch(psub, self.batch, timeout_s=1.0):
                     try:
                         await self.handle(msg)
@@ -399,6 +404,7 @@ class CatalogFollower:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                raise_if_cancelling()
                 logger.exception("following %s failed; resubscribing", CATALOG_STREAM)
                 await asyncio.sleep(1.0)
 
@@ -416,6 +422,7 @@ class CatalogFollower:
         )
         try:
             while True:
+                raise_if_cancelling()
                 msgs = await fetch_batch(psub, 500, timeout_s=1.0)
                 if msgs:
                     await self.apply(msgs)

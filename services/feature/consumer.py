@@ -32,7 +32,7 @@ from nats.js.errors import NotFoundError
 
 from freshrec.v1 import event_pb2
 from services.feature import metrics
-from services.feature.pull import Puller, stream_position
+from services.feature.pull import Puller, raise_if_cancelling, stream_position
 from services.feature.settings import FeatureSettings
 from services.feature.state import FeatureState, Watermark
 from services.feature.store import FeatureStore
@@ -119,6 +119,7 @@ class FeatureConsumer:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                raise_if_cancelling()
                 logger.exception("event consumer failed; resuming from the position in SQL in 1 s")
                 await asyncio.sleep(1.0)
 
@@ -129,6 +130,7 @@ class FeatureConsumer:
         self.ready.set()
         try:
             while True:
+                raise_if_cancelling()
                 msgs = await puller.fetch(s.fetch_batch, s.fetch_wait_s)
                 if msgs:
                     await self.apply(msgs)
@@ -265,6 +267,7 @@ class FeatureConsumer:
                 await asyncio.to_thread(self.store.load, fresh)
                 break
             except Exception:
+                raise_if_cancelling()
                 logger.exception("reloading state from SQL failed; retrying")
                 await asyncio.sleep(1.0)
         self.state.__dict__.update(fresh.__dict__)  # in place: the servicer holds this object
