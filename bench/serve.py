@@ -652,6 +652,11 @@ def main() -> None:
     if args.echo_server:
         asyncio.run(echo_server(args.echo_server))
         return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # unwinds through bench()'s cleanup: no service outlives the bench
+
+    signal.signal(signal.SIGTERM, stop)
     with tempfile.TemporaryDirectory(prefix="freshrec-bench-serve-") as tmp:
         figures = asyncio.run(bench(QUICK if args.quick else FULL, args.quick, Path(tmp)))
     report(figures)
