@@ -9,10 +9,11 @@ Runs a private nats-server, the feature service and the ingestion service as rea
    the last applied event, from the watermark the service reports. Then its RSS.
 2. **GetUserFeatures at 500 requests/s**: an open-loop schedule of calls for random MovieLens
    users (50 recent interactions each), latency as the client sees it.
-3. **Accepted → visible at a steady 5,000 events/s**: batches of 50 events every 10 ms through
-   ``IngestionService.IngestEvents``; one event per batch is a probe for a new user, polled
-   with ``GetUserFeatures`` (every 2 ms) from the moment ingestion acknowledged it until the
-   service shows it.
+3. **Accepted → visible at a steady 5,000 events/s**: batches of 50 events every 10 ms, first
+   published straight to FRESHREC_EVENTS (the feature service's share alone, timed from
+   JetStream's acknowledgement), then through ``IngestionService.IngestEvents`` (timed from
+   ingestion's answer). One batch in five carries a probe for a new user, polled with
+   ``GetUserFeatures`` every 2 ms until the service shows it.
 
 Usage: ``.venv/bin/python bench/features.py [--quick]``. Prints a table, then one JSON object
 on the last line. On a shared machine the figures include contention from other work.
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -261,12 +263,15 @@ async def read_phase(
 
 
 async def visible_phase(
-    ingest: ingestion_pb2_grpc.IngestionServiceStub,
+    deliver: Callable[[list[event_pb2.Event]], Awaitable[int]],
     feature: feature_pb2_grpc.FeatureServiceStub,
     rate: float,
     seconds: float,
+    prefix: str,
     batch: int = 50,
 ) -> dict[str, Any]:
+    """Offers ``rate`` events/s through ``deliver`` (which returns how many were accepted once
+    they are accepted) and times probes from acceptance to visibility."""
     rng = random.Random(1)
     latencies: list[list[float]] = []
     sent = accepted = 0
@@ -289,9 +294,9 @@ async def visible_phase(
         events = []
         probe = k % PROBE_EVERY == 0
         for j in range(batch):
-            user = f"probe-{k}" if j == 0 and probe else f"load-{rng.randrange(20_000)}"
+            user = f"{prefix}probe-{k}" if j == 0 and probe else f"load-{rng.randrange(20_000)}"
             e = event_pb2.Event(
-                event_id=f"v-{k}-{j}",
+                event_id=f"{prefix}{k}-{j}",
                 user_id=user,
                 item_id=f"ml-i{rng.randrange(1, 1683)}",
                 type=event_pb2.EVENT_TYPE_VIEW,
@@ -300,15 +305,15 @@ async def visible_phase(
             events.append(e)
         sent += len(events)
         try:
-            r = await ingest.IngestEvents(ingestion_pb2.IngestEventsRequest(events=events), timeout=10)
-        except grpc.aio.AioRpcError:
+            n = await deliver(events)
+        except Exception:
             failures += 1
             probe_failures += probe
             return
         acked = time.perf_counter()
-        accepted += r.accepted
-        if probe and r.accepted == len(events):
-            pollers.append(asyncio.create_task(poll(f"probe-{k}", acked)))
+        accepted += n
+        if probe and n == len(events):
+            pollers.append(asyncio.create_task(poll(f"{prefix}probe-{k}", acked)))
 
     senders = []
     interval = batch / rate
@@ -333,6 +338,40 @@ async def visible_phase(
         "visible_p99_ms": percentile(values, 99),
         "visible_max_ms": max(values) if values else float("nan"),
         "visible_series": latencies,
+    }
+
+
+async def direct_phase(
+    nats_url: str, stub: feature_pb2_grpc.FeatureServiceStub, seconds: float
+) -> dict[str, Any]:
+    """The same load published straight to FRESHREC_EVENTS (as ingestion would), timing from
+    JetStream's acknowledgement: the feature service's share of the freshness, on its own."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+
+    async def publish(events: list[event_pb2.Event]) -> int:
+        acks = [
+            await js.publish_async(
+                accepted_subject("EVENT_TYPE_VIEW", e.user_id),
+                e.SerializeToString(),
+                headers={MSG_ID_HEADER: e.event_id},
+                stream=EVENTS_STREAM,
+            )
+            for e in events
+        ]
+        await asyncio.gather(*acks)
+        return len(acks)
+
+    try:
+        result = await visible_phase(publish, stub, 5000.0, seconds, "d-")
+    finally:
+        await nc.close()
+    return {
+        "direct_rate_accepted": result["ingest_rate_accepted"],
+        "direct_probes": result["probes"],
+        "direct_visible_p50_ms": result["visible_p50_ms"],
+        "direct_visible_p99_ms": result["visible_p99_ms"],
+        "direct_visible_series": result["visible_series"],
     }
 
 
@@ -378,14 +417,26 @@ async def run(quick: bool) -> dict[str, Any]:
                 rpc = "freshrec_rpc_latency_seconds"
                 reads["read_server_p99_ms_bucket"] = 1000 * bucket_quantile(before[rpc], after[rpc], 0.99)
 
+                direct = await direct_phase(server.url, stub, visible_seconds)
                 ingestion.start(logs / "ingestion.log")
                 wait_healthy(ingestion.address, 60, ingestion.process)
                 before = scrape(metrics_port)
+                cpu_before, seq_before = cpu_seconds(feature.process.pid), await watermark(stub)
                 async with grpc.aio.insecure_channel(ingestion.address) as ingest_channel:
-                    visible = await visible_phase(
-                        ingestion_pb2_grpc.IngestionServiceStub(ingest_channel), stub, 5000.0, visible_seconds
-                    )
+                    ingest = ingestion_pb2_grpc.IngestionServiceStub(ingest_channel)
+
+                    async def through_ingestion(events: list[event_pb2.Event]) -> int:
+                        request = ingestion_pb2.IngestEventsRequest(events=events)
+                        return int((await ingest.IngestEvents(request, timeout=10)).accepted)
+
+                    visible = await visible_phase(through_ingestion, stub, 5000.0, visible_seconds, "v-")
                 after = scrape(metrics_port)
+                live_cpu = cpu_seconds(feature.process.pid) - cpu_before
+                live_events = await watermark(stub) - seq_before
+                visible["live_events_applied"] = live_events
+                visible["live_cpu_us_per_event"] = (
+                    1e6 * live_cpu / live_events if live_events else float("nan")
+                )
                 lag = "freshrec_feature_event_lag_seconds"
                 visible["event_lag_server_p99_ms_bucket"] = 1000 * bucket_quantile(
                     before[lag], after[lag], 0.99
@@ -402,9 +453,11 @@ async def run(quick: bool) -> dict[str, Any]:
         "rss_mb_after_live_load": rss_after,
         **reads,
         **{k: v for k, v in visible.items() if k != "visible_series"},
+        **{k: v for k, v in direct.items() if k != "direct_visible_series"},
         "series": {
             "backlog_watermark": downsample(backlog["watermark_series"]),
             "visible_latency_ms": downsample(visible["visible_series"]),
+            "direct_visible_latency_ms": downsample(direct["direct_visible_series"]),
         },
     }
 
@@ -440,6 +493,12 @@ def main() -> None:
             "p99 ≤ 100",
         ),
         ("probes seen / missing", f"{r['probes']} / {r['probes_missing']}", ""),
+        (
+            "JetStream-published → visible p50 / p99",
+            f"{r['direct_visible_p50_ms']:.1f} / {r['direct_visible_p99_ms']:.1f} ms",
+            f"at {r['direct_rate_accepted']:.0f} ev/s",
+        ),
+        ("feature CPU while live", f"{r['live_cpu_us_per_event']:.0f} µs per event applied", ""),
         (
             "server side: GetUserFeatures p99 ≤",
             f"{r['read_server_p99_ms_bucket']:g} ms (histogram bucket)",

@@ -29,4 +29,4 @@ def test_quick_benchmark_prints_its_figures_as_json() -> None:
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["backlog_events"] == 20_000 and figures["apply_events_per_s"] > 0
     assert figures["probes"] > 0 and figures["read_requests"] > 0 and 0 < figures["rss_mb"] < 2000
-    assert set(figures["series"]) == {"backlog_watermark", "visible_latency_ms"}
+    assert set(figures["series"]) == {"backlog_watermark", "visible_latency_ms", "direct_visible_latency_ms"}
