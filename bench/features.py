@@ -415,7 +415,13 @@ async def run(quick: bool) -> dict[str, Any]:
             last = await publish_backlog(server.url, events)
 
             feature.start(logs / "feature.log")  # it works through the backlog from its first moment
-            async with grpc.aio.insecure_channel(feature.address) as channel:
+            # Reconnect at once while the service starts, so the first poll is not held by backoff.
+            fast_reconnect = [
+                ("grpc.initial_reconnect_backoff_ms", 10),
+                ("grpc.min_reconnect_backoff_ms", 10),
+                ("grpc.max_reconnect_backoff_ms", 20),
+            ]
+            async with grpc.aio.insecure_channel(feature.address, options=fast_reconnect) as channel:
                 stub = feature_pb2_grpc.FeatureServiceStub(channel)
                 assert feature.process is not None
                 backlog = await backlog_phase(stub, last, feature.process.pid)
