@@ -156,8 +156,10 @@ def demo_panel(snapshot: Snapshot, world: SyntheticWorld, result: DemoResult, wi
     drift_marks = "".join("|" if any(s.t - 1 < d <= s.t for d in result.drifts) else " " for s in history)
     lines = Text()
     hr = [s.trainer_hr10 for s in history]
-    lines.append(f"{'hr@10':>14} {sparkline(hr, 0, max([0.05, *(v for v in hr if v is not None)]))}\n")
-    lines.append(f"{'taste match':>14} {sparkline([s.taste_match for s in history])}\n")
+    known = [v for v in hr if v is not None]
+    low, high = (min(known), max(known)) if known else (0.0, 1.0)
+    lines.append(f"{'hr@10':>14} {sparkline(hr, low, high)}  ({_fmt(low)} to {_fmt(high)})\n")
+    lines.append(f"{'taste match':>14} {sparkline([s.taste_match for s in history])}  (0 to 1)\n")
     lines.append(f"{'drift':>14} {drift_marks}")
     return Group(table, lines)
 
