@@ -28,7 +28,7 @@ RUN /opt/freshrec/bin/pip install --no-cache-dir \
 # Stage 3: the runtime image: the environment and the sources, no compilers, not root.
 FROM python:3.11-slim AS runtime
 WORKDIR /app
-ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PATH=/opt/freshrec/bin:$PATH
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PATH=/opt/freshrec/bin:$PATH PYTHONPATH=/app
 COPY --from=build /opt/freshrec /opt/freshrec
 COPY --from=build /src /app
 RUN useradd --create-home --uid 10001 freshrec && mkdir -p /data /models && chown freshrec /data /models
