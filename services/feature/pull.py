@@ -3,17 +3,13 @@
 nats-py's ``PullSubscription.fetch`` awaits every message of a batch under ``wait_for`` (a task
 per message) and its ``Msg.metadata`` builds a datetime per message; at tens of thousands of
 events a second that is most of the feature service's CPU. ``Puller`` speaks the documented
-pull protocol itself (a request on ``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`` with the
-reply subject of a private inbox) and collects the deliveries from a plain subscription:
-
-1. a ``no_wait`` request for the batch returns what is available now (the server ends it with
-   a ``404 No Messages`` status when it has fewer);
-2. if nothing was available, a request for one message that lingers up to ``wait_s`` waits for
-   the next event (ended by ``408 Request Timeout``), and a ``no_wait`` request then collects
-   whatever else has arrived.
-
-Deliveries that arrive after a fetch returned (possible only if the server answers later
-than our safety deadline) stay buffered, in order, for the next fetch.
+pull protocol itself: one pull request at a time (``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>``
+for up to ``batch`` messages, lingering up to ``wait_s``) with the reply subject of a private
+inbox, whose deliveries a plain subscription collects. ``fetch`` returns whatever has arrived
+as soon as anything has, while the request keeps delivering; a new request goes out when the
+previous one is used up (its batch delivered) or ended by the server (``408 Request Timeout``
+when it expires). A steady stream thus costs one request per batch, a backlog arrives in
+batches, and an idle consumer sends one request per ``wait_s``.
 """
 
 from __future__ import annotations
@@ -71,14 +67,15 @@ def pending_after(reply: str) -> int:
 
 
 class Puller:
-    """Fetches batches from one pull consumer (bound by name) through a private inbox."""
+    """Fetches from one pull consumer (bound by name) through a private inbox."""
 
     def __init__(self, nc: NatsClient, stream: str, consumer: str) -> None:
         self.nc = nc
         self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self.inbox = nc.new_inbox()
         self.buffer: deque[Msg] = deque()
-        self._ended = 0  # pull requests the server ended with a status message
+        self._remaining = 0  # messages the open request may still deliver (0: no open request)
+        self._deadline = 0.0  # when the open request must have ended, at the latest
         self._wake = asyncio.Event()
         self._error: str | None = None
         self._sub: Subscription | None = None
@@ -99,39 +96,35 @@ class Puller:
                 return
             if status not in ("404", "408"):
                 self._error = f"{status} {msg.headers.get('Description', '')}".strip()
-            self._ended += 1
+            self._remaining = 0
         else:
             self.buffer.append(msg)
+            self._remaining -= 1
         self._wake.set()
 
-    async def _request(self, batch: int, linger_s: float | None) -> None:
-        """Sends one pull request and waits until it is satisfied or ended."""
-        want = len(self.buffer) + batch
-        ended = self._ended
-        request: dict[str, object] = {"batch": batch}
-        if linger_s is None:
-            request["no_wait"] = True
-        else:
-            request["expires"] = max(1, int(linger_s * 1e9))
-        await self.nc.publish(self.subject, json.dumps(request).encode(), reply=self.inbox)
-        try:
-            async with asyncio.timeout((linger_s or 0.0) + SAFETY_S):
-                while len(self.buffer) < want and self._ended == ended:
-                    self._wake.clear()
-                    await self._wake.wait()
-        except TimeoutError:
-            logger.warning("pull request on %s got no answer in time; continuing", self.subject)
+    async def fetch(self, batch: int, wait_s: float) -> list[Msg]:
+        """Up to ``batch`` messages, as soon as any has arrived; waits up to ``wait_s`` for one."""
+        loop = asyncio.get_running_loop()
+        if not self.buffer:
+            if self._remaining > 0 and loop.time() > self._deadline:
+                logger.warning(
+                    "pull request on %s was never ended by the server; sending another", self.subject
+                )
+                self._remaining = 0
+            if self._remaining <= 0:
+                self._remaining = batch
+                self._deadline = loop.time() + wait_s + SAFETY_S
+                request = {"batch": batch, "expires": max(1, int(wait_s * 1e9))}
+                await self.nc.publish(self.subject, json.dumps(request).encode(), reply=self.inbox)
+            try:
+                async with asyncio.timeout(wait_s + SAFETY_S):
+                    while not self.buffer and self._remaining > 0:
+                        self._wake.clear()
+                        await self._wake.wait()
+            except TimeoutError:
+                pass
         if self._error is not None:
             error, self._error = self._error, None
             raise ConsumerGone(f"pull from {self.subject} failed: {error}")
-
-    async def fetch(self, batch: int, wait_s: float) -> list[Msg]:
-        """Up to ``batch`` messages, waiting up to ``wait_s`` for the first when none is ready."""
-        if not self.buffer:
-            await self._request(batch, None)
-        if not self.buffer:
-            await self._request(1, wait_s)
-            if self.buffer and batch > 1:
-                await self._request(batch - 1, None)
         n = min(batch, len(self.buffer))
         return [self.buffer.popleft() for _ in range(n)]

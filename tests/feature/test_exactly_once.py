@@ -45,6 +45,17 @@ def reference(settings, events: list[event_pb2.Event]) -> dict:  # type: ignore[
     return state.dump()
 
 
+async def fetch_exactly(puller: Puller, n: int) -> list:  # type: ignore[type-arg]
+    got: list = []  # type: ignore[type-arg]
+
+    async def enough() -> bool:
+        got.extend(await puller.fetch(n - len(got), 1.0))
+        return len(got) == n
+
+    await eventually(enough, what=f"{n} deliveries")
+    return got
+
+
 def canonical(dump: dict) -> str:
     return json.dumps(dump, sort_keys=True)
 
@@ -66,8 +77,7 @@ async def test_forced_redelivery_is_skipped(nats_server, nats_client, tmp_path: 
     puller = await Puller(nats_client, EVENTS_STREAM, settings.replica_name).start()
     consumer = FeatureConsumer(nats_client, js, state, store, settings)
 
-    first = await puller.fetch(300, 5.0)
-    assert len(first) == 300
+    first = await fetch_exactly(puller, 300)
     # Applied and committed, but the ack is lost (as if the process died right after the commit).
     for msg in first:
         state.apply(event_pb2.Event.FromString(msg.data), stream_position(msg.reply)[0])
@@ -103,7 +113,7 @@ async def test_events_delivered_but_never_committed_are_not_lost(
     # A replica fetched a batch and died before committing it (no ack; ack_wait is long).
     await ensure_durable(nats_client.jetstream(), settings, 0)
     puller = await Puller(nats_client, EVENTS_STREAM, settings.replica_name).start()
-    assert len(await puller.fetch(150, 5.0)) == 150
+    await fetch_exactly(puller, 150)
     await puller.close()
 
     app = await started(settings)
