@@ -21,6 +21,10 @@ from shared.settings import DatabaseSettings
 logger = logging.getLogger(__name__)
 
 
+#: PRAGMA statements are not parameterisable: each allowed value has its own constant statement.
+SQLITE_SYNCHRONOUS = {level: f"PRAGMA synchronous={level}" for level in ("OFF", "NORMAL", "FULL", "EXTRA")}
+
+
 def make_engine(settings: DatabaseSettings) -> Engine:
     """Creates the engine; for SQLite, creates the file's folder and turns on WAL."""
     url = make_url(settings.url)
@@ -37,7 +41,7 @@ def make_engine(settings: DatabaseSettings) -> Engine:
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute(f"PRAGMA synchronous={synchronous}")  # a validated Literal, never user text
+            cursor.execute(SQLITE_SYNCHRONOUS[synchronous])
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()

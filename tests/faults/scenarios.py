@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from cli.stack import Stack
-from tests.faults.harness import kill, restart
+from tests.faults.harness import FaultStack, Verdict, kill, restart, run_scenario
 
 Inject = Callable[[Stack], Awaitable[None]]
 
@@ -80,3 +80,9 @@ SCENARIOS: dict[str, Scenario] = {
     # Slow enough that the trainer catches up between its twenty deaths; exports still happen each time.
     "trainer_killed_during_export": Scenario(trainer_killed_during_export, rate=50.0),
 }
+
+
+async def run_named(stack: FaultStack, name: str) -> Verdict:
+    """Runs one scenario by name on a started stack; event ids are prefixed with a short form of it."""
+    scenario = SCENARIOS[name]
+    return await run_scenario(stack, name.replace("_", "")[:12], scenario.inject, rate=scenario.rate)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.harness import FaultStack, run_scenario
-from tests.faults.scenarios import SCENARIOS
+from tests.faults.harness import FaultStack
+from tests.faults.scenarios import SCENARIOS, run_named
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -15,8 +15,7 @@ async def test_no_event_lost_or_applied_twice(tmp_path, name: str) -> None:
     stack = FaultStack(tmp_path)
     stack.start()
     try:
-        scenario = SCENARIOS[name]
-        verdict = await run_scenario(stack, name.replace("_", "")[:12], scenario.inject, rate=scenario.rate)
+        verdict = await run_named(stack, name)
     finally:
         stack.stop()
     print(verdict.row(), verdict.notes)
