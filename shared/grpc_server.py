@@ -26,6 +26,9 @@ from shared.settings import GrpcSettings
 
 logger = logging.getLogger(__name__)
 
+#: How long cancelled background tasks get to finish when a server stops.
+TASK_STOP_TIMEOUT_S = 5.0
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -109,12 +112,14 @@ class RunningServer:
         await self.server.stop(max(0.0, deadline - loop.time()))
         for task in self.tasks:
             task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                try:
-                    await task
-                except Exception:
-                    logger.exception("background task %s had failed", task.get_name())
+        if self.tasks:
+            # A task that swallows its cancellation (nats-py requests can) must not hold the exit.
+            done, pending = await asyncio.wait(self.tasks, timeout=TASK_STOP_TIMEOUT_S)
+            for task in pending:
+                logger.warning("background task %s ignored its cancellation; leaving it", task.get_name())
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    logger.error("background task %s had failed", task.get_name(), exc_info=task.exception())
         for cleanup in reversed(self.cleanups):
             try:
                 await cleanup()

@@ -3,6 +3,10 @@ with a throw-away CA made in the test."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -114,3 +118,30 @@ def _request():  # type: ignore[no-untyped-def]
     from freshrec.v1 import ingestion_pb2
 
     return ingestion_pb2.IngestEventsRequest(events=[event("u", "i", event_id="auth-1")])
+
+
+async def test_healthcheck_speaks_tls_when_the_server_does(nats_server, tmp_path, pki) -> None:
+    tls = {"cert_file": pki.server.cert, "key_file": pki.server.key, "ca_file": pki.ca}
+    grpc_settings = {"host": "127.0.0.1", "port": 0, "tls": tls}
+    app = FeatureApp(service_settings(FeatureSettings, nats_server, tmp_path, grpc=grpc_settings))
+    await app.start()
+
+    def probe(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "shared.healthcheck", f"127.0.0.1:{app.port}", "--timeout", "10"]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
+
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
+        plain = await asyncio.to_thread(probe, env)
+        assert plain.returncode == 1  # a plaintext probe of a TLS port fails
+        # In a container the check reads the service's own settings; mutual TLS here.
+        env |= {
+            "FRESHREC_GRPC__TLS__CERT_FILE": str(pki.client.cert),
+            "FRESHREC_GRPC__TLS__KEY_FILE": str(pki.client.key),
+            "FRESHREC_GRPC__TLS__CA_FILE": str(pki.ca),
+        }
+        secured = await asyncio.to_thread(probe, env)
+        assert secured.returncode == 0, secured.stderr
+        assert "SERVING" in secured.stdout
+    finally:
+        await app.stop()
