@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from freshrec.v1 import event_pb2, ingestion_pb2
+from services.ingestion import metrics
 from services.ingestion.publisher import Publisher
-from services.ingestion.store import EventLog
-from services.ingestion.validation import derive_event_id, validate_event
+from services.ingestion.store import NewEvent
+from services.ingestion.validation import Rejection, Validator, derive_event_id
+from services.ingestion.writer import GroupCommitter
 
 logger = logging.getLogger(__name__)
 
@@ -21,34 +25,91 @@ class Summary:
     accepted: int = 0
     duplicates: int = 0
     errors: list[ingestion_pb2.EventError] = field(default_factory=list)
+    #: The rule each error broke, parallel to ``errors`` (for metrics and dead-letter headers).
+    rejections: list[Rejection] = field(default_factory=list)
 
 
 class Ingestor:
-    """Validates events, stores the new ones in the event log, then publishes them."""
+    """Validates events, stores the new ones in the event log (group commit), then publishes them.
 
-    def __init__(self, log: EventLog, publisher: Publisher) -> None:
-        self.log = log
+    An event counts as accepted once it is committed to SQL; the call returns after JetStream has
+    acknowledged it too, or after the publish timeout (the relay then publishes it), or at once
+    while NATS is unreachable (the outbox keeps it until NATS is back).
+    """
+
+    def __init__(
+        self, committer: GroupCommitter, publisher: Publisher, validator: Validator, owner: str
+    ) -> None:
+        self.committer = committer
         self.publisher = publisher
+        self.validator = validator
+        self.owner = owner
 
-    async def ingest(self, events: list[event_pb2.Event], first_index: int = 0) -> Summary:
+    async def ingest(
+        self,
+        events: Sequence[event_pb2.Event],
+        source: str,
+        *,
+        payloads: Sequence[bytes | None] | None = None,
+        first_index: int = 0,
+    ) -> Summary:
+        """Ingests a batch; ``payloads`` may carry each event's wire bytes, reused when unchanged."""
         summary = Summary()
-        valid: list[event_pb2.Event] = []
+        rows: list[NewEvent] = []
+        seen: set[str] = set()
+        duplicates = 0
+        check = self.validator.check
+        now_s = time.time()
+        received_us = int(now_s * 1e6)
+        owner = self.owner
         for offset, event in enumerate(events):
-            reason = validate_event(event)
-            if reason is None and not event.event_id:
-                event.event_id = derive_event_id(event)
-            if reason is not None:
-                logger.debug("rejected event: %s", reason, extra={"event_id": event.event_id})
+            rejection = check(event, now_s)
+            if rejection is not None:
                 summary.errors.append(
                     ingestion_pb2.EventError(
-                        index=first_index + offset, event_id=event.event_id, reason=reason
+                        index=first_index + offset,
+                        event_id=event.event_id or derive_event_id(event),
+                        reason=rejection.reason,
                     )
                 )
-            else:
-                valid.append(event)
-        stored, duplicates = await asyncio.to_thread(self.log.insert_new, valid)
+                summary.rejections.append(rejection)
+                logger.debug("rejected event: %s", rejection.reason, extra={"event_id": event.event_id})
+                continue
+            event_id = event.event_id
+            payload = payloads[offset] if payloads is not None else None
+            if not event_id:
+                event_id = derive_event_id(event)
+                event.event_id = event_id
+                payload = None
+            if event_id in seen:
+                duplicates += 1
+                continue
+            seen.add(event_id)
+            occurred = event.occurred_at
+            rows.append(
+                NewEvent(
+                    event_id,
+                    event.user_id,
+                    event.item_id,
+                    event.type,
+                    event.value,
+                    occurred.seconds * 1_000_000 + occurred.nanos // 1000,
+                    received_us,
+                    payload if payload is not None else event.SerializeToString(),
+                    owner,
+                )
+            )
+        for rejection in summary.rejections:
+            metrics.REJECTED.labels(source, rejection.code).inc()
+        if rows:
+            stored = await self.committer.insert(rows)
+            # Committed: the events are durable. Publish them even if the caller goes away now.
+            await asyncio.shield(self.publisher.publish_in_background(stored))
+        else:
+            stored = []
         summary.accepted = len(stored)
-        summary.duplicates = duplicates
-        # Committed: the event is durable. Publish now; anything not acknowledged is the relay's.
-        await self.publisher.publish(stored)
+        summary.duplicates = duplicates + len(rows) - len(stored)
+        metrics.ACCEPTED.labels(source).inc(summary.accepted)
+        if summary.duplicates:
+            metrics.DUPLICATES.labels(source).inc(summary.duplicates)
         return summary

@@ -1,99 +1,259 @@
-"""Publishing committed events to JetStream, and the outbox relay for whatever is left behind."""
+"""Publishing committed events to JetStream FRESHREC_EVENTS.
+
+Every event is published with ``Nats-Msg-Id = event_id`` on ``freshrec.events.accepted.<type>``,
+pipelined: a batch goes out in one burst, each message with its own reply subject under one
+wildcard inbox, and the acknowledgements are counted as they arrive instead of being awaited
+one by one. Acknowledged events are marked published by the next group commit; the rest stay in
+the outbox for the relay (``relay.py``).
+
+The publisher also knows whether the publish path works: NATS connected and the last batch
+acknowledged. While it does not, requests are still accepted (the SQL log is durable) and the
+events wait in the outbox; health reports it (``PUBLISHER_HEALTH``) and so do the metrics.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
+import time
+import zlib
+from collections.abc import Sequence
 
 from nats.aio.client import Client as NatsClient
-from nats.js import JetStreamContext
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from freshrec.v1 import event_pb2
-from services.ingestion.store import EventLog, StoredEvent
-from shared.nats import EVENTS_STREAM, MSG_ID_HEADER, accepted_subject
+from services.ingestion import metrics
+from services.ingestion.reconcile import RangeSet
+from services.ingestion.store import OutboxEvent
+from services.ingestion.writer import GroupCommitter
+from shared.nats import EVENT_PARTITIONS, EVENTS_STREAM, MSG_ID_HEADER, accepted_subject
 
 logger = logging.getLogger(__name__)
 
+#: Named health service that is SERVING while accepted events are published as they arrive.
+PUBLISHER_HEALTH = "freshrec.ingestion.Publisher"
+EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"
 
-def subject_for(event_type: int, user_id: str) -> str:
-    return accepted_subject(event_pb2.EventType.Name(event_type), user_id)
+
+def _subjects_by_partition(type_name: str) -> list[str]:
+    # accepted_subject computes the partition from a user id; read the subject's prefix from it once.
+    prefix = accepted_subject(type_name, "").rsplit(".", 1)[0]
+    return [f"{prefix}.{p}" for p in range(EVENT_PARTITIONS)]
+
+
+#: ``SUBJECTS[type][partition]``: every subject an accepted event can go to, built once.
+SUBJECTS = {
+    value.number: _subjects_by_partition(value.name)
+    for value in event_pb2.EventType.DESCRIPTOR.values
+    if value.number != event_pb2.EVENT_TYPE_UNSPECIFIED
+}
+
+
+def subject_for(event: OutboxEvent) -> str:
+    """``freshrec.events.accepted.<type>.<user partition>`` (as ``shared.nats.accepted_subject``)."""
+    return SUBJECTS[event.type][zlib.crc32(event.user_id.encode()) % EVENT_PARTITIONS]
+
+
+class _Capacity:
+    """Bounds how many events wait for acknowledgements at once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, n: int) -> None:
+        n = min(n, self.limit)
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+
+    async def release(self, n: int) -> None:
+        n = min(n, self.limit)
+        async with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+class _Batch:
+    """The acknowledgements of one published batch."""
+
+    __slots__ = ("acked", "failed", "remaining", "done", "error")
+
+    def __init__(self, size: int, done: asyncio.Future[None]) -> None:
+        self.acked: list[int] = []
+        self.failed = 0
+        self.remaining = size
+        self.done = done
+        self.error: str | None = None
 
 
 class Publisher:
-    """Publishes committed events with ``Nats-Msg-Id`` and marks the acknowledged ones published."""
+    """Publishes outbox events and keeps track of which are in flight."""
 
-    def __init__(self, nc: NatsClient, js: JetStreamContext, log: EventLog, timeout_s: float) -> None:
-        self.nc = nc
-        self.js = js
-        self.log = log
+    def __init__(
+        self,
+        committer: GroupCommitter,
+        *,
+        timeout_s: float,
+        max_in_flight: int,
+        stream: str = EVENTS_STREAM,
+    ) -> None:
+        self.committer = committer
         self.timeout_s = timeout_s
+        self.stream = stream
+        self.nc: NatsClient | None = None
+        #: Seqs being published, or acknowledged and waiting for their mark to commit; the relay skips them.
         self.in_flight: set[int] = set()
+        #: Seqs stored while NATS was unreachable and never sent since (see reconcile.py).
+        self.never_sent = RangeSet()
+        #: True after a batch went unacknowledged, until an acknowledgement arrives again.
+        self.stalled = False
+        self._capacity = _Capacity(max_in_flight)
+        self._tokens = itertools.count(1)
+        self._waiting: dict[int, tuple[_Batch, int]] = {}
+        self._prefix = ""
+        self._sub: Subscription | None = None
+        self._background: set[asyncio.Task[int]] = set()
 
-    async def publish(self, events: list[StoredEvent]) -> int:
-        """Publishes in log order, pipelining acks; returns how many JetStream acknowledged.
+    async def attach(self, nc: NatsClient) -> None:
+        """Starts publishing over ``nc``: one wildcard subscription receives every acknowledgement."""
+        self._prefix = nc.new_inbox()
+        self._sub = await nc.subscribe(f"{self._prefix}.*", cb=self._on_ack, pending_msgs_limit=1_000_000)
+        self.nc = nc
 
-        Events that fail stay unpublished in the log; the relay retries them. JetStream drops a
-        repeat of the same ``Nats-Msg-Id`` within its duplicate window, so a retry never doubles.
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        for task in list(self._background):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    @property
+    def serving(self) -> bool:
+        return self.connected and not self.stalled
+
+    # -- callbacks from the group committer (on the event loop) ---------------------------------
+
+    def committed(self, events: list[OutboxEvent], abandoned: bool) -> None:
+        """New events were committed: they are in flight from now on (the relay leaves them alone)."""
+        self.in_flight.update(e.seq for e in events)
+        if abandoned and events:
+            self.publish_in_background(events)
+
+    def publish_in_background(self, events: Sequence[OutboxEvent]) -> asyncio.Task[int]:
+        """Publishes committed events in a task of its own, which finishes even if the request is gone."""
+        task = asyncio.get_running_loop().create_task(self.publish(events, "request"))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def marked(self, seqs: list[int]) -> None:
+        """Their published marks are committed: the outbox no longer lists them."""
+        self.in_flight.difference_update(seqs)
+
+    # -- publishing -----------------------------------------------------------------------------
+
+    async def publish(self, events: Sequence[OutboxEvent], path: str) -> int:
+        """Publishes events (already in ``in_flight``) in order; returns how many were acknowledged.
+
+        Never raises for NATS trouble: what is not acknowledged is left to the relay.
         """
-        if not events or not self.nc.is_connected:
+        if not events:
             return 0
-        seqs = [e.seq for e in events]
-        self.in_flight.update(seqs)
+        nc = self.nc
+        if nc is None or not nc.is_connected or (self.stalled and path == "request"):
+            # Not sent at all: the relay publishes these (and probes a stalled server meanwhile),
+            # so a request is not held up by a NATS that does not answer.
+            if path == "request":
+                self.never_sent.add_all([e.seq for e in events])
+            self._give_up(events, path)
+            return 0
+        if path == "relay":
+            self.never_sent.discard(events[0].seq, events[-1].seq)
+        batch = _Batch(len(events), asyncio.get_running_loop().create_future())
+        tokens: list[int] = []
+        started = time.perf_counter()
+        acquired = False
         try:
-            futures = []
-            for e in events:
-                futures.append(
-                    await self.js.publish_async(
-                        subject_for(e.type, e.user_id),
-                        e.payload,
-                        headers={MSG_ID_HEADER: e.event_id},
-                        stream=EVENTS_STREAM,
+            async with asyncio.timeout(self.timeout_s):
+                await self._capacity.acquire(len(events))
+                acquired = True
+                prefix = self._prefix
+                publish = nc.publish
+                stream = self.stream
+                for event in events:
+                    token = next(self._tokens)
+                    self._waiting[token] = (batch, event.seq)
+                    tokens.append(token)
+                    await publish(
+                        subject_for(event),
+                        event.payload,
+                        reply=f"{prefix}.{token}",
+                        headers={MSG_ID_HEADER: event.event_id, EXPECTED_STREAM_HEADER: stream},
                     )
-                )
-            done, pending = await asyncio.wait(futures, timeout=self.timeout_s)
-            for future in pending:
-                future.cancel()
-            acked = [e.seq for e, f in zip(events, futures, strict=True) if f in done and not f.exception()]
-            if acked:
-                await asyncio.to_thread(self.log.mark_published, acked)
-            if len(acked) < len(events):
-                logger.warning(
-                    "%d of %d events not acknowledged by JetStream; the relay will retry",
-                    len(events) - len(acked),
-                    len(events),
-                )
-            return len(acked)
+                await batch.done
+        except TimeoutError:
+            logger.warning(
+                "JetStream acknowledged %d of %d events within %.1fs; the relay will retry the rest",
+                len(batch.acked),
+                len(events),
+                self.timeout_s,
+            )
         except Exception as exc:
-            logger.warning("publishing %d events failed (%s); the relay will retry", len(events), exc)
-            return 0
+            logger.warning("publishing %d events failed (%s); the relay will retry them", len(events), exc)
         finally:
-            self.in_flight.difference_update(seqs)
+            for token in tokens:
+                self._waiting.pop(token, None)
+            if acquired:
+                await self._capacity.release(len(events))
+        if batch.error is not None:
+            logger.warning("JetStream refused %d of %d events: %s", batch.failed, len(events), batch.error)
+        acked = batch.acked
+        if acked:
+            metrics.PUBLISH_LATENCY.observe(time.perf_counter() - started)
+            metrics.PUBLISHED.labels(path).inc(len(acked))
+            self.committer.mark_published(acked)
+            self.stalled = False
+        if len(acked) < len(events):
+            if batch.remaining or not acked:
+                self.stalled = True  # unanswered (or refused outright): the path does not work
+            done = set(acked)
+            self._give_up([e for e in events if e.seq not in done], path)
+        return len(acked)
 
-    async def relay(self, interval_s: float, batch: int = 1000) -> None:
-        """Publishes committed-but-unpublished events, oldest first, forever."""
-        while True:
-            try:
-                await self.relay_once(batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("outbox relay pass failed")
-            await asyncio.sleep(interval_s)
+    def _give_up(self, events: Sequence[OutboxEvent], path: str) -> None:
+        metrics.PUBLISH_FAILED.labels(path).inc(len(events))
+        self.in_flight.difference_update(e.seq for e in events)
 
-    async def relay_once(self, batch: int = 1000) -> int:
-        """One pass over the outbox; returns the number of events published."""
-        published = 0
-        after = 0
-        while self.nc.is_connected:
-            pending = await asyncio.to_thread(self.log.unpublished, batch, after)
-            if not pending:
-                break
-            after = pending[-1].seq
-            todo = [e for e in pending if e.seq not in self.in_flight]
-            n = await self.publish(todo)
-            published += n
-            if n < len(todo):
-                break
-        if published:
-            logger.info("outbox relay published %d events", published)
-        return published
+    async def _on_ack(self, msg: Msg) -> None:
+        try:
+            token = int(msg.subject[len(self._prefix) + 1 :])
+        except ValueError:
+            return
+        entry = self._waiting.pop(token, None)
+        if entry is None:
+            return  # a late acknowledgement of a batch that timed out; the relay handles its event
+        batch, seq = entry
+        data = msg.data
+        if data and not data.startswith(b'{"error"') and b'"error":' not in data:
+            batch.acked.append(seq)
+        else:
+            batch.failed += 1
+            if batch.error is None:
+                status = msg.headers.get("Status") if msg.headers else None
+                batch.error = data.decode(errors="replace")[:300] if data else f"status {status}"
+        batch.remaining -= 1
+        if batch.remaining == 0 and not batch.done.done():
+            batch.done.set_result(None)

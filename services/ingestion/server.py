@@ -1,24 +1,38 @@
-"""Wires the ingestion service together: SQL, NATS, the relay, the raw intake and the gRPC server."""
+"""Wires the ingestion service together: SQL, the group committer, NATS, the relay, the raw intake
+and the gRPC server.
+
+The gRPC server starts whether or not NATS is reachable: SQL is the durable log, so events are
+accepted either way. Without NATS, the named health service ``freshrec.ingestion.Publisher`` is
+NOT_SERVING (the server itself stays SERVING) and a background task keeps connecting; once it
+succeeds, the streams are declared, the relay drains the outbox and the raw intake starts.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from functools import partial
+import time
+import uuid
 from pathlib import Path
 
 import grpc
+from nats.aio.client import Client as NatsClient
 
 from freshrec.v1 import ingestion_pb2, ingestion_pb2_grpc
+from services.ingestion import metrics
 from services.ingestion.ingestor import Ingestor
-from services.ingestion.nats_intake import RawIntake, ensure_intake_streams
-from services.ingestion.publisher import Publisher
+from services.ingestion.nats_intake import RawIntake, ensure_intake_streams, ensure_raw_consumer
+from services.ingestion.publisher import PUBLISHER_HEALTH, Publisher
+from services.ingestion.reconcile import Reconciler
+from services.ingestion.relay import Relay
 from services.ingestion.servicer import IngestionServicer
 from services.ingestion.settings import IngestionSettings
 from services.ingestion.store import EventLog
+from services.ingestion.validation import validator_from
+from services.ingestion.writer import GroupCommitter
 from shared import nats as fnats
-from shared.db import make_engine, make_sessionmaker, upgrade_schema
-from shared.grpc_server import RunningServer, full_service_name, start_grpc_server
+from shared.db import make_engine, upgrade_schema
+from shared.grpc_server import NOT_SERVING, SERVING, RunningServer, full_service_name, start_grpc_server
 from shared.metrics import start_metrics_endpoint
 
 logger = logging.getLogger(__name__)
@@ -34,6 +48,13 @@ class IngestionApp:
     def __init__(self, settings: IngestionSettings) -> None:
         self.settings = settings
         self.server: RunningServer | None = None
+        self.replica_id = uuid.uuid4().hex
+        self.nc: NatsClient | None = None
+        self.log: EventLog | None = None
+        self.publisher: Publisher | None = None
+        self.relay: Relay | None = None
+        self.metrics_port: int | None = None
+        self._nats_ready = asyncio.Event()
 
     @property
     def port(self) -> int:
@@ -44,32 +65,149 @@ class IngestionApp:
         s = self.settings
         engine = make_engine(s.database)
         await asyncio.to_thread(upgrade_schema, engine, MIGRATIONS, VERSION_TABLE)
-        log = EventLog(make_sessionmaker(engine))
+        log = self.log = EventLog(engine)
+        await asyncio.to_thread(log.register_replica, self.replica_id, s.replica_name, int(time.time() * 1e6))
 
-        nc = await fnats.connect(s.nats, name="freshrec-ingestion")
-        js = nc.jetstream()
-        await fnats.ensure_events_stream(
-            js, s.duplicate_window_s, owner=True, replicas=s.nats.stream_replicas
+        committer = GroupCommitter(
+            log, max_rows=s.commit_max_rows, heartbeat=(self.replica_id, s.replica_lease_s / 3)
         )
-        await ensure_intake_streams(js, s.nats.stream_replicas)
-
-        publisher = Publisher(nc, js, log, s.publish_timeout_s)
-        ingestor = Ingestor(log, publisher)
+        publisher = self.publisher = Publisher(
+            committer, timeout_s=s.publish_timeout_s, max_in_flight=s.max_publish_in_flight
+        )
+        committer.on_committed = publisher.committed
+        committer.on_marked = publisher.marked
+        committer.start()
+        ingestor = Ingestor(committer, publisher, validator_from(s), owner=self.replica_id)
+        relay = self.relay = Relay(
+            log,
+            publisher,
+            self.replica_id,
+            s.replica_name,
+            batch=s.relay_batch,
+            interval_s=s.relay_interval_s,
+            grace_s=s.relay_grace_s,
+            lease_s=s.replica_lease_s,
+        )
+        await relay.adopt()
 
         def register(server: grpc.aio.Server) -> None:
             ingestion_pb2_grpc.add_IngestionServiceServicer_to_server(
                 IngestionServicer(ingestor, s.max_batch), server
             )
 
-        self.server = await start_grpc_server(s.grpc, [SERVICE_NAME], register)
-        self.server.cleanups += [nc.drain, partial(asyncio.to_thread, engine.dispose)]
-        self.server.tasks += [
-            asyncio.create_task(publisher.relay(s.relay_interval_s), name="outbox-relay"),
-            asyncio.create_task(RawIntake(js, ingestor, s.raw_batch).run(), name="raw-intake"),
+        self.server = server = await start_grpc_server(s.grpc, [SERVICE_NAME], register)
+        await server.health.set(PUBLISHER_HEALTH, NOT_SERVING)
+
+        async def deregister() -> None:
+            await asyncio.to_thread(log.deregister_replica, self.replica_id)
+
+        async def dispose() -> None:
+            await asyncio.to_thread(engine.dispose)
+
+        # Cleanups run in reverse: publisher, writer (commits the last marks), NATS, replica row, engine.
+        server.cleanups += [dispose, deregister, self._drain_nats, committer.stop, publisher.close]
+        server.tasks += [
+            asyncio.create_task(self._watch_publisher(), name="publisher-health"),
+            asyncio.create_task(relay.run(), name="outbox-relay"),
         ]
+        try:
+            await self._connect_nats(ingestor)
+        except Exception as exc:
+            logger.warning("NATS is unreachable (%s); accepting into the outbox and retrying", exc)
+            server.tasks.append(asyncio.create_task(self._keep_connecting(ingestor), name="nats-connect"))
         if s.metrics.enabled:
-            start_metrics_endpoint(s.metrics)
-        logger.info("ingestion listening on %s:%d", s.grpc.host, self.server.port)
+            self.metrics_port = start_metrics_endpoint(s.metrics)
+        logger.info(
+            "ingestion replica %s (%s) listening on %s:%d",
+            s.replica_name,
+            self.replica_id,
+            s.grpc.host,
+            server.port,
+        )
+
+    async def _connect_nats(self, ingestor: Ingestor) -> None:
+        s = self.settings
+        assert self.server is not None and self.publisher is not None and self.relay is not None
+        nc = await fnats.connect(s.nats, name=f"freshrec-ingestion-{s.replica_name}")
+        try:
+            js = nc.jetstream()
+            await fnats.ensure_events_stream(
+                js, s.duplicate_window_s, owner=True, replicas=s.nats.stream_replicas
+            )
+            await ensure_intake_streams(js, s.dlq_duplicate_window_s, s.nats.stream_replicas)
+            await ensure_raw_consumer(js, s.raw_ack_wait_s)
+        except BaseException:
+            await nc.close()
+            raise
+        self.nc = nc
+        log = self.log
+        assert log is not None
+
+        async def mark_found(ids: list[str]) -> int:
+            return await asyncio.to_thread(log.mark_published_ids, ids)
+
+        self.relay.reconciler = Reconciler(
+            js,
+            fnats.EVENTS_STREAM,
+            fnats.ACCEPTED_SUBJECTS,
+            mark_found,
+            window_s=s.duplicate_window_s,
+            margin_s=s.reconcile_margin_s,
+            clock_skew_s=s.reconcile_clock_skew_s,
+            never_sent=self.publisher.never_sent,
+        )
+        await self.publisher.attach(nc)
+        intake = RawIntake(
+            js,
+            ingestor,
+            max_batch=s.max_batch,
+            fetch_messages=s.raw_batch,
+            fetch_events=s.raw_fetch_events,
+            workers=s.raw_workers,
+            dlq_window_s=s.dlq_duplicate_window_s,
+            clock_skew_s=s.reconcile_clock_skew_s,
+        )
+        self.server.tasks.append(asyncio.create_task(intake.run(), name="raw-intake"))
+        self._nats_ready.set()
+
+    async def _keep_connecting(self, ingestor: Ingestor) -> None:
+        while True:
+            await asyncio.sleep(self.settings.nats.reconnect_wait_s)
+            try:
+                await self._connect_nats(ingestor)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.debug("NATS still unreachable: %s", exc)
+                continue
+            logger.info("connected to NATS; publishing the outbox")
+            return
+
+    async def _watch_publisher(self) -> None:
+        """Keeps the publisher's health service and gauges in step with the publish path."""
+        assert self.server is not None and self.publisher is not None
+        serving: bool | None = None
+        while True:
+            connected = self.publisher.connected
+            now_serving = self.publisher.serving
+            metrics.NATS_CONNECTED.set(1 if connected else 0)
+            metrics.PUBLISHER_SERVING.set(1 if now_serving else 0)
+            if now_serving != serving:
+                await self.server.health.set(PUBLISHER_HEALTH, SERVING if now_serving else NOT_SERVING)
+                if serving is not None:
+                    logger.warning(
+                        "publisher %s",
+                        "publishing again" if now_serving else "not publishing; events wait in the outbox",
+                    )
+                serving = now_serving
+            await asyncio.sleep(0.2)
+
+    async def _drain_nats(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), timeout=5)
+            except Exception:
+                await self.nc.close()
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import socket
+from datetime import UTC, datetime
+
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import DatabaseSettings, GrpcSettings, ServiceSettings
@@ -17,12 +20,94 @@ class IngestionSettings(ServiceSettings):
 
     grpc: GrpcSettings = GrpcSettings(port=50051)
     database: DatabaseSettings = DatabaseSettings(url="sqlite:///var/ingestion.db")
-    max_batch: int = Field(1000, gt=0, description="Most events one IngestEvents call may carry.")
-    duplicate_window_s: float = Field(
-        120.0, gt=0, description="JetStream deduplication window for Nats-Msg-Id (seconds)."
+
+    # What an event must look like (services/ingestion/validation.py).
+    max_batch: int = Field(
+        1000, gt=0, description="Most events one IngestEvents call (or NATS batch) may carry."
     )
-    publish_timeout_s: float = Field(5.0, gt=0, description="How long to wait for JetStream acks.")
+    rating_min: float = Field(1.0, description="Smallest value an EVENT_TYPE_RATE event may carry.")
+    rating_max: float = Field(5.0, description="Largest value an EVENT_TYPE_RATE event may carry.")
+    earliest_time: datetime = Field(
+        datetime(2000, 1, 1, tzinfo=UTC),
+        description="Events that occurred before this are refused (lower it to backfill older history).",
+    )
+    future_skew_s: float = Field(
+        300.0, ge=0, description="How far in the future occurred_at may be (producer clock skew), seconds."
+    )
+
+    # Publishing and the outbox (services/ingestion/publisher.py, relay.py).
+    duplicate_window_s: float = Field(
+        120.0,
+        gt=0,
+        description="JetStream deduplication window of FRESHREC_EVENTS for Nats-Msg-Id (seconds).",
+    )
+    publish_timeout_s: float = Field(5.0, gt=0, description="How long to wait for JetStream acks of a batch.")
+    max_publish_in_flight: int = Field(
+        20_000, gt=0, description="Most events published and not yet acknowledged by JetStream at once."
+    )
     relay_interval_s: float = Field(
         1.0, gt=0, description="How often the outbox relay looks for committed but unpublished events."
     )
+    relay_batch: int = Field(1000, gt=0, description="Events the relay reads and publishes at a time.")
+    relay_grace_s: float = Field(
+        1.0, ge=0, description="The relay leaves events younger than this to the request that stored them."
+    )
+    reconcile_clock_skew_s: float = Field(
+        5.0,
+        ge=0,
+        description="Largest clock difference assumed between ingestion and NATS when scanning the stream "
+        "for events already published.",
+    )
+    commit_max_rows: int = Field(
+        20_000,
+        gt=0,
+        description="Most events one group commit (one SQL transaction) takes from waiting requests.",
+    )
+
+    # Replicas sharing one database.
+    replica_name: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=128,
+        description="Name of this replica; a restarted replica takes over the outbox of its earlier "
+        "incarnation at once. Replicas running side by side need distinct names (default: host name).",
+    )
+    replica_lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="A replica silent for this long is presumed dead; others take over its outbox.",
+    )
+
+    # NATS intake (services/ingestion/nats_intake.py).
     raw_batch: int = Field(500, gt=0, description="Messages fetched at once from freshrec.events.raw.")
+    raw_fetch_events: int = Field(
+        2000,
+        gt=0,
+        description="Events the NATS intake aims to take per fetch (batches count all their events).",
+    )
+    raw_workers: int = Field(
+        4, gt=0, le=64, description="Concurrent fetch-ingest-ack loops on freshrec.events.raw."
+    )
+    raw_ack_wait_s: float = Field(
+        60.0, gt=0, description="Seconds before an unacknowledged raw message is redelivered."
+    )
+    dlq_duplicate_window_s: float = Field(
+        600.0, gt=0, description="Deduplication window of the dead-letter stream FRESHREC_DLQ (seconds)."
+    )
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> IngestionSettings:
+        if self.rating_min > self.rating_max:
+            raise ValueError("rating_min must not exceed rating_max")
+        if self.earliest_time.tzinfo is None:
+            self.earliest_time = self.earliest_time.replace(tzinfo=UTC)
+        return self
+
+    @property
+    def reconcile_margin_s(self) -> float:
+        """How long before the duplicate window closes a republish must be checked against the stream.
+
+        Half the window, at most 30 s: a republish that lands within ``window - margin`` of the first
+        possible copy is deduplicated by JetStream itself; anything older is reconciled first.
+        """
+        return min(self.duplicate_window_s / 2, 30.0)

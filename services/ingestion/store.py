@@ -1,36 +1,44 @@
 """The SQL event log (table ``events``), which doubles as the outbox for JetStream.
 
 Each accepted event is one row; ``published`` is false until JetStream has acknowledged it,
-so the relay can publish anything a crash or a NATS outage left behind.
+and ``owner`` names the ingestion replica whose relay is responsible for publishing it.
+Replicas sharing one database register in ``ingestion_replicas`` and renew a heartbeat; the
+unpublished rows of a replica that went silent are taken over by a live one.
+
+The insert is the hot path. It is one multi-row ``INSERT ... ON CONFLICT (event_id) DO NOTHING
+RETURNING seq, event_id`` per chunk, built with SQLAlchemy Core and compiled once per chunk size
+for the engine's dialect (SQLite and PostgreSQL alike); values always travel as bound
+parameters. Executing the compiled statement directly skips SQLAlchemy's per-row parameter
+processing, which otherwise costs more than SQLite's own work.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
-    DateTime,
+    Engine,
     Float,
     Index,
     Integer,
     LargeBinary,
     SmallInteger,
     String,
+    Table,
+    bindparam,
+    delete,
     false,
     func,
     select,
     text,
+    true,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
-from sqlalchemy.types import JSON
-
-from freshrec.v1 import event_pb2
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 class Base(DeclarativeBase):
@@ -42,25 +50,31 @@ class EventRow(Base):
 
     __tablename__ = "events"
 
+    #: Position in the log: the order events were committed in, and the order the relay publishes.
     seq: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     )
     event_id: Mapped[str] = mapped_column(String(128), unique=True)
-    user_id: Mapped[str] = mapped_column(String(128), index=True)
+    user_id: Mapped[str] = mapped_column(String(128))
     item_id: Mapped[str] = mapped_column(String(128))
     type: Mapped[int] = mapped_column(SmallInteger)
     value: Mapped[float] = mapped_column(Float)
-    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    session_id: Mapped[str] = mapped_column(String(128))
-    context: Mapped[dict[str, str]] = mapped_column(JSON)
+    #: Event time, microseconds since the Unix epoch (UTC).
+    occurred_at_us: Mapped[int] = mapped_column(BigInteger)
+    #: When ingestion accepted the event, microseconds since the Unix epoch; no copy of the event
+    #: can be in JetStream from before this moment (the outbox reconciliation relies on it).
+    received_at_us: Mapped[int] = mapped_column(BigInteger)
+    #: The event as published: protobuf ``freshrec.v1.Event`` bytes (with the derived id, if any).
     payload: Mapped[bytes] = mapped_column(LargeBinary)
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    published: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    published: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    #: Id of the replica (incarnation) whose relay publishes this row if the request could not.
+    owner: Mapped[str] = mapped_column(String(32), server_default="")
 
     __table_args__ = (
-        # The outbox: a small partial index over the rows JetStream has not acknowledged.
+        # The outbox: a small partial index over the rows JetStream has not acknowledged, per owner.
         Index(
-            "ix_events_unpublished",
+            "ix_events_outbox",
+            "owner",
             "seq",
             sqlite_where=text("published = 0"),
             postgresql_where=text("published = false"),
@@ -68,86 +82,246 @@ class EventRow(Base):
     )
 
 
-@dataclass(frozen=True)
-class StoredEvent:
-    """An event as committed: its log position, id, subject type and wire payload, and its user
-    (whose partition is part of the subject)."""
+class ReplicaRow(Base):
+    """One running (or crashed) ingestion process sharing this database."""
+
+    __tablename__ = "ingestion_replicas"
+
+    #: A fresh id per process start (incarnation).
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    #: The configured replica name; a new incarnation takes over the outbox of older ones.
+    name: Mapped[str] = mapped_column(String(128))
+    started_at_us: Mapped[int] = mapped_column(BigInteger)
+    heartbeat_at_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class NewEvent(NamedTuple):
+    """A validated event ready to insert (fields in ``INSERT_COLUMNS`` order)."""
+
+    event_id: str
+    user_id: str
+    item_id: str
+    type: int
+    value: float
+    occurred_at_us: int
+    received_at_us: int
+    payload: bytes
+    owner: str
+
+
+INSERT_COLUMNS = NewEvent._fields
+
+
+class OutboxEvent(NamedTuple):
+    """A committed event as the publisher needs it (the user picks the subject's partition)."""
 
     seq: int
     event_id: str
     type: int
-    payload: bytes
     user_id: str
+    payload: bytes
+    received_at_us: int
+
+
+#: Rows per INSERT statement: 9 columns x 500 rows stays far below SQLite's 32,766 parameters.
+INSERT_CHUNK = 500
+
+_events = cast(Table, EventRow.__table__)
+_replicas = cast(Table, ReplicaRow.__table__)
+
+
+def seq_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive integers: [1, 2, 3, 7, 8] -> [(1, 3), (7, 8)]."""
+    ranges: list[tuple[int, int]] = []
+    for seq in sorted(set(seqs)):
+        if ranges and seq == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], seq)
+        else:
+            ranges.append((seq, seq))
+    return ranges
 
 
 class EventLog:
-    """Repository over the ``events`` table; every method is one unit of work (call it off the loop)."""
+    """Repository over the ingestion tables; every method is one unit of work (call it off the loop)."""
 
-    def __init__(self, sessions: sessionmaker) -> None:  # type: ignore[type-arg]
-        self.sessions = sessions
-
-    def insert_new(self, events: list[event_pb2.Event]) -> tuple[list[StoredEvent], int]:
-        """Stores the events whose ids are new; returns them (in order) and the count of duplicates.
-
-        ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` makes dedup atomic even with several
-        ingestion replicas writing to one database.
-        """
-        if not events:
-            return [], 0
-        now = datetime.now(UTC)
-        rows: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        for event in events:
-            if event.event_id in seen:
-                continue
-            seen.add(event.event_id)
-            rows.append(
-                {
-                    "event_id": event.event_id,
-                    "user_id": event.user_id,
-                    "item_id": event.item_id,
-                    "type": event.type,
-                    "value": event.value,
-                    "occurred_at": event.occurred_at.ToDatetime(tzinfo=UTC),
-                    "session_id": event.session_id,
-                    "context": dict(event.context),
-                    "payload": event.SerializeToString(deterministic=True),
-                    "received_at": now,
-                    "published": False,
-                }
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect
+        self._insert_sql: dict[int, tuple[str, tuple[str, ...] | None]] = {}
+        self._mark_range = (
+            update(_events)
+            .where(
+                _events.c.seq.between(bindparam("lo"), bindparam("hi")),
+                _events.c.published == false(),
             )
-        with self.sessions.begin() as session:
-            dialect = session.get_bind().dialect.name
-            insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+            .values(published=true())
+        )
+
+    # -- the hot path ---------------------------------------------------------------------------
+
+    def _compiled_insert(self, rows: int) -> tuple[str, tuple[str, ...] | None]:
+        """The multi-row insert for ``rows`` rows, compiled for this dialect (cached)."""
+        cached = self._insert_sql.get(rows)
+        if cached is None:
+            values: list[dict[str, Any]] = [
+                {c: bindparam(f"{c}_{i}") for c in INSERT_COLUMNS} for i in range(rows)
+            ]
+            insert = postgresql.insert if self.dialect.name == "postgresql" else sqlite.insert
             stmt = (
-                insert(EventRow)
+                insert(_events)
+                .values(values)
                 .on_conflict_do_nothing(index_elements=["event_id"])
-                .returning(EventRow.seq, EventRow.event_id, EventRow.type, EventRow.payload, EventRow.user_id)
+                .returning(_events.c.seq, _events.c.event_id)
             )
-            result = session.execute(stmt, rows)
-            stored = [StoredEvent(*row) for row in result.all()]
-        stored.sort(key=lambda s: s.seq)
-        return stored, len(events) - len(stored)
+            compiled = stmt.compile(dialect=self.dialect)
+            order = tuple(compiled.positiontup) if compiled.positiontup is not None else None
+            natural = tuple(f"{c}_{i}" for i in range(rows) for c in INSERT_COLUMNS)
+            if order is not None and order != natural:
+                raise RuntimeError("unexpected parameter order in the compiled insert")
+            cached = (compiled.string, order)
+            self._insert_sql[rows] = cached
+        return cached
 
-    def mark_published(self, seqs: list[int]) -> None:
-        if not seqs:
-            return
-        with self.sessions.begin() as session:
-            session.execute(update(EventRow).where(EventRow.seq.in_(seqs)).values(published=True))
+    def _insert_chunk(self, connection: Any, chunk: Sequence[NewEvent]) -> list[tuple[int, str]]:
+        sql, positional = self._compiled_insert(len(chunk))
+        params: Any
+        if positional is not None:
+            flat: list[Any] = []
+            for row in chunk:
+                flat.extend(row)
+            params = tuple(flat)
+        else:
+            params = {
+                f"{c}_{i}": v for i, row in enumerate(chunk) for c, v in zip(INSERT_COLUMNS, row, strict=True)
+            }
+        return [(int(seq), event_id) for seq, event_id in connection.exec_driver_sql(sql, params)]
 
-    def unpublished(self, limit: int, after_seq: int = 0) -> list[StoredEvent]:
-        """Committed events JetStream has not acknowledged yet, oldest first."""
-        with self.sessions.begin() as session:
-            rows = session.execute(
-                select(EventRow.seq, EventRow.event_id, EventRow.type, EventRow.payload, EventRow.user_id)
-                .where(EventRow.published == false(), EventRow.seq > after_seq)
-                .order_by(EventRow.seq)
-                .limit(limit)
-            ).all()
-        return [StoredEvent(*row) for row in rows]
+    def commit(
+        self,
+        groups: Sequence[Sequence[NewEvent]],
+        published: Sequence[int] = (),
+        heartbeat: tuple[str, int] | None = None,
+    ) -> list[list[OutboxEvent]]:
+        """One transaction: inserts each group's new events, marks ``published`` rows, renews a heartbeat.
 
-    def count_unpublished(self) -> int:
-        with self.sessions.begin() as session:
-            return int(
-                session.execute(select(func.count()).where(EventRow.published == false())).scalar_one()
+        Returns, per group, the events that were new (in log order); the rest of the group were
+        duplicates of events already in the log (``event_id`` is unique, so this holds even with
+        several replicas writing to one database).
+        """
+        stored: list[list[OutboxEvent]] = []
+        with self.engine.begin() as connection:
+            for group in groups:
+                new: list[OutboxEvent] = []
+                for start in range(0, len(group), INSERT_CHUNK):
+                    chunk = group[start : start + INSERT_CHUNK]
+                    inserted = self._insert_chunk(connection, chunk)
+                    if inserted:
+                        by_id = {row.event_id: row for row in chunk}
+                        for seq, event_id in inserted:
+                            row = by_id[event_id]
+                            new.append(
+                                OutboxEvent(
+                                    seq, event_id, row.type, row.user_id, row.payload, row.received_at_us
+                                )
+                            )
+                new.sort()
+                stored.append(new)
+            if published:
+                self._mark(connection, published)
+            if heartbeat is not None:
+                connection.execute(
+                    update(_replicas)
+                    .where(_replicas.c.id == heartbeat[0])
+                    .values(heartbeat_at_us=heartbeat[1])
+                )
+        return stored
+
+    def _mark(self, connection: Any, seqs: Iterable[int]) -> None:
+        ranges = [{"lo": lo, "hi": hi} for lo, hi in seq_ranges(seqs)]
+        if ranges:
+            connection.execute(self._mark_range, ranges)
+
+    # -- the outbox -----------------------------------------------------------------------------
+
+    def mark_published(self, seqs: Iterable[int]) -> None:
+        with self.engine.begin() as connection:
+            self._mark(connection, seqs)
+
+    def mark_published_ids(self, event_ids: Sequence[str]) -> int:
+        """Marks the unpublished events with these ids published (found in the stream); returns how many."""
+        if not event_ids:
+            return 0
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                update(_events)
+                .where(_events.c.event_id.in_(list(event_ids)), _events.c.published == false())
+                .values(published=true())
             )
+            return int(result.rowcount or 0)
+
+    def unpublished(
+        self, owner: str, limit: int, after_seq: int = 0, received_before_us: int | None = None
+    ) -> list[OutboxEvent]:
+        """Committed events of ``owner`` JetStream has not acknowledged yet, oldest first."""
+        stmt = (
+            select(
+                _events.c.seq,
+                _events.c.event_id,
+                _events.c.type,
+                _events.c.user_id,
+                _events.c.payload,
+                _events.c.received_at_us,
+            )
+            .where(_events.c.owner == owner, _events.c.published == false(), _events.c.seq > after_seq)
+            .order_by(_events.c.seq)
+            .limit(limit)
+        )
+        if received_before_us is not None:
+            stmt = stmt.where(_events.c.received_at_us < received_before_us)
+        with self.engine.connect() as connection:
+            return [OutboxEvent(*row) for row in connection.execute(stmt)]
+
+    def count_unpublished(self, owner: str | None = None) -> int:
+        stmt = select(func.count()).select_from(_events).where(_events.c.published == false())
+        if owner is not None:
+            stmt = stmt.where(_events.c.owner == owner)
+        with self.engine.connect() as connection:
+            return int(connection.execute(stmt).scalar_one())
+
+    # -- replicas -------------------------------------------------------------------------------
+
+    def register_replica(self, replica_id: str, name: str, now_us: int) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(
+                _replicas.insert().values(
+                    id=replica_id, name=name, started_at_us=now_us, heartbeat_at_us=now_us
+                )
+            )
+
+    def adopt_orphans(self, replica_id: str, name: str, stale_before_us: int) -> int:
+        """Takes over the unpublished rows of every owner that is not a live replica: earlier
+        incarnations of ``name``, replicas silent since ``stale_before_us``, replicas that stopped,
+        and rows from before replicas were tracked. Returns how many rows were adopted."""
+        with self.engine.begin() as connection:
+            live = [
+                row_id
+                for (row_id,) in connection.execute(
+                    select(_replicas.c.id).where(
+                        _replicas.c.id != replica_id,
+                        _replicas.c.name != name,
+                        _replicas.c.heartbeat_at_us >= stale_before_us,
+                    )
+                )
+            ]
+            result = connection.execute(
+                update(_events)
+                .where(_events.c.published == false(), _events.c.owner.not_in([replica_id, *live]))
+                .values(owner=replica_id)
+            )
+            connection.execute(delete(_replicas).where(_replicas.c.id.not_in([replica_id, *live])))
+            return int(result.rowcount or 0)
+
+    def deregister_replica(self, replica_id: str) -> None:
+        """A clean stop: the replica's row goes; unpublished rows stay for the next incarnation."""
+        with self.engine.begin() as connection:
+            connection.execute(delete(_replicas).where(_replicas.c.id == replica_id))

@@ -1,14 +1,48 @@
-"""Validation of incoming events at the edge; every rule has its own reason text."""
+"""Validation of incoming events at the edge; every rule has its own code and reason text.
+
+The code (``user_id_too_long``) labels the rejection metric and the dead-letter header
+``Freshrec-Dlq-Code``; the reason is the sentence a producer reads. Rules, in the order checked:
+
+- ``event_id`` (optional, derived from the content when empty): at most 128 characters, no
+  control characters (it travels in the ``Nats-Msg-Id`` header);
+- ``user_id`` and ``item_id``: present, at most 128 characters, no control characters;
+- ``type``: not ``EVENT_TYPE_UNSPECIFIED`` and a known ``EventType``;
+- ``value``: finite; for ``EVENT_TYPE_RATE`` within ``[rating_min, rating_max]``;
+- ``occurred_at``: set, at most ``future_skew_s`` in the future, not before ``earliest_time``;
+- ``context``: at most 32 entries, each key and each value at most 256 characters;
+- ``session_id``: at most 128 characters, no control characters.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from freshrec.v1 import event_pb2
+
+if TYPE_CHECKING:
+    from services.ingestion.settings import IngestionSettings
 
 KNOWN_TYPES = frozenset(v.number for v in event_pb2.EventType.DESCRIPTOR.values) - {
     event_pb2.EVENT_TYPE_UNSPECIFIED
 }
+MAX_ID_CHARS = 128
+MAX_CONTEXT_ENTRIES = 32
+MAX_CONTEXT_CHARS = 256
+#: C0 controls, DEL and C1 controls (Unicode category Cc).
+CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why one event was refused: a stable code for metrics and a sentence for people."""
+
+    code: str
+    reason: str
 
 
 def derive_event_id(event: event_pb2.Event) -> str:
@@ -21,16 +55,100 @@ def derive_event_id(event: event_pb2.Event) -> str:
     return f"derived-{digest[:32]}"
 
 
-def validate_event(event: event_pb2.Event) -> str | None:
-    """Returns why the event is invalid, or None when it may be accepted."""
-    if not event.user_id:
-        return "user_id is empty"
-    if not event.item_id:
-        return "item_id is empty"
-    if event.type == event_pb2.EVENT_TYPE_UNSPECIFIED:
-        return "type is EVENT_TYPE_UNSPECIFIED"
-    if event.type not in KNOWN_TYPES:
-        return f"type {event.type} is not a known EventType"
-    if not event.HasField("occurred_at"):
-        return "occurred_at is not set"
+class Validator:
+    """Checks events against the configured limits; ``check`` returns None for a valid event."""
+
+    def __init__(
+        self,
+        *,
+        rating_min: float = 1.0,
+        rating_max: float = 5.0,
+        earliest_time_s: float = 946_684_800.0,  # 2000-01-01T00:00:00Z
+        future_skew_s: float = 300.0,
+    ) -> None:
+        self.rating_min = rating_min
+        self.rating_max = rating_max
+        self.earliest_s = int(math.floor(earliest_time_s))
+        self.earliest_text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(earliest_time_s))
+        self.future_skew_s = future_skew_s
+
+    def check(self, event: event_pb2.Event, now_s: float | None = None) -> Rejection | None:
+        """Returns why the event is invalid, or None when it may be accepted."""
+        event_id = event.event_id
+        if event_id:
+            if len(event_id) > MAX_ID_CHARS:
+                return Rejection("event_id_too_long", f"event_id is longer than {MAX_ID_CHARS} characters")
+            if CONTROL_CHARS.search(event_id):
+                return Rejection("event_id_control_char", "event_id contains a control character")
+        rejection = _check_id("user_id", event.user_id) or _check_id("item_id", event.item_id)
+        if rejection is not None:
+            return rejection
+        event_type = event.type
+        if event_type == event_pb2.EVENT_TYPE_UNSPECIFIED:
+            return Rejection("type_unspecified", "type is EVENT_TYPE_UNSPECIFIED")
+        if event_type not in KNOWN_TYPES:
+            return Rejection("type_unknown", f"type {event_type} is not a known EventType")
+        value = event.value
+        if not math.isfinite(value):
+            return Rejection("value_not_finite", f"value {value} is not a finite number")
+        if event_type == event_pb2.EVENT_TYPE_RATE and not self.rating_min <= value <= self.rating_max:
+            return Rejection(
+                "rating_out_of_range",
+                f"rating {value:g} is outside the accepted range [{self.rating_min:g}, {self.rating_max:g}]",
+            )
+        if not event.HasField("occurred_at"):
+            return Rejection("occurred_at_missing", "occurred_at is not set")
+        seconds = event.occurred_at.seconds
+        now = time.time() if now_s is None else now_s
+        if seconds > now + self.future_skew_s:
+            return Rejection(
+                "occurred_at_future",
+                f"occurred_at is more than {self.future_skew_s:g} s in the future",
+            )
+        if seconds < self.earliest_s:
+            return Rejection(
+                "occurred_at_too_early",
+                f"occurred_at is before the earliest accepted time {self.earliest_text}",
+            )
+        context = event.context
+        if context:
+            if len(context) > MAX_CONTEXT_ENTRIES:
+                return Rejection(
+                    "context_too_many_entries",
+                    f"context has {len(context)} entries, more than {MAX_CONTEXT_ENTRIES}",
+                )
+            for key, text in context.items():
+                if len(key) > MAX_CONTEXT_CHARS or len(text) > MAX_CONTEXT_CHARS:
+                    return Rejection(
+                        "context_entry_too_long",
+                        f"context entry {key[:32]!r} is longer than {MAX_CONTEXT_CHARS} characters",
+                    )
+        session_id = event.session_id
+        if session_id:
+            if len(session_id) > MAX_ID_CHARS:
+                return Rejection(
+                    "session_id_too_long", f"session_id is longer than {MAX_ID_CHARS} characters"
+                )
+            if CONTROL_CHARS.search(session_id):
+                return Rejection("session_id_control_char", "session_id contains a control character")
+        return None
+
+
+def _check_id(name: str, value: str) -> Rejection | None:
+    if not value:
+        return Rejection(f"{name}_empty", f"{name} is empty")
+    if len(value) > MAX_ID_CHARS:
+        return Rejection(f"{name}_too_long", f"{name} is longer than {MAX_ID_CHARS} characters")
+    if CONTROL_CHARS.search(value):
+        return Rejection(f"{name}_control_char", f"{name} contains a control character")
     return None
+
+
+def validator_from(settings: IngestionSettings) -> Validator:
+    """A Validator configured with the service's limits."""
+    return Validator(
+        rating_min=settings.rating_min,
+        rating_max=settings.rating_max,
+        earliest_time_s=settings.earliest_time.timestamp(),
+        future_skew_s=settings.future_skew_s,
+    )
