@@ -63,7 +63,10 @@ class Ingestor:
         received_us = int(now_s * 1e6)
         owner = self.owner
         for offset, event in enumerate(events):
-            rejection = check(event, now_s)
+            payload = payloads[offset] if payloads is not None else None
+            if payload is None:
+                payload = event.SerializeToString()
+            rejection = check(event, now_s, len(payload))
             if rejection is not None:
                 summary.errors.append(
                     ingestion_pb2.EventError(
@@ -76,18 +79,17 @@ class Ingestor:
                 logger.debug("rejected event: %s", rejection.reason, extra={"event_id": event.event_id})
                 continue
             event_id = event.event_id
-            payload = payloads[offset] if payloads is not None else None
             if not event_id:
                 event_id = derive_event_id(event)
                 event.event_id = event_id
-                payload = None
+                payload = event.SerializeToString()
             if event_id in seen:
                 duplicates += 1
                 continue
             seen.add(event_id)
             occurred = event.occurred_at
             rows.append(
-                NewEvent(
+                (
                     event_id,
                     event.user_id,
                     event.item_id,
@@ -95,7 +97,7 @@ class Ingestor:
                     event.value,
                     occurred.seconds * 1_000_000 + occurred.nanos // 1000,
                     received_us,
-                    payload if payload is not None else event.SerializeToString(),
+                    payload,
                     owner,
                 )
             )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 import zlib
@@ -51,6 +50,9 @@ SUBJECTS = {
     for value in event_pb2.EventType.DESCRIPTOR.values
     if value.number != event_pb2.EVENT_TYPE_UNSPECIFIED
 }
+
+
+SUBJECT_BYTES = {kind: [subject.encode() for subject in subjects] for kind, subjects in SUBJECTS.items()}
 
 
 def subject_for(event: OutboxEvent) -> str:
@@ -114,7 +116,8 @@ class Publisher:
         #: True after a batch went unacknowledged, until an acknowledgement arrives again.
         self.stalled = False
         self._capacity = _Capacity(max_in_flight)
-        self._tokens = itertools.count(1)
+        self._next_token = 1
+        self._marked: list[int] = []
         self._waiting: dict[int, tuple[_Batch, int]] = {}
         self._prefix = ""
         self._sub: Subscription | None = None
@@ -160,8 +163,18 @@ class Publisher:
         return task
 
     def marked(self, seqs: list[int]) -> None:
-        """Their published marks are committed: the outbox no longer lists them."""
-        self.in_flight.difference_update(seqs)
+        """Their published marks are committed: a read of the outbox started from now on skips them.
+
+        They stay in ``in_flight`` until the relay starts its next read (``release_marked``): a read
+        already under way may have seen them still unpublished.
+        """
+        self._marked.extend(seqs)
+
+    def release_marked(self) -> None:
+        """Called by the relay before it reads the outbox."""
+        if self._marked:
+            self.in_flight.difference_update(self._marked)
+            self._marked = []
 
     # -- publishing -----------------------------------------------------------------------------
 
@@ -183,26 +196,18 @@ class Publisher:
         if path == "relay":
             self.never_sent.discard(events[0].seq, events[-1].seq)
         batch = _Batch(len(events), asyncio.get_running_loop().create_future())
-        tokens: list[int] = []
+        first = self._next_token
+        self._next_token += len(events)
         started = time.perf_counter()
         acquired = False
         try:
             async with asyncio.timeout(self.timeout_s):
                 await self._capacity.acquire(len(events))
                 acquired = True
-                prefix = self._prefix
-                publish = nc.publish
-                stream = self.stream
-                for event in events:
-                    token = next(self._tokens)
-                    self._waiting[token] = (batch, event.seq)
-                    tokens.append(token)
-                    await publish(
-                        subject_for(event),
-                        event.payload,
-                        reply=f"{prefix}.{token}",
-                        headers={MSG_ID_HEADER: event.event_id, EXPECTED_STREAM_HEADER: stream},
-                    )
+                waiting = self._waiting
+                for token, event in enumerate(events, first):
+                    waiting[token] = (batch, event.seq)
+                await self._send(nc, events, first)
                 await batch.done
         except TimeoutError:
             logger.warning(
@@ -214,7 +219,7 @@ class Publisher:
         except Exception as exc:
             logger.warning("publishing %d events failed (%s); the relay will retry them", len(events), exc)
         finally:
-            for token in tokens:
+            for token in range(first, first + len(events)):
                 self._waiting.pop(token, None)
             if acquired:
                 await self._capacity.release(len(events))
@@ -232,6 +237,50 @@ class Publisher:
             done = set(acked)
             self._give_up([e for e in events if e.seq not in done], path)
         return len(acked)
+
+    async def _send(self, nc: NatsClient, events: Sequence[OutboxEvent], first_token: int) -> None:
+        """Writes one HPUB per event, each replying to its own token under the acknowledgement inbox.
+
+        The commands for the whole batch are encoded here and handed to the client's outgoing buffer
+        at once; going through ``Client.publish`` per event costs more than the rest of the hot path
+        (it re-validates subjects and header names and formats each header block). Falls back to
+        ``Client.publish`` if the client's buffer interface is not there.
+        """
+        send_command = getattr(nc, "_send_command", None)
+        flush_pending = getattr(nc, "_flush_pending", None)
+        if send_command is None or flush_pending is None:
+            for token, event in enumerate(events, first_token):
+                await nc.publish(
+                    subject_for(event),
+                    event.payload,
+                    reply=f"{self._prefix}.{token}",
+                    headers={MSG_ID_HEADER: event.event_id, EXPECTED_STREAM_HEADER: self.stream},
+                )
+            return
+        reply = self._prefix.encode() + b"."
+        stream_header = b"\r\n" + EXPECTED_STREAM_HEADER.encode() + b": " + self.stream.encode() + b"\r\n\r\n"
+        subjects = SUBJECT_BYTES
+        crc32 = zlib.crc32
+        parts: list[bytes] = []
+        append = parts.append
+        for token, event in enumerate(events, first_token):
+            header = b"NATS/1.0\r\nNats-Msg-Id: " + event.event_id.encode() + stream_header
+            payload = event.payload
+            user = event.user_id.encode()
+            append(
+                b"HPUB %s %s%d %d %d\r\n%s%s\r\n"
+                % (
+                    subjects[event.type][crc32(user) % EVENT_PARTITIONS],
+                    reply,
+                    token,
+                    len(header),
+                    len(header) + len(payload),
+                    header,
+                    payload,
+                )
+            )
+        await send_command(b"".join(parts))
+        await flush_pending()
 
     def _give_up(self, events: Sequence[OutboxEvent], path: str) -> None:
         metrics.PUBLISH_FAILED.labels(path).inc(len(events))

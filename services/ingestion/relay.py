@@ -82,6 +82,7 @@ class Relay:
             backlog = await asyncio.to_thread(self.log.count_unpublished, self.replica_id)
             metrics.OUTBOX_BACKLOG.set(backlog)
             self._last_count = now
+        self.publisher.release_marked()
         if not self.publisher.connected:
             return 0
         published = 0
@@ -89,6 +90,7 @@ class Relay:
         inflight: deque[tuple[asyncio.Task[int], int]] = deque()
         try:
             while self.publisher.connected:
+                self.publisher.release_marked()
                 before_us = int((time.time() - self.grace_s) * 1e6)
                 rows = await asyncio.to_thread(
                     self.log.unpublished, self.replica_id, self.batch, after, before_us

@@ -66,6 +66,7 @@ class IngestionApp:
         engine = make_engine(s.database)
         await asyncio.to_thread(upgrade_schema, engine, MIGRATIONS, VERSION_TABLE)
         log = self.log = EventLog(engine)
+        await asyncio.to_thread(log.prepare)
         await asyncio.to_thread(log.register_replica, self.replica_id, s.replica_name, int(time.time() * 1e6))
 
         committer = GroupCommitter(
