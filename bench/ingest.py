@@ -43,6 +43,10 @@ from freshrec.v1 import event_pb2, ingestion_pb2, ingestion_pb2_grpc  # noqa: E4
 from shared.nats import EVENTS_STREAM, MSG_ID_HEADER, RAW_SUBJECT  # noqa: E402
 
 RAW_BENCH_STREAM = "BENCH_RAW"
+RAW_STREAM = "FRESHREC_RAW"
+RAW_CONSUMER = "ingestion-raw"
+#: Raw messages (batches) the NATS producers let wait for ingestion before they pause.
+MAX_RAW_BACKLOG = 16
 BATCH_TYPE = ingestion_pb2.IngestEventsRequest.DESCRIPTOR.full_name
 TYPES = [event_pb2.EVENT_TYPE_VIEW, event_pb2.EVENT_TYPE_CLICK, event_pb2.EVENT_TYPE_PURCHASE]
 
@@ -98,6 +102,12 @@ async def grpc_producer(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def nats_producer(args: argparse.Namespace) -> dict[str, Any]:
+    """Publishes batches on freshrec.events.raw as fast as ingestion takes them.
+
+    Like the gRPC producers, which wait for each answer, these keep a bounded amount of work
+    outstanding: they pause while the raw consumer has more than ``MAX_RAW_BACKLOG`` messages
+    not yet delivered (with ``--nats-offered`` they also keep to that pace).
+    """
     nc = await nats.connect(args.target)
     js = nc.jetstream()
     sent = 0
@@ -106,10 +116,14 @@ async def nats_producer(args: argparse.Namespace) -> dict[str, Any]:
     start = time.monotonic()
     deadline = start + args.seconds
     while time.monotonic() < deadline:
-        # Publish at the offered pace (producers elsewhere would not share this machine's CPU).
         due = start + sent / args.rate if args.rate > 0 else 0.0
         if due > time.monotonic():
             await asyncio.sleep(due - time.monotonic())
+        while time.monotonic() < deadline:
+            info = await js.consumer_info(RAW_STREAM, RAW_CONSUMER)
+            if info.num_pending <= MAX_RAW_BACKLOG:
+                break
+            await asyncio.sleep(0.02)
         data = make_batch(args.name, sent, args.batch).SerializeToString()
         pending.append(
             await js.publish_async(
@@ -119,7 +133,7 @@ async def nats_producer(args: argparse.Namespace) -> dict[str, Any]:
             )
         )
         sent += args.batch
-        if len(pending) >= 4:
+        if len(pending) >= 2:
             await pending.pop(0)
     await asyncio.gather(*pending)
     await nc.close()
@@ -185,7 +199,7 @@ def spawn_role(role: str, target: str, name: str, args: argparse.Namespace) -> s
             "--batch",
             str(args.batch),
             "--rate",
-            str(args.nats_offered / args.producers),
+            str(args.nats_offered / args.producers if args.nats_offered else 0.0),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -440,8 +454,8 @@ def main() -> None:
     parser.add_argument(
         "--nats-offered",
         type=float,
-        default=40_000.0,
-        help="events/s the NATS producers offer together (they publish at this pace, like remote producers)",
+        default=0.0,
+        help="cap on the events/s the NATS producers offer together (default: as fast as ingestion takes)",
     )
     parser.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)

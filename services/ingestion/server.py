@@ -53,6 +53,7 @@ class IngestionApp:
         self.log: EventLog | None = None
         self.publisher: Publisher | None = None
         self.relay: Relay | None = None
+        self.ingestor: Ingestor | None = None
         self.metrics_port: int | None = None
         self._nats_ready = asyncio.Event()
 
@@ -78,7 +79,7 @@ class IngestionApp:
         committer.on_committed = publisher.committed
         committer.on_marked = publisher.marked
         committer.start()
-        ingestor = Ingestor(committer, publisher, validator_from(s), owner=self.replica_id)
+        ingestor = self.ingestor = Ingestor(committer, publisher, validator_from(s), owner=self.replica_id)
         relay = self.relay = Relay(
             log,
             publisher,
@@ -112,7 +113,8 @@ class IngestionApp:
             asyncio.create_task(relay.run(), name="outbox-relay"),
         ]
         try:
-            await self._connect_nats(ingestor)
+            # One quick attempt: without NATS the service still accepts, so it need not wait here.
+            await self._connect_nats(ingestor, attempts=1)
         except Exception as exc:
             logger.warning("NATS is unreachable (%s); accepting into the outbox and retrying", exc)
             server.tasks.append(asyncio.create_task(self._keep_connecting(ingestor), name="nats-connect"))
@@ -126,10 +128,13 @@ class IngestionApp:
             server.port,
         )
 
-    async def _connect_nats(self, ingestor: Ingestor) -> None:
+    async def _connect_nats(self, ingestor: Ingestor, attempts: int | None = None) -> None:
         s = self.settings
         assert self.server is not None and self.publisher is not None and self.relay is not None
-        nc = await fnats.connect(s.nats, name=f"freshrec-ingestion-{s.replica_name}")
+        nats_settings = (
+            s.nats if attempts is None else s.nats.model_copy(update={"connect_attempts": attempts})
+        )
+        nc = await fnats.connect(nats_settings, name=f"freshrec-ingestion-{s.replica_name}")
         try:
             js = nc.jetstream()
             await fnats.ensure_events_stream(
