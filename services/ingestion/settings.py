@@ -66,11 +66,11 @@ class IngestionSettings(ServiceSettings):
 
     # Replicas sharing one database.
     replica_name: str = Field(
-        default_factory=socket.gethostname,
-        min_length=1,
+        "",
         max_length=128,
         description="Name of this replica; a restarted replica takes over the outbox of its earlier "
-        "incarnation at once. Replicas running side by side need distinct names (default: host name).",
+        "incarnation at once, so replicas running side by side need distinct names "
+        "(default: <host name>:<gRPC port>).",
     )
     replica_lease_s: float = Field(
         30.0,
@@ -101,6 +101,8 @@ class IngestionSettings(ServiceSettings):
             raise ValueError("rating_min must not exceed rating_max")
         if self.earliest_time.tzinfo is None:
             self.earliest_time = self.earliest_time.replace(tzinfo=UTC)
+        if not self.replica_name:
+            self.replica_name = f"{socket.gethostname()}:{self.grpc.port}"
         return self
 
     @property
