@@ -55,7 +55,6 @@ class IngestionApp:
         self.relay: Relay | None = None
         self.ingestor: Ingestor | None = None
         self.metrics_port: int | None = None
-        self._nats_ready = asyncio.Event()
 
     @property
     def port(self) -> int:
@@ -68,7 +67,7 @@ class IngestionApp:
         await asyncio.to_thread(upgrade_schema, engine, MIGRATIONS, VERSION_TABLE)
         log = self.log = EventLog(engine)
         await asyncio.to_thread(log.prepare)
-        await asyncio.to_thread(log.register_replica, self.replica_id, s.replica_name, int(time.time() * 1e6))
+        await asyncio.to_thread(log.register_replica, self.replica_id, s.replica, int(time.time() * 1e6))
 
         committer = GroupCommitter(
             log, max_rows=s.commit_max_rows, heartbeat=(self.replica_id, s.replica_lease_s / 3)
@@ -84,7 +83,7 @@ class IngestionApp:
             log,
             publisher,
             self.replica_id,
-            s.replica_name,
+            s.replica,
             batch=s.relay_batch,
             interval_s=s.relay_interval_s,
             grace_s=s.relay_grace_s,
@@ -122,7 +121,7 @@ class IngestionApp:
             self.metrics_port = start_metrics_endpoint(s.metrics)
         logger.info(
             "ingestion replica %s (%s) listening on %s:%d",
-            s.replica_name,
+            s.replica,
             self.replica_id,
             s.grpc.host,
             server.port,
@@ -134,7 +133,7 @@ class IngestionApp:
         nats_settings = (
             s.nats if attempts is None else s.nats.model_copy(update={"connect_attempts": attempts})
         )
-        nc = await fnats.connect(nats_settings, name=f"freshrec-ingestion-{s.replica_name}")
+        nc = await fnats.connect(nats_settings, name=f"freshrec-ingestion-{s.replica}")
         try:
             js = nc.jetstream()
             await fnats.ensure_events_stream(
@@ -174,7 +173,6 @@ class IngestionApp:
             clock_skew_s=s.reconcile_clock_skew_s,
         )
         self.server.tasks.append(asyncio.create_task(intake.run(), name="raw-intake"))
-        self._nats_ready.set()
 
     async def _keep_connecting(self, ingestor: Ingestor) -> None:
         while True:

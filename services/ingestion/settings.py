@@ -101,9 +101,12 @@ class IngestionSettings(ServiceSettings):
             raise ValueError("rating_min must not exceed rating_max")
         if self.earliest_time.tzinfo is None:
             self.earliest_time = self.earliest_time.replace(tzinfo=UTC)
-        if not self.replica_name:
-            self.replica_name = f"{socket.gethostname()}:{self.grpc.port}"
         return self
+
+    @property
+    def replica(self) -> str:
+        """The replica name in effect: ``replica_name``, or ``<host name>:<gRPC port>``."""
+        return self.replica_name or f"{socket.gethostname()}:{self.grpc.port}"
 
     @property
     def reconcile_margin_s(self) -> float:
