@@ -98,8 +98,9 @@ async def test_killed_between_commit_and_publish(
         relayed = metric(text, "freshrec_ingestion_events_published_total", path="relay")
         if restart_after_window:
             # Stuck events already in the stream were found there, the others published: no copies.
-            summary = f"reconciled {reconciled}, relayed {relayed}, seen before restart {len(in_stream_before_restart)}"
-            assert reconciled >= len(in_stream_before_restart) > 0, summary
+            seen = len(in_stream_before_restart)
+            summary = f"reconciled {reconciled}, relayed {relayed}, seen before the restart {seen}"
+            assert reconciled >= seen > 0, summary
             assert reconciled + relayed == 300, summary
         # A retry of the killed request is answered with duplicates only.
         retry = await ingest(second.address, stuck)
