@@ -22,15 +22,15 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
-def _epoch_us(column: str) -> sa.TextClause:
-    """SQL turning a DateTime column written by revision 0001 into microseconds since the epoch."""
+def _epoch_us(name: str) -> sa.ColumnElement[int]:
+    """A DateTime column written by revision 0001, as microseconds since the epoch."""
+    column: sa.ColumnClause[str] = sa.column(name)
     if op.get_bind().dialect.name == "postgresql":
-        return sa.text(f"CAST(EXTRACT(EPOCH FROM {column}) * 1000000 AS BIGINT)")
+        return sa.cast(sa.func.extract("epoch", column) * 1_000_000, sa.BigInteger)
     # SQLite keeps SQLAlchemy DateTime as 'YYYY-MM-DD HH:MM:SS.ffffff' text (UTC here).
-    return sa.text(
-        f"CAST(strftime('%s', {column}) AS INTEGER) * 1000000"
-        f" + CAST(COALESCE(substr({column}, 21, 6), '0') AS INTEGER)"
-    )
+    seconds = sa.cast(sa.func.strftime("%s", column), sa.BigInteger)
+    micros = sa.cast(sa.func.coalesce(sa.func.substr(column, 21, 6), "0"), sa.BigInteger)
+    return seconds * 1_000_000 + micros
 
 
 def upgrade() -> None:
