@@ -1,8 +1,10 @@
-"""``python -m services.trainer``: run the trainer service (``--help`` lists every option)."""
+"""``python -m services.trainer``: run the trainer service (``--help`` lists every option);
+``python -m services.trainer pretrain``: pre-train from history first (``pretrain --help``)."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from pydantic_settings import CliApp
 
@@ -15,6 +17,10 @@ from shared.logs import configure_logging
 def main() -> None:
     settings = CliApp.run(TrainerSettings, cli_show_env_vars=True)
     configure_logging(settings.log, "trainer")
+    if settings.pretrain is not None:
+        from services.trainer.pretrain import run_pretrain
+
+        sys.exit(asyncio.run(run_pretrain(settings, settings.pretrain)))
     asyncio.run(serve_until_signal(TrainerApp(settings)))
 
 

@@ -1,155 +1,1152 @@
-"""Online learning: each micro-batch is first scored (prequential evaluation), then learned from.
+"""Learning from the event stream: each micro-batch is scored first (prequential), then learned.
 
-All torch work for one learner happens on one thread at a time (the trainer's loop calls it
-through ``asyncio.to_thread``), so training, export and checkpointing never overlap.
+One learner serves all three update schedules (see ``schedules.py``): ``observe`` scores a
+micro-batch with the current weights, then folds it into the state (id maps, histories,
+replay buffer, stream position) and returns its training sequences; ``train_step`` takes one
+online step on them mixed with replayed older events; ``fit`` runs epochs over many sequences
+(pre-training, incremental windows, periodic retraining). Every call happens on one thread at
+a time (the trainer's loop calls it through ``asyncio.to_thread``), so training, export and
+checkpointing never overlap.
+
+Training sequences ("chunks") are exact: the vector that predicts an event reads the same
+window of at most L earlier items that the exported user tower reads when serving, so the
+prequential figures measure what inference would have answered.
 """
 
 from __future__ import annotations
 
+import copy
 import io
+import logging
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from freshrec.v1 import event_pb2
-from services.trainer.model import PAD, IdMap, TwoTower
+from freshrec.v1 import event_pb2, item_pb2
+from services.trainer.evaluation import Paired, Running, rank_metrics
+from services.trainer.model import PAD, IdMap, ModelConfig, TwoTower
+from services.trainer.signals import Interaction, to_interaction
 
-#: Interactions that say the user did not want the item are not learned as positives.
-NEGATIVE_TYPES = frozenset({event_pb2.EVENT_TYPE_DISLIKE})
+logger = logging.getLogger(__name__)
+
+#: A history entry: item row, event type, context rows.
+Entry = tuple[int, int, tuple[int, ...]]
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    learning_rate: float = 1e-3
+    batch_size: int = 128
+    replay_size: int = 2_000
+    replay_ratio: float = 0.5
+    online_steps: int = 1
+    full_softmax_max_items: int = 20_000
+    sampled_negatives: int = 2048
+    min_item_count: int = 1
+    min_user_count: int = 1
+    row_ttl_s: float = 0.0
+    id_dropout: float = 0.0
+    recent_window: int = 2000
+    max_grad_norm: float = 5.0
+    #: Targets per micro-batch the shadows (live version, its parent) score for the gate.
+    shadow_sample: int = 64
+    seed: int = 0
 
 
 @dataclass
-class Prequential:
-    """Running test-then-train figures."""
+class Chunks:
+    """Sequences to score or learn: every position with a target predicts it from the items before.
 
-    evaluated: int = 0
-    hits: int = 0
-    ndcg: float = 0.0
+    inputs/types/targets [M, S] (left-padded, 0 = nothing), weights [M, S], users [M],
+    contexts [M, S, K] (the context of the event each position predicts) or None.
+    """
 
-    def as_metrics(self) -> dict[str, float]:
-        if not self.evaluated:
-            return {"prequential_evaluated": 0.0}
-        return {
-            "prequential_evaluated": float(self.evaluated),
-            "prequential_hr@10": self.hits / self.evaluated,
-            "prequential_ndcg@10": self.ndcg / self.evaluated,
+    inputs: np.ndarray
+    types: np.ndarray
+    targets: np.ndarray
+    weights: np.ndarray
+    users: np.ndarray
+    contexts: np.ndarray | None
+    #: The stream sequence of each target (0 when unknown), for holding the newest events out.
+    sequences: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def with_targets(self, keep: np.ndarray) -> Chunks:
+        """The same chunks with only the targets where ``keep`` [M, S] is true."""
+        return Chunks(
+            self.inputs,
+            self.types,
+            np.where(keep, self.targets, 0),
+            np.where(keep, self.weights, 0.0).astype(np.float32),
+            self.users,
+            self.contexts,
+            None if self.sequences is None else np.where(keep, self.sequences, 0),
+        )
+
+    def split_newest(self, count: int) -> tuple[Chunks, Chunks]:
+        """(older targets, the ``count`` newest targets by stream sequence)."""
+        assert self.sequences is not None
+        numbered = self.sequences[self.targets > 0]
+        if not count or not len(numbered):
+            return self, self.with_targets(np.zeros_like(self.targets, dtype=bool))
+        cutoff = np.sort(numbered)[-min(count, len(numbered))]
+        newest = (self.sequences >= cutoff) & (self.targets > 0)
+        return self.with_targets((self.targets > 0) & ~newest), self.with_targets(newest)
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.targets > 0).sum())
+
+    def select(self, index: np.ndarray) -> Chunks:
+        return Chunks(
+            self.inputs[index],
+            self.types[index],
+            self.targets[index],
+            self.weights[index],
+            self.users[index],
+            None if self.contexts is None else self.contexts[index],
+            None if self.sequences is None else self.sequences[index],
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[Chunks]) -> Chunks:
+        parts = [p for p in parts if len(p)]
+        if len(parts) == 1:
+            return parts[0]
+        width = max(p.inputs.shape[1] for p in parts)
+
+        def left(a: np.ndarray) -> np.ndarray:
+            pad = [(0, 0), (width - a.shape[1], 0)] + [(0, 0)] * (a.ndim - 2)
+            return np.pad(a, pad)
+
+        contexts = None
+        if parts[0].contexts is not None:
+            contexts = np.concatenate([left(p.contexts) for p in parts if p.contexts is not None])
+        sequences = [
+            left(p.sequences) if p.sequences is not None else np.zeros_like(left(p.targets)) for p in parts
+        ]
+        return Chunks(
+            np.concatenate([left(p.inputs) for p in parts]),
+            np.concatenate([left(p.types) for p in parts]),
+            np.concatenate([left(p.targets) for p in parts]),
+            np.concatenate([left(p.weights) for p in parts]),
+            np.concatenate([p.users for p in parts]),
+            contexts,
+            np.concatenate(sequences),
+        )
+
+
+class ChunkBuilder:
+    """Cuts user sequences into chunks whose every target sees exactly its served window."""
+
+    def __init__(self, max_history: int, max_context: int, context: int | None = None) -> None:
+        self.length = max_history
+        self.k = max_context
+        #: Items before a chunk's first target it reads (L: every target sees its full window).
+        self.context = max(1, min(max_history, max_history if context is None else context))
+        self.rows: list[
+            tuple[list[int], list[int], list[int], list[float], list[tuple[int, ...]], list[int]]
+        ] = []
+        self.users: list[int] = []
+        #: Per chunk: for each target position, the index of the target in the user's sequence.
+        self.positions: list[list[tuple[int, int]]] = []
+
+    def add(
+        self,
+        seq: Sequence[Entry],
+        first: int,
+        weights: Sequence[float],
+        user: int,
+        numbers: Sequence[int] | None = None,
+    ) -> list[int]:
+        """Targets ``seq[first:]`` (weights and stream sequence numbers aligned with them);
+        returns the indices of the chunks made."""
+        made = []
+        n = len(seq)
+        # Blocks of at most L targets, aligned on the newest item (the freshest get full chunks).
+        blocks = []
+        end = n
+        while end > first:
+            blocks.append((max(first, end - self.length), end))
+            end = blocks[-1][0]
+        for start, end in reversed(blocks):
+            a = max(0, start - self.context)
+            lead = 1 if a == 0 else 0
+            inputs, types, targets, wts, ctxs, where, nums = [], [], [], [], [], [], []
+            if lead:
+                inputs.append(PAD)
+                types.append(0)
+            for i in range(a, end - 1):
+                inputs.append(seq[i][0])
+                types.append(seq[i][1])
+            for p in range(len(inputs)):
+                nxt = a + p - lead + 1
+                if start <= nxt < end:
+                    targets.append(seq[nxt][0])
+                    wts.append(weights[nxt - first])
+                    ctxs.append(seq[nxt][2])
+                    nums.append(numbers[nxt - first] if numbers is not None else 0)
+                    where.append((p, nxt))
+                else:
+                    targets.append(PAD)
+                    wts.append(0.0)
+                    ctxs.append(())
+                    nums.append(0)
+            self.rows.append((inputs, types, targets, wts, ctxs, nums))
+            self.users.append(user)
+            self.positions.append(where)
+            made.append(len(self.rows) - 1)
+        return made
+
+    def build(self) -> Chunks:
+        m = len(self.rows)
+        width = max((len(r[0]) for r in self.rows), default=1)
+        inputs = np.zeros((m, width), dtype=np.int64)
+        types = np.zeros((m, width), dtype=np.int64)
+        targets = np.zeros((m, width), dtype=np.int64)
+        weights = np.zeros((m, width), dtype=np.float32)
+        contexts = np.zeros((m, width, self.k), dtype=np.int64) if self.k else None
+        numbers = np.zeros((m, width), dtype=np.int64)
+        for c, (ins, tys, tgs, wts, ctxs, nums) in enumerate(self.rows):
+            off = width - len(ins)
+            inputs[c, off:] = ins
+            types[c, off:] = tys
+            targets[c, off:] = tgs
+            weights[c, off:] = wts
+            numbers[c, off:] = nums
+            if contexts is not None:
+                for p, ctx in enumerate(ctxs):
+                    if ctx:
+                        contexts[c, off + p, : len(ctx)] = ctx
+        return Chunks(
+            inputs, types, targets, weights, np.array(self.users, dtype=np.int64), contexts, numbers
+        )
+
+    def offset(self, chunk: int, width: int) -> int:
+        return width - len(self.rows[chunk][0])
+
+
+class ReplayBuffer:
+    """A reservoir sample of past training chunks (each a user's events with their windows).
+
+    Replaying whole chunks costs one forward pass for up to L targets, where replaying single
+    events would cost one per event.
+    """
+
+    def __init__(self, capacity: int, max_history: int, max_context: int) -> None:
+        self.capacity = capacity
+        width = 2 * max_history
+        self.inputs = np.zeros((capacity, width), dtype=np.int64)
+        self.types = np.zeros((capacity, width), dtype=np.int8)
+        self.targets = np.zeros((capacity, width), dtype=np.int64)
+        self.weights = np.zeros((capacity, width), dtype=np.float32)
+        self.users = np.zeros(capacity, dtype=np.int64)
+        self.max_context = max_context
+        self.contexts = np.zeros((capacity, width, max_context), dtype=np.int64) if max_context else None
+        self.size = 0
+        self.offered = 0
+
+    def offer(self, rng: np.random.Generator, chunks: Chunks) -> None:
+        if not self.capacity:
+            return
+        width = self.inputs.shape[1]
+        for c in range(len(chunks)):
+            if not (chunks.targets[c] > 0).any():
+                continue
+            self.offered += 1
+            if self.size < self.capacity:
+                slot = self.size
+                self.size += 1
+            else:
+                slot = int(rng.integers(0, self.offered))
+                if slot >= self.capacity:
+                    continue
+            w = min(width, chunks.inputs.shape[1])
+            for name in ("inputs", "types", "targets", "weights"):
+                mine = getattr(self, name)
+                mine[slot] = 0
+                mine[slot, width - w :] = getattr(chunks, name)[c, -w:]
+            self.users[slot] = chunks.users[c]
+            if self.contexts is not None and chunks.contexts is not None:
+                self.contexts[slot] = 0
+                self.contexts[slot, width - w :] = chunks.contexts[c, -w:]
+
+    def sample(self, rng: np.random.Generator, targets: int) -> Chunks | None:
+        """Random chunks holding about ``targets`` targets in all."""
+        if not targets or not self.size:
+            return None
+        per_chunk = max(1.0, float((self.targets[: self.size] > 0).sum()) / self.size)
+        index = rng.integers(0, self.size, size=max(1, math.ceil(targets / per_chunk)))
+        inputs = self.inputs[index]
+        used = np.flatnonzero(inputs.any(axis=0) | self.targets[index].any(axis=0))
+        start = int(used[0]) if len(used) else inputs.shape[1] - 1
+        return Chunks(
+            inputs[:, start:],
+            self.types[index, start:].astype(np.int64),
+            self.targets[index, start:],
+            self.weights[index, start:],
+            self.users[index],
+            None if self.contexts is None else self.contexts[index, start:],
+        )
+
+    def forget_items(self, rows: np.ndarray) -> None:
+        """Drops expired item rows: from inputs (as padding) and as targets."""
+        n = self.size
+        self.inputs[:n][np.isin(self.inputs[:n], rows)] = 0
+        gone = np.isin(self.targets[:n], rows)
+        self.targets[:n][gone] = 0
+        self.weights[:n][gone] = 0.0
+
+    def forget_users(self, rows: np.ndarray) -> None:
+        n = self.size
+        self.users[:n][np.isin(self.users[:n], rows)] = 0
+
+    def state(self) -> dict[str, Any]:
+        n = self.size
+        doc: dict[str, Any] = {
+            name: getattr(self, name)[:n].copy()
+            for name in ("inputs", "types", "targets", "weights", "users")
         }
+        doc["contexts"] = None if self.contexts is None else self.contexts[:n].copy()
+        doc["offered"] = self.offered
+        return doc
+
+    def load(self, state: dict[str, Any]) -> None:
+        n = min(len(state["users"]), self.capacity)
+        width = min(self.inputs.shape[1], state["inputs"].shape[1])
+        for name in ("inputs", "types", "targets", "weights"):
+            getattr(self, name)[:n, -width:] = state[name][:n, -width:]
+        self.users[:n] = state["users"][:n]
+        if self.contexts is not None and state.get("contexts") is not None:
+            k = min(self.contexts.shape[2], state["contexts"].shape[2])
+            self.contexts[:n, -width:, :k] = state["contexts"][:n, -width:, :k]
+        self.size = n
+        self.offered = int(state["offered"])
 
 
 @dataclass
-class LearnerState:
-    """Everything a checkpoint must hold besides the weights and the optimizer."""
+class Position:
+    """How far through the streams the learner's state is."""
 
-    item_map: IdMap = field(default_factory=IdMap)
-    user_map: IdMap = field(default_factory=IdMap)
-    histories: dict[str, deque[int]] = field(default_factory=dict)
-    seen: dict[str, set[int]] = field(default_factory=dict)
-    events_learned: int = 0
     stream_sequence: int = 0
     event_time: float = 0.0
-    prequential: Prequential = field(default_factory=Prequential)
+    events_learned: int = 0
+    catalog_sequence: int = 0
 
 
-class OnlineLearner:
-    def __init__(self, dim: int, max_history: int, learning_rate: float, seed: int = 0) -> None:
-        torch.manual_seed(seed)
-        self.dim = dim
-        self.max_history = max_history
-        self.learning_rate = learning_rate
-        self.model = TwoTower(dim)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=learning_rate)
-        self.state = LearnerState()
+@dataclass
+class Shadow:
+    """A frozen copy of an exported version, scored beside the learner on the same events."""
 
-    # -- learning ----------------------------------------------------------------------
-    def history_rows(self, user_id: str) -> list[int]:
-        """The user's recent item rows, oldest first, left-padded to max_history."""
-        recent = list(self.state.histories.get(user_id, ()))[-self.max_history :]
-        return [PAD] * (self.max_history - len(recent)) + recent
+    version: str
+    model: TwoTower
+    table: torch.Tensor  # item vectors of the rows it knows (zero elsewhere)
+    known: torch.Tensor  # bool per row
 
-    def learn(self, batch: list[tuple[int, event_pb2.Event]]) -> int:
-        """Scores, then learns from, the events after the current stream position; returns how many."""
-        s = self.state
-        fresh = [(seq, e) for seq, e in batch if seq > s.stream_sequence]
+
+@dataclass
+class UserSequence:
+    """One user's items in order; ``first`` is the first one to learn (earlier ones are context)."""
+
+    entries: list[Entry]
+    weights: list[float]
+    first: int
+    numbers: list[int] = field(default_factory=list)  # stream sequences of entries[first:]
+
+
+@dataclass
+class ScoredTargets:
+    """The events of a micro-batch as scoring sees them (tensors aligned by target)."""
+
+    chunk: torch.Tensor  # chunk of each target
+    position: torch.Tensor  # position in the chunk whose vector predicts it
+    target: torch.Tensor  # item row (0 when the item was not known before the batch: a miss)
+    seen_rows: list[np.ndarray]  # per user: items touched before the batch
+    seen_of: torch.Tensor  # which seen_rows entry applies to each target
+    earlier: torch.Tensor  # [E, 2] (target, item) touched earlier in the same batch
+
+    def subset(self, chunks: np.ndarray) -> ScoredTargets:
+        """The targets of the given chunks (sorted), renumbered as in ``Chunks.select(chunks)``."""
+        keep = torch.from_numpy(np.isin(self.chunk.numpy(), chunks))
+        renumber = torch.full((int(self.chunk.max()) + 1,), -1, dtype=torch.long)
+        renumber[torch.from_numpy(chunks)] = torch.arange(len(chunks))
+        new_index = torch.cumsum(keep.long(), 0) - 1
+        earlier = self.earlier
+        if len(earlier):
+            earlier = earlier[keep[earlier[:, 0]]]
+            earlier = torch.stack([new_index[earlier[:, 0]], earlier[:, 1]], 1)
+        return ScoredTargets(
+            renumber[self.chunk[keep]],
+            self.position[keep],
+            self.target[keep],
+            self.seen_rows,
+            self.seen_of[keep],
+            earlier,
+        )
+
+
+@dataclass
+class Observation:
+    """What one micro-batch brought: its training chunks and how many events were new."""
+
+    chunks: Chunks | None
+    events: int
+    evaluated: int = 0
+
+
+class Learner:
+    def __init__(self, config: LearnerConfig) -> None:
+        self.config = config
+        torch.manual_seed(config.seed)
+        self.rng = np.random.default_rng(config.seed)
+        m = config.model
+        self.model = TwoTower(m)
+        self.optimizer = self._new_optimizer()
+        self.items = IdMap()
+        self.item_counts = np.zeros(1024, dtype=np.int64)
+        self.users = IdMap()
+        self.pending_users: dict[str, int] = {}
+        self.categories = IdMap()
+        self.tags = IdMap()
+        self.contexts = IdMap()
+        self.histories: dict[str, deque[Entry]] = {}
+        self.seen: dict[str, set[int]] = {}
+        self.user_seen_at: dict[str, float] = {}
+        self.replay = ReplayBuffer(config.replay_size, m.max_history, m.max_context)
+        self.position = Position()
+        self.prequential = Running(window=config.recent_window)
+        #: The learner against the live version, on events since the last export (the gate).
+        self.gate = Paired()
+        #: The live version against its parent, on events since it went live (rollback watch).
+        self.watch = Paired()
+        self.shadows: dict[str, Shadow] = {}
+        self.skipped_steps = 0
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.model.parameters(), lr=self.config.learning_rate)
+
+    @property
+    def max_history(self) -> int:
+        return self.config.model.max_history
+
+    # -- the stream ------------------------------------------------------------------------
+    def learn(self, batch: Sequence[tuple[int, event_pb2.Event]]) -> int:
+        """Scores, then learns from, the events after the current position; returns how many."""
+        return self.observe(batch, train=True).events
+
+    def observe(
+        self, batch: Sequence[tuple[int, event_pb2.Event]], evaluate: bool = True, train: bool = False
+    ) -> Observation:
+        """Scores the events after the current position, folds them in, optionally learns them."""
+        fresh = [(seq, e) for seq, e in batch if seq > self.position.stream_sequence]
         if not fresh:
-            return 0
-        positives = [(seq, e) for seq, e in fresh if e.type not in NEGATIVE_TYPES]
-        if positives:
-            self._evaluate(positives)
-            self._train(positives)
-        for _seq, e in fresh:
-            row = s.item_map.add(e.item_id)
-            s.user_map.add(e.user_id)
-            if e.type not in NEGATIVE_TYPES:
-                s.histories.setdefault(e.user_id, deque(maxlen=self.max_history)).append(row)
-                s.seen.setdefault(e.user_id, set()).add(row)
-            s.event_time = max(s.event_time, e.occurred_at.seconds + e.occurred_at.nanos / 1e9)
-        s.stream_sequence = fresh[-1][0]
-        s.events_learned += len(fresh)
-        return len(fresh)
+            return Observation(None, 0)
+        k = self.config.model.max_context
+        interactions = [to_interaction(seq, e, k) for seq, e in fresh]
+        observation = self.observe_interactions(interactions, evaluate, train)
+        self.position.stream_sequence = fresh[-1][0]
+        return observation
+
+    def observe_interactions(
+        self, interactions: Sequence[Interaction], evaluate: bool = True, train: bool = False
+    ) -> Observation:
+        """Scores new events with the current weights, folds them into the state and, with
+        ``train``, takes an online step on them mixed with replayed chunks.
+
+        Scores and step share one forward pass without dropout; the scores are read before the
+        step changes anything, so every event is predicted before it is learned.
+        """
+        p = self.position
+        rows_before = self.items.capacity_needed
+        free_before = list(self.items.free)
+        new_rows: set[int] = set()
+        by_user: dict[str, list[tuple[Interaction, Entry]]] = {}
+        negatives: list[tuple[str, int]] = []
+        for it in interactions:
+            p.event_time = max(p.event_time, it.time)
+            self.user_seen_at[it.user_id] = max(self.user_seen_at.get(it.user_id, 0.0), it.time)
+            if it.item_id not in self.items.rows:
+                new_rows.add(self.items.add(it.item_id, it.time))
+            else:
+                self.items.add(it.item_id, it.time)
+            row = self.items.rows[it.item_id]
+            if not it.positive:
+                negatives.append((it.user_id, row))
+                continue
+            entry = (row, it.type, tuple(self.contexts.add(c) for c in it.context))
+            by_user.setdefault(it.user_id, []).append((it, entry))
+        self._ensure_capacity()
+        # Counts (frequency filter) and user admission come first: a new item learns at once.
+        for user_id, new in by_user.items():
+            for _, entry in new:
+                row = entry[0]
+                self.item_counts[row] += 1
+                if self.item_counts[row] >= self.config.min_item_count:
+                    self.model.item_learned[row] = 1.0
+            count = self.pending_users.get(user_id, 0) + len(new)
+            if user_id in self.users.rows or count >= self.config.min_user_count:
+                self.pending_users.pop(user_id, None)
+                self.users.add(user_id, new[-1][0].time)
+            else:
+                self.pending_users[user_id] = count
+        self._ensure_capacity()
+
+        builder = ChunkBuilder(self.max_history, self.config.model.max_context)
+        sequences: dict[str, list[Entry]] = {}
+        chunk_users: list[str] = []
+        for user_id, new in by_user.items():
+            old = list(self.histories.get(user_id, ()))
+            seq = old + [entry for _, entry in new]
+            sequences[user_id] = seq
+            made = builder.add(
+                seq,
+                len(old),
+                [it.weight for it, _ in new],
+                self.users.get(user_id),
+                [it.sequence for it, _ in new],
+            )
+            chunk_users += [user_id] * len(made)
+        chunks = builder.build() if builder.rows else None
+        evaluated = 0
+        if chunks is not None and (evaluate or train):
+            candidates = torch.zeros(self.items.capacity_needed, dtype=torch.bool)
+            candidates[1:rows_before] = True
+            gone = [r for r in free_before if r < rows_before] + [r for r in new_rows if r < rows_before]
+            candidates[gone] = False
+            evaluated = self._score_and_step(
+                builder, chunks, chunk_users, sequences, candidates, evaluate, train
+            )
+        for user_id, new in by_user.items():
+            seq = sequences[user_id]
+            self.histories[user_id] = deque(seq[-self.max_history :], maxlen=self.max_history)
+            self.seen.setdefault(user_id, set()).update(e[0] for e in seq[len(seq) - len(new) :])
+        if chunks is not None:
+            self.replay.offer(self.rng, chunks)
+        self._note_negatives(negatives)
+        p.events_learned += len(interactions)
+        return Observation(chunks, len(interactions), evaluated)
+
+    def _note_negatives(self, negatives: list[tuple[str, int]]) -> None:
+        """A disliked item is never recommended back, but it is not learned as a positive."""
+        for user_id, row in negatives:
+            self.seen.setdefault(user_id, set()).add(row)
+
+    def _score_and_step(
+        self,
+        builder: ChunkBuilder,
+        chunks: Chunks,
+        chunk_users: list[str],
+        sequences: dict[str, list[Entry]],
+        candidates: torch.Tensor,
+        evaluate: bool,
+        train: bool,
+    ) -> int:
+        model = self.model
+        model.eval()  # no dropout: the forward that scores is the forward that learns
+        batch = chunks
+        if train:
+            replayed = self.replay.sample(self.rng, int(round(chunks.n_targets * self.config.replay_ratio)))
+            if replayed is not None:
+                batch = Chunks.concat([chunks, replayed])
+        n_rows = self.items.capacity_needed
+        with torch.set_grad_enabled(train):
+            table = model.item_vectors(n_rows)
+            h = self._encode(model, table, batch, torch.from_numpy(batch.inputs))
+        evaluated = 0
+        if evaluate:
+            shift = batch.inputs.shape[1] - chunks.inputs.shape[1]
+            with torch.no_grad():
+                evaluated = self._record(
+                    builder,
+                    chunks,
+                    chunk_users,
+                    sequences,
+                    candidates,
+                    h[: len(chunks)].detach(),
+                    table.detach(),
+                    shift,
+                )
+        if train:
+            self._apply_loss(h, table, batch)
+            for _ in range(self.config.online_steps - 1):
+                self._step(batch, dropout=False)
+        model.train()
+        return evaluated
 
     @torch.no_grad()
-    def _evaluate(self, batch: list[tuple[int, event_pb2.Event]]) -> None:
-        """Prequential HR@10/NDCG@10 over all known items, excluding each user's seen items."""
-        s = self.state
-        rows = len(s.item_map)
-        if rows <= 1:
-            s.prequential.evaluated += len(batch)  # nothing is known yet: every event is a miss
-            return
-        self.model.eval()
-        history = torch.tensor([self.history_rows(e.user_id) for _, e in batch])
-        users = torch.tensor([s.user_map.get(e.user_id) for _, e in batch])
-        scores = self.model(history, users) @ self.model.item_matrix(rows).T
+    def _record(
+        self,
+        builder: ChunkBuilder,
+        chunks: Chunks,
+        chunk_users: list[str],
+        sequences: dict[str, list[Entry]],
+        candidates: torch.Tensor,
+        h: torch.Tensor,
+        table: torch.Tensor,
+        shift: int,
+    ) -> int:
+        """Prequential HR@10/NDCG@10 of the scored targets; the shadows on a sample of chunks."""
+        targets = self._targets(builder, chunks, chunk_users, sequences, candidates)
+        if not len(targets.target):
+            return 0
+        hr, ndcg = self._rank(h[targets.chunk, targets.position + shift], table, candidates, targets)
+        self.prequential.add(hr, ndcg)
+        live = self.shadows.get("live")
+        if live is None:
+            return len(targets.target)
+        # The shadows score a sample of whole chunks (enough for the gate, cheaper than all).
+        order = self.rng.permutation(len(chunks))
+        per_chunk = np.bincount(targets.chunk.numpy(), minlength=len(chunks))
+        chosen = np.sort(
+            order[: int(np.searchsorted(np.cumsum(per_chunk[order]), self.config.shadow_sample)) + 1]
+        )
+        sub = targets.subset(chosen)
+        picked = torch.from_numpy(np.isin(targets.chunk.numpy(), chosen))
+        sub_chunks = chunks.select(chosen)
+        live_hr = self._shadow_hr(live, sub_chunks, candidates, sub)
+        self.gate.add(hr[picked], live_hr)
+        parent = self.shadows.get("parent")
+        if parent is not None:
+            self.watch.add(live_hr, self._shadow_hr(parent, sub_chunks, candidates, sub))
+        return len(targets.target)
+
+    def _targets(
+        self,
+        builder: ChunkBuilder,
+        chunks: Chunks,
+        chunk_users: list[str],
+        sequences: dict[str, list[Entry]],
+        candidates: torch.Tensor,
+    ) -> ScoredTargets:
+        """Where each new event is predicted in the chunks, and what its user touched before it."""
+        width = chunks.inputs.shape[1]
+        where_chunk: list[int] = []
+        where_pos: list[int] = []
+        target_rows: list[int] = []
+        seen_rows: list[np.ndarray] = []
+        seen_of: list[int] = []
+        per_user: dict[str, tuple[list[int], list[int]]] = {}  # target indices, their items
+        users_done: dict[str, int] = {}
+        for c, positions in enumerate(builder.positions):
+            user_id = chunk_users[c]
+            seq = sequences[user_id]
+            off = builder.offset(c, width)
+            if user_id not in users_done:
+                before = self.seen.get(user_id, set())
+                users_done[user_id] = len(seen_rows)
+                seen_rows.append(np.fromiter(before, dtype=np.int64, count=len(before)))
+            mine = per_user.setdefault(user_id, ([], []))
+            for pos, t in positions:
+                mine[0].append(len(target_rows))
+                mine[1].append(seq[t][0])
+                where_chunk.append(c)
+                where_pos.append(off + pos)
+                target = seq[t][0]
+                target_rows.append(target if candidates[target] else PAD)
+                seen_of.append(users_done[user_id])
+        # Items a user touched earlier in this same batch: pairs (later target, earlier item).
+        pairs = []
+        for indices, items in per_user.values():
+            if len(indices) > 1:
+                later, sooner = np.tril_indices(len(indices), -1)
+                pairs.append(np.stack([np.asarray(indices)[later], np.asarray(items)[sooner]], 1))
+        earlier = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
+        return ScoredTargets(
+            torch.tensor(where_chunk),
+            torch.tensor(where_pos),
+            torch.tensor(target_rows),
+            seen_rows,
+            torch.tensor(seen_of),
+            torch.from_numpy(earlier.astype(np.int64)),
+        )
+
+    def _rank(
+        self, vectors: torch.Tensor, table: torch.Tensor, candidates: torch.Tensor, targets: ScoredTargets
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ranks every target among the candidates, excluding what its user touched before it
+        (a repeat of a touched item is a miss, as served)."""
+        scores = vectors @ table.T
+        scores[:, ~candidates] = -math.inf
         scores[:, PAD] = -math.inf
-        for i, (_, e) in enumerate(batch):
-            s.prequential.evaluated += 1
-            target = s.item_map.get(e.item_id)
-            if target == PAD:
-                continue  # an item never seen before cannot be ranked: a miss
-            seen = [r for r in s.seen.get(e.user_id, ()) if r != target]
-            if seen:
-                scores[i, seen] = -math.inf
-            rank = int((scores[i] > scores[i, target]).sum())
-            if rank < 10:
-                s.prequential.hits += 1
-                s.prequential.ndcg += 1.0 / math.log2(rank + 2)
+        for k, rows in enumerate(targets.seen_rows):
+            which = torch.nonzero(targets.seen_of == k).squeeze(1)
+            if len(which) and len(rows):
+                scores[which[:, None], torch.from_numpy(rows)[None, :]] = -math.inf
+        if len(targets.earlier):
+            scores[targets.earlier[:, 0], targets.earlier[:, 1]] = -math.inf
+        return rank_metrics(scores, targets.target)
 
-    def _train(self, batch: list[tuple[int, event_pb2.Event]]) -> None:
-        s = self.state
-        for _, e in batch:
-            s.item_map.add(e.item_id)
-            s.user_map.add(e.user_id)
-        if self.model.ensure_capacity(len(s.item_map), len(s.user_map)):
-            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.learning_rate)
-        self.model.train()
-        history = torch.tensor([self.history_rows(e.user_id) for _, e in batch])
-        users = torch.tensor([s.user_map.get(e.user_id) for _, e in batch])
-        targets = torch.tensor([s.item_map.get(e.item_id) for _, e in batch])
-        rows = len(s.item_map)
-        logits = self.model(history, users) @ self.model.item_matrix(rows).T
-        logits[:, PAD] = -1e9
-        loss = F.cross_entropy(logits, targets)
+    def _shadow_hr(
+        self, shadow: Shadow, chunks: Chunks, candidates: torch.Tensor, targets: ScoredTargets
+    ) -> torch.Tensor:
+        n = candidates.shape[0]
+        known = torch.zeros(n, dtype=torch.bool)
+        table = torch.zeros(n, shadow.table.shape[1])
+        m = min(n, shadow.table.shape[0])
+        known[:m] = shadow.known[:m]
+        table[:m] = shadow.table[:m]
+        inputs = torch.from_numpy(chunks.inputs)
+        inputs = torch.where(known[inputs], inputs, torch.zeros_like(inputs))
+        h = self._encode(shadow.model, table, chunks, inputs)
+        hr, _ = self._rank(h[targets.chunk, targets.position], table, candidates & known, targets)
+        return hr
+
+    def _encode(
+        self, model: TwoTower, table: torch.Tensor, chunks: Chunks, inputs: torch.Tensor
+    ) -> torch.Tensor:
+        users = torch.from_numpy(chunks.users)
+        return model.encode(
+            table,
+            inputs,
+            torch.where(users < model.user_ids.num_embeddings, users, torch.zeros_like(users)),
+            torch.from_numpy(chunks.types),
+            None if chunks.contexts is None else torch.from_numpy(chunks.contexts),
+        )
+
+    # -- gradient steps --------------------------------------------------------------------
+    def train_step(self, chunks: Chunks) -> None:
+        """An update on already-observed chunks, mixed with replayed ones (no scoring)."""
+        replayed = self.replay.sample(self.rng, int(round(chunks.n_targets * self.config.replay_ratio)))
+        batch = chunks if replayed is None else Chunks.concat([chunks, replayed])
+        for _ in range(self.config.online_steps):
+            self._step(batch, dropout=False)
+
+    def fit(
+        self,
+        chunks: Chunks,
+        epochs: int,
+        learning_rate: float | None = None,
+        replay_ratio: float = 0.0,
+        progress: Progress | None = None,
+    ) -> None:
+        """Epochs of mini-batches over the chunks (pre-training, windows, retraining)."""
+        if not len(chunks):
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate or self.config.learning_rate
+        size = self.config.batch_size
+        try:
+            for epoch in range(epochs):
+                order = self.rng.permutation(len(chunks))
+                total = 0.0
+                for start in range(0, len(order), size):
+                    part = chunks.select(order[start : start + size])
+                    if replay_ratio:
+                        replayed = self.replay.sample(self.rng, int(round(part.n_targets * replay_ratio)))
+                        if replayed is not None:
+                            part = Chunks.concat([part, replayed])
+                    total += self._step(part)
+                if progress is not None:
+                    progress(epoch + 1, epochs, total)
+        finally:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.learning_rate
+
+    def _step(self, chunks: Chunks, dropout: bool = True) -> float:
+        model = self.model
+        model.train(dropout)
+        n_rows = self.items.capacity_needed
+        keep = None
+        if dropout and self.config.id_dropout:
+            keep = (torch.rand(n_rows) >= self.config.id_dropout).float()
+        if not (chunks.targets > 0).any():
+            return 0.0
+        table = model.item_vectors(n_rows, keep)
+        h = self._encode(model, table, chunks, torch.from_numpy(chunks.inputs))
+        loss = self._apply_loss(h, table, chunks)
+        model.train()
+        return loss
+
+    def _apply_loss(self, h: torch.Tensor, table: torch.Tensor, chunks: Chunks) -> float:
+        """Softmax loss at every target position, then one optimizer step."""
+        targets = torch.from_numpy(chunks.targets)
+        mask = targets > 0
+        if not bool(mask.any()):
+            return 0.0
+        n_rows = table.shape[0]
+        interacted = torch.from_numpy(self.item_counts[:n_rows] > 0)
+        interacted[PAD] = False
+        hs = h[mask]
+        wanted = targets[mask]
+        weights = torch.from_numpy(chunks.weights)[mask]
+        if int(interacted.sum()) <= self.config.full_softmax_max_items:
+            logits = (hs @ table.T).masked_fill(~interacted, -1e9)
+            losses = F.cross_entropy(logits, wanted, reduction="none")
+        else:
+            losses = self._sampled_losses(hs, table, wanted, interacted)
+        loss = (losses * weights).sum() / weights.sum().clamp(min=1e-6)
         self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            self.skipped_steps += 1
+            logger.warning("skipped a training step with a non-finite loss")
+            return 0.0
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
+        return float(loss.detach())
 
-    # -- checkpoints -------------------------------------------------------------------
+    def _sampled_losses(
+        self, h: torch.Tensor, table: torch.Tensor, wanted: torch.Tensor, interacted: torch.Tensor
+    ) -> torch.Tensor:
+        """Softmax over the batch's own targets plus uniformly drawn items (large catalogues)."""
+        pool = torch.nonzero(interacted).squeeze(1)
+        draws = torch.from_numpy(self.rng.integers(0, len(pool), size=self.config.sampled_negatives))
+        candidates = torch.unique(torch.cat([wanted, pool[draws]]))
+        logits = h @ table[candidates].T
+        return F.cross_entropy(logits, torch.searchsorted(candidates, wanted), reduction="none")
+
+    @torch.no_grad()
+    def window_scores(
+        self, model: TwoTower, table: torch.Tensor, chunks: Chunks
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expected HR@10 and NDCG@10 of every target of the chunks (items in its window excluded)."""
+        model.eval()
+        inputs = torch.from_numpy(chunks.inputs)
+        n = table.shape[0]
+        inputs = torch.where(inputs < n, inputs, torch.zeros_like(inputs))
+        hrs, ndcgs = [], []
+        length = self.max_history
+        step = max(1, 8192 // max(chunks.inputs.shape[1], 1))
+        for start in range(0, len(chunks), step):
+            part = chunks.select(np.arange(start, min(start + step, len(chunks))))
+            rows = inputs[start : start + step]
+            h = self._encode(model, table, part, rows)
+            where = torch.from_numpy(part.targets > 0)
+            if not bool(where.any()):
+                continue
+            c, p = torch.nonzero(where, as_tuple=True)
+            targets = torch.from_numpy(part.targets)[c, p]
+            targets = torch.where(targets < n, targets, torch.zeros_like(targets))
+            scores = h[c, p] @ table.T
+            offsets = torch.arange(-length + 1, 1)
+            window = rows[c[:, None], (p[:, None] + offsets).clamp(min=0)]
+            window = torch.where((p[:, None] + offsets) >= 0, window, torch.zeros_like(window))
+            scores.scatter_(1, window, -math.inf)
+            scores[:, PAD] = -math.inf
+            scores[:, table.abs().sum(1) == 0] = -math.inf  # rows the model does not know
+            hr, ndcg = rank_metrics(scores, targets)
+            hrs.append(hr)
+            ndcgs.append(ndcg)
+        model.train()
+        if not hrs:
+            return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        return torch.cat(hrs), torch.cat(ndcgs)
+
+    def compare_with_live(self, chunks: Chunks) -> Paired | None:
+        """The learner against the live version on the same targets (None without a live version)."""
+        live = self.shadows.get("live")
+        if live is None or not chunks.n_targets:
+            return None
+        mine, _ = self.window_scores(self.model, self.item_table(), chunks)
+        n = self.items.capacity_needed
+        table = torch.zeros(n, live.table.shape[1])
+        m = min(n, live.table.shape[0])
+        table[:m] = live.table[:m]
+        theirs, _ = self.window_scores(live.model, table, chunks)
+        paired = Paired()
+        paired.add(mine, theirs)
+        return paired
+
+    def gated_fit(
+        self,
+        chunks: Chunks,
+        epochs: int,
+        holdout: int,
+        learning_rate: float | None = None,
+        replay_ratio: float = 0.0,
+        progress: Progress | None = None,
+    ) -> Paired | None:
+        """Fits all but the ``holdout`` newest targets, compares the result with the live version
+        on those, then learns them too; returns the comparison (None without a live version).
+
+        The live version may have learned the held-out events already, so the comparison leans
+        towards it: a candidate that passes is not worse.
+        """
+        if holdout <= 0 or "live" not in self.shadows or chunks.sequences is None:
+            self.fit(chunks, epochs, learning_rate, replay_ratio, progress)
+            return None
+        older, newest = chunks.split_newest(holdout)
+        self.fit(older, epochs, learning_rate, replay_ratio, progress)
+        paired = self.compare_with_live(newest)
+        self.fit(newest, 1, learning_rate, replay_ratio)
+        return paired
+
+    # -- growing, expiring -----------------------------------------------------------------
+    def _ensure_capacity(self) -> None:
+        rows = self.items.capacity_needed
+        if rows > len(self.item_counts):
+            grown = np.zeros(max(rows, 2 * len(self.item_counts)), dtype=np.int64)
+            grown[: len(self.item_counts)] = self.item_counts
+            self.item_counts = grown
+        self.model.ensure_capacity(
+            self.optimizer,
+            items=rows,
+            users=self.users.capacity_needed,
+            categories=self.categories.capacity_needed,
+            tags=self.tags.capacity_needed,
+            contexts=self.contexts.capacity_needed,
+        )
+
+    def expire(self) -> tuple[int, int]:
+        """Frees rows of items and users unseen (in event time) for longer than ``row_ttl_s``."""
+        ttl = self.config.row_ttl_s
+        if ttl <= 0:
+            return 0, 0
+        cutoff = self.position.event_time - ttl
+        item_rows = [self.items.remove(i) for i in self.items.unseen_since(cutoff)]
+        user_rows = [self.users.remove(u) for u in self.users.unseen_since(cutoff)]
+        gone_users = [u for u, t in self.user_seen_at.items() if t < cutoff]
+        for u in gone_users:
+            self.user_seen_at.pop(u, None)
+            self.histories.pop(u, None)
+            self.seen.pop(u, None)
+            self.pending_users.pop(u, None)
+        if item_rows:
+            dead = set(item_rows)
+            for u, history in self.histories.items():
+                if any(e[0] in dead for e in history):
+                    self.histories[u] = deque(
+                        (e for e in history if e[0] not in dead), maxlen=self.max_history
+                    )
+            for rows in self.seen.values():
+                rows -= dead
+            self.item_counts[item_rows] = 0
+            self.model.reset_rows(self.model.item_ids, item_rows, self.optimizer)
+            self.replay.forget_items(np.array(item_rows))
+        if user_rows:
+            self.model.reset_rows(self.model.user_ids, user_rows, self.optimizer)
+            self.replay.forget_users(np.array(user_rows))
+        if item_rows or user_rows:
+            logger.info("expired %d items and %d users unseen for %.0fs", len(item_rows), len(user_rows), ttl)
+        return len(item_rows), len(user_rows)
+
+    # -- the catalogue ---------------------------------------------------------------------
+    def add_items(self, items: Sequence[tuple[int, item_pb2.Item]], text: np.ndarray | None = None) -> int:
+        """Content features of catalogue entries (a new item is scored by content before any event).
+
+        Entries carry their FRESHREC_CATALOG stream sequence (those already held are skipped);
+        sequence 0 means "not from the stream" (a catalogue file) and is always applied.
+        """
+        c = self.config.model
+        fresh = [
+            (i, (seq, it))
+            for i, (seq, it) in enumerate(items)
+            if seq == 0 or seq > self.position.catalog_sequence
+        ]
+        for index, (_seq, item) in fresh:
+            if not item.item_id:
+                continue
+            row = self.items.add(item.item_id, self.position.event_time)
+            self._ensure_capacity()
+            categories = [self.categories.add(x) for x in list(item.categories)[: c.max_categories]]
+            tags = [self.tags.add(x) for x in list(item.tags)[: c.max_tags]]
+            self._ensure_capacity()
+            m = self.model
+            m.item_categories[row] = 0
+            m.item_tags[row] = 0
+            m.item_categories[row, : len(categories)] = torch.tensor(categories, dtype=torch.long)
+            m.item_tags[row, : len(tags)] = torch.tensor(tags, dtype=torch.long)
+            if text is not None and c.text_dim:
+                m.item_text[row] = torch.from_numpy(np.asarray(text[index], dtype=np.float32))
+        if fresh:
+            self.position.catalog_sequence = max(
+                self.position.catalog_sequence, max(seq for _, (seq, _) in fresh)
+            )
+        return len(fresh)
+
+    # -- pre-training and retraining -------------------------------------------------------
+    def absorb(self, interactions: Iterable[Interaction]) -> dict[str, UserSequence]:
+        """Folds a history in without scoring it (pre-training): maps, counts, histories, replay.
+
+        Returns each user's sequence (earlier history first), for ``sequence_chunks``.
+        """
+        sequences: dict[str, UserSequence] = {}
+        counted = 0
+        p = self.position
+        for it in interactions:
+            counted += 1
+            p.event_time = max(p.event_time, it.time)
+            p.stream_sequence = max(p.stream_sequence, it.sequence)
+            self.user_seen_at[it.user_id] = max(self.user_seen_at.get(it.user_id, 0.0), it.time)
+            row = self.items.add(it.item_id, it.time)
+            if not it.positive:
+                self.seen.setdefault(it.user_id, set()).add(row)
+                continue
+            entry = (row, it.type, tuple(self.contexts.add(c) for c in it.context))
+            if it.user_id not in sequences:
+                history = list(self.histories.get(it.user_id, ()))
+                sequences[it.user_id] = UserSequence(history, [1.0] * len(history), len(history))
+            sequences[it.user_id].entries.append(entry)
+            sequences[it.user_id].weights.append(it.weight)
+            sequences[it.user_id].numbers.append(it.sequence)
+        self._ensure_capacity()
+        for user_id, us in sequences.items():
+            new = us.entries[us.first :]
+            for entry in new:
+                self.item_counts[entry[0]] += 1
+            count = self.pending_users.get(user_id, 0) + len(new)
+            if user_id in self.users.rows or count >= self.config.min_user_count:
+                self.pending_users.pop(user_id, None)
+                self.users.add(user_id, self.user_seen_at.get(user_id, 0.0))
+            else:
+                self.pending_users[user_id] = count
+            self.seen.setdefault(user_id, set()).update(e[0] for e in new)
+            self.histories[user_id] = deque(us.entries[-self.max_history :], maxlen=self.max_history)
+        self._ensure_capacity()
+        learned = np.flatnonzero(self.item_counts >= self.config.min_item_count)
+        learned = learned[(learned > PAD) & (learned < self.model.item_learned.shape[0])]
+        self.model.item_learned[torch.from_numpy(learned)] = 1.0
+        self.replay.offer(self.rng, self.sequence_chunks(sequences))
+        p.events_learned += counted
+        return sequences
+
+    def sequence_chunks(self, sequences: dict[str, UserSequence], context: int | None = None) -> Chunks:
+        """Chunks predicting every item of each sequence from ``first`` on.
+
+        With ``context`` = L (the default) every target reads its full served window; smaller
+        values make shorter chunks (a target early in a chunk then reads fewer items), which is
+        how SASRec trains and costs half as much.
+        """
+        builder = ChunkBuilder(self.max_history, self.config.model.max_context, context)
+        for user_id, us in sequences.items():
+            if us.first < len(us.entries):
+                numbers = us.numbers if len(us.numbers) == len(us.entries) - us.first else None
+                builder.add(us.entries, us.first, us.weights[us.first :], self.users.get(user_id), numbers)
+        return builder.build()
+
+    def log_sequences(self, interactions: Iterable[Interaction]) -> dict[str, UserSequence]:
+        """Per-user sequences of a replayed event log, in the current rows (unknown ids skipped)."""
+        sequences: dict[str, UserSequence] = {}
+        for it in interactions:
+            row = self.items.get(it.item_id)
+            if not it.positive or row == PAD:
+                continue
+            ctx = tuple(r for r in (self.contexts.get(c) for c in it.context) if r)
+            us = sequences.setdefault(it.user_id, UserSequence([], [], 0))
+            us.entries.append((row, it.type, ctx))
+            us.weights.append(it.weight)
+            us.numbers.append(it.sequence)
+        return sequences
+
+    # -- scoring (benchmarks, tests) -------------------------------------------------------
+    @torch.no_grad()
+    def user_vectors(self, user_ids: Sequence[str]) -> torch.Tensor:
+        """The served user vector of each user from the current histories: [U, D]."""
+        self.model.eval()
+        length = self.max_history
+        history = torch.zeros((len(user_ids), length), dtype=torch.long)
+        types = torch.zeros((len(user_ids), length), dtype=torch.long)
+        for i, u in enumerate(user_ids):
+            h = list(self.histories.get(u, ()))[-length:]
+            if h:
+                history[i, length - len(h) :] = torch.tensor([e[0] for e in h])
+                types[i, length - len(h) :] = torch.tensor([e[1] for e in h])
+        users = torch.tensor([self.users.get(u) for u in user_ids], dtype=torch.long)
+        table = self.model.item_vectors(self.items.capacity_needed)
+        vectors = self.model.encode(table, history, users, types)[:, -1]
+        self.model.train()
+        return vectors
+
+    @torch.no_grad()
+    def item_table(self) -> torch.Tensor:
+        self.model.eval()
+        table = self.model.item_vectors(self.items.capacity_needed)
+        self.model.train()
+        return table
+
+    # -- versions: snapshots, shadows, rebasing ----------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """The weights of an exported version with the ids their rows belong to."""
+        return {
+            "config": self.config.model.to_dict(),
+            "model": {k: v.clone() for k, v in self.model.state_dict().items()},
+            "items": list(self.items.ids),
+            "users": list(self.users.ids),
+            "categories": list(self.categories.ids),
+            "tags": list(self.tags.ids),
+            "contexts": list(self.contexts.ids),
+        }
+
+    def _mapped(self, snapshot: dict[str, Any], into: TwoTower) -> torch.Tensor:
+        """Copies a snapshot's weights into ``into`` row by id; returns which item rows it knew."""
+        old = TwoTower.from_state_dict(ModelConfig(**snapshot["config"]), snapshot["model"])
+        with torch.no_grad():
+            for name, param in old.named_parameters():
+                if not name.endswith(".weight") or name.split(".")[0] not in {
+                    "item_ids",
+                    "user_ids",
+                    "categories",
+                    "tags",
+                    "contexts",
+                }:
+                    dict(into.named_parameters())[name].copy_(param)
+            known = torch.zeros(into.item_ids.num_embeddings, dtype=torch.bool)
+            for table, key, idmap in (
+                ("item_ids", "items", self.items),
+                ("user_ids", "users", self.users),
+                ("categories", "categories", self.categories),
+                ("tags", "tags", self.tags),
+                ("contexts", "contexts", self.contexts),
+            ):
+                pairs = [(idmap.rows[i], r) for r, i in enumerate(snapshot[key]) if r and i in idmap.rows]
+                if not pairs:
+                    continue
+                new_rows = torch.tensor([a for a, _ in pairs])
+                old_rows = torch.tensor([b for _, b in pairs])
+                getattr(into, table).weight[new_rows] = getattr(old, table).weight[old_rows]
+                if table == "item_ids":
+                    known[new_rows] = True
+                    into.item_learned[new_rows] = old.item_learned[old_rows]
+        return known
+
+    def make_shadow(self, version: str, snapshot: dict[str, Any]) -> Shadow:
+        model = copy.deepcopy(self.model)
+        known = self._mapped(snapshot, model)
+        model.eval()
+        with torch.no_grad():
+            table = model.item_vectors(len(known)) * known[:, None]
+        return Shadow(version, model, table, known)
+
+    def rebase(self, snapshot: dict[str, Any]) -> None:
+        """Continues from an exported version's weights (rollback, rejection); moments restart."""
+        self._mapped(snapshot, self.model)
+        self.optimizer = self._new_optimizer()
+
+    # -- checkpoints -----------------------------------------------------------------------
     def checkpoint_bytes(self) -> bytes:
-        s = self.state
         doc: dict[str, Any] = {
+            "format": 2,
+            "config": self.config.model.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "item_ids": s.item_map.ids[1:],
-            "user_ids": s.user_map.ids[1:],
-            "histories": {u: list(h) for u, h in s.histories.items()},
-            "seen": {u: sorted(r) for u, r in s.seen.items()},
-            "events_learned": s.events_learned,
-            "stream_sequence": s.stream_sequence,
-            "event_time": s.event_time,
-            "prequential": [s.prequential.evaluated, s.prequential.hits, s.prequential.ndcg],
+            "items": self.items.state(),
+            "item_counts": self.item_counts.copy(),
+            "users": self.users.state(),
+            "pending_users": dict(self.pending_users),
+            "categories": self.categories.state(),
+            "tags": self.tags.state(),
+            "contexts": self.contexts.state(),
+            "histories": {u: list(h) for u, h in self.histories.items()},
+            "seen": {u: sorted(r) for u, r in self.seen.items()},
+            "user_seen_at": dict(self.user_seen_at),
+            "replay": self.replay.state(),
+            "position": self.position.__dict__.copy(),
+            "prequential": self.prequential.state(),
+            "gate": self.gate.state(),
+            "watch": self.watch.state(),
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "skipped_steps": self.skipped_steps,
         }
         buffer = io.BytesIO()
         torch.save(doc, buffer)
@@ -157,16 +1154,45 @@ class OnlineLearner:
 
     def restore(self, data: bytes) -> None:
         doc = torch.load(io.BytesIO(data), weights_only=False)
-        s = LearnerState(item_map=IdMap(doc["item_ids"]), user_map=IdMap(doc["user_ids"]))
-        s.histories = {u: deque(h, maxlen=self.max_history) for u, h in doc["histories"].items()}
-        s.seen = {u: set(r) for u, r in doc["seen"].items()}
-        s.events_learned = doc["events_learned"]
-        s.stream_sequence = doc["stream_sequence"]
-        s.event_time = doc["event_time"]
-        s.prequential = Prequential(*doc["prequential"])
-        weights = doc["model"]
-        self.model = TwoTower(self.dim, weights["items.weight"].shape[0], weights["users.weight"].shape[0])
-        self.model.load_state_dict(weights)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.learning_rate)
+        if doc.get("format") != 2:
+            raise ValueError("checkpoint format is not supported by this trainer version")
+        stored = ModelConfig(**doc["config"])
+        if stored != self.config.model:
+            logger.warning(
+                "the checkpoint's model shape %s overrides the configured %s", stored, self.config.model
+            )
+            self.config = replace(self.config, model=stored)
+        self.model = TwoTower.from_state_dict(stored, doc["model"])
+        self.optimizer = self._new_optimizer()
         self.optimizer.load_state_dict(doc["optimizer"])
-        self.state = s
+        self.items = IdMap.from_state(doc["items"])
+        self.item_counts = np.asarray(doc["item_counts"], dtype=np.int64)
+        self.users = IdMap.from_state(doc["users"])
+        self.pending_users = dict(doc["pending_users"])
+        self.categories = IdMap.from_state(doc["categories"])
+        self.tags = IdMap.from_state(doc["tags"])
+        self.contexts = IdMap.from_state(doc["contexts"])
+        length = self.max_history
+        self.histories = {
+            u: deque(((int(e[0]), int(e[1]), tuple(e[2])) for e in h), maxlen=length)
+            for u, h in doc["histories"].items()
+        }
+        self.seen = {u: set(r) for u, r in doc["seen"].items()}
+        self.user_seen_at = dict(doc["user_seen_at"])
+        self.replay = ReplayBuffer(self.config.replay_size, length, stored.max_context)
+        self.replay.load(doc["replay"])
+        self.position = Position(**doc["position"])
+        self.prequential = Running.from_state(doc["prequential"], self.config.recent_window)
+        self.gate = Paired.from_state(doc["gate"])
+        self.watch = Paired.from_state(doc["watch"])
+        self.rng = np.random.default_rng()
+        self.rng.bit_generator.state = doc["rng"]
+        torch.set_rng_state(doc["torch_rng"])
+        self.skipped_steps = int(doc.get("skipped_steps", 0))
+        self.shadows = {}
+
+
+def restore_learner(config: LearnerConfig, data: bytes) -> Learner:
+    learner = Learner(config)
+    learner.restore(data)
+    return learner

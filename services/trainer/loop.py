@@ -1,10 +1,30 @@
-"""The trainer's main loop: consume, learn, export, checkpoint, publish, ack.
+"""The trainer's main loop: consume, score, learn, export, gate, checkpoint, publish, ack.
+
+Three schedules share this one code path (``--strategy``):
+
+- ``online``: every micro-batch is scored, then learned with one step (plus replayed older
+  events); a candidate is exported every ``export_interval_s`` (or ``export_every_events``)
+  and judged by the gate: the learner's own prequential figures against the live version's,
+  both scored on the same events since the last export, before either learned them.
+- ``incremental``: micro-batches are scored and collected; each window is fitted for a few
+  epochs (its newest events held out to judge the result against the live version), then
+  exported.
+- ``periodic``: micro-batches are scored; every ``periodic_interval_s`` the model is retrained
+  on the event log (FRESHREC_EVENTS replayed), warm-started from the current weights, judged on
+  held-out newest events, then exported. ``TriggerTraining(RETRAIN)`` does the same on demand.
+
+A rejected candidate is stored as ``REJECTED``, never published, and learning continues from
+the live version's weights. The live version and its parent are scored beside the learner on
+every event; a sustained regression of the live version against its parent rolls it back.
 
 Order of effects for one export (each step survives a crash of the next):
 1. the version is written to the model store (atomically: it appears complete or not at all);
-2. the checkpoint (weights, optimizer, id maps, stream position) is replaced atomically;
-3. the registry records the version live, ``LIVE`` points at it, the announcement goes out;
-4. JetStream gets one ack covering every event the checkpoint holds.
+2. its weights are saved beside the checkpoint (rollback and promotion continue from them);
+3. the checkpoint (weights, optimizer, id maps, histories, replay buffer, stream positions) is
+   replaced atomically;
+4. the registry records the version (``LIVE`` or ``REJECTED``); for a live one the store's
+   ``LIVE`` points at it and the announcement goes out;
+5. JetStream gets one ack covering every event and catalogue entry the checkpoint holds.
 Events after the checkpoint are redelivered after a crash and learned once (the learner skips
 stream sequences it already holds).
 """
@@ -12,6 +32,7 @@ stream sequences it already holds).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -19,14 +40,38 @@ from dataclasses import dataclass
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from freshrec.v1 import event_pb2, trainer_pb2
+from freshrec.v1 import event_pb2, item_pb2, trainer_pb2
+from services.trainer import metrics
+from services.trainer.datasets import item_text
+from services.trainer.evaluation import Paired
 from services.trainer.export import export_learner
-from services.trainer.learner import OnlineLearner
-from services.trainer.registry import LIVE, CheckpointFile, ModelRow, NewVersion, Registry, next_version
+from services.trainer.learner import Chunks, Learner
+from services.trainer.registry import (
+    LIVE,
+    REJECTED,
+    CheckpointFile,
+    ModelRow,
+    NewVersion,
+    Registry,
+    WeightSnapshots,
+    next_version,
+)
 from services.trainer.settings import TrainerSettings
+from services.trainer.signals import Interaction, to_interaction
+from services.trainer.text import TextEncoder
 from shared.model_store import ModelStore
-from shared.nats import MODELS_PUBLISHED_SUBJECT, StreamReader
+from shared.nats import (
+    ACCEPTED_SUBJECTS,
+    CATALOG_ACCEPTED_SUBJECT,
+    CATALOG_STREAM,
+    EVENTS_STREAM,
+    MODELS_PUBLISHED_SUBJECT,
+    StreamReader,
+    ensure_catalog_stream,
+    fetch_batch,
+)
 from shared.signing import load_private_key
 from shared.watermark import watermark_proto
 
@@ -34,141 +79,426 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ExportRequest:
-    done: asyncio.Future[ModelRow | None]
+class Request:
+    kind: int
+    done: asyncio.Future[ModelRow]
+
+
+async def read_event_log(
+    js: JetStreamContext, up_to: int, max_context: int = 0, batch: int = 2_000
+) -> list[Interaction]:
+    """Replays FRESHREC_EVENTS from its first retained message through ``up_to`` (0: the end)."""
+    if up_to <= 0:
+        info = await js.stream_info(EVENTS_STREAM)
+        up_to = int(info.state.last_seq)
+    if up_to <= 0:
+        return []
+    config = ConsumerConfig(
+        ack_policy=AckPolicy.ALL,
+        deliver_policy=DeliverPolicy.ALL,
+        filter_subject=ACCEPTED_SUBJECTS,
+        max_ack_pending=10 * batch,
+        inactive_threshold=120.0,
+    )
+    psub = await js.pull_subscribe(ACCEPTED_SUBJECTS, durable=None, stream=EVENTS_STREAM, config=config)
+    out: list[Interaction] = []
+    try:
+        while True:
+            msgs = await fetch_batch(psub, batch, timeout_s=5.0)
+            if not msgs:
+                break
+            last = 0
+            for msg in msgs:
+                last = msg.metadata.sequence.stream
+                if last <= up_to:
+                    out.append(to_interaction(last, event_pb2.Event.FromString(msg.data), max_context))
+            await msgs[-1].ack()
+            if last >= up_to:
+                break
+    finally:
+        with contextlib.suppress(Exception):
+            await psub.unsubscribe()
+    return out
 
 
 class TrainerLoop:
     def __init__(
         self,
         settings: TrainerSettings,
-        learner: OnlineLearner,
+        learner: Learner,
         store: ModelStore,
         registry: Registry,
         checkpoint: CheckpointFile,
+        snapshots: WeightSnapshots,
         nc: NatsClient,
         js: JetStreamContext,
+        text: TextEncoder | None = None,
     ) -> None:
         self.settings = settings
         self.learner = learner
         self.store = store
         self.registry = registry
         self.checkpoint = checkpoint
+        self.snapshots = snapshots
         self.nc = nc
         self.js = js
-        self.requests: asyncio.Queue[ExportRequest] = asyncio.Queue()
-        self.live_lock = asyncio.Lock()
+        self.text = text
+        #: One learner call at a time; also serialises every change of the live version.
+        self.lock = asyncio.Lock()
+        self.requests: asyncio.Queue[Request] = asyncio.Queue()
         self.last_export_at: float = 0.0
         self.last_export_seconds: float = 0.0
+        self.window: list[Chunks] = []
+        self.window_events = 0
+        self.window_started = 0.0
+        self.last_retrain = time.monotonic()
+        self.strikes = 0
+        self.next_watch_check = settings.rollback_min_events
+        self.unacked_events: Msg | None = None
+        self.unacked_catalog: Msg | None = None
+        self.catalog_following = False
         self.signing_key = load_private_key(settings.signing_key_file) if settings.signing_key_file else None
 
-    async def run(self) -> None:
+    # -- start -----------------------------------------------------------------------------
+    async def prepare(self) -> None:
+        """Rebuilds the shadows (live version and its parent) from their saved weights."""
+        live = await asyncio.to_thread(self.registry.live)
+        if live is not None:
+            async with self.lock:
+                await asyncio.to_thread(self._load_shadows, live.version, live.parent_version)
+            metrics.LIVE_TRAINED_THROUGH.set(live.trained_through_time)
+
+    def _load_shadows(self, live: str, parent: str) -> None:
+        self.learner.shadows = {}
+        for role, version in (("live", live), ("parent", parent)):
+            snapshot = self.snapshots.load(version)
+            if snapshot is not None:
+                self.learner.shadows[role] = self.learner.make_shadow(version, snapshot)
+
+    def _ack_wait_s(self) -> float:
         s = self.settings
-        reader = StreamReader(self.js, s.consumer_name, ack_wait_s=max(60.0, 3 * s.export_interval_s))
+        longest = s.export_interval_s
+        if s.strategy == "incremental":
+            longest = max(longest, s.incremental_window_s)
+        return max(60.0, 3 * longest)
+
+    async def run(self) -> None:
+        await self.prepare()
+        reader = StreamReader(self.js, self.settings.consumer_name, ack_wait_s=self._ack_wait_s())
         # Seated at the position the checkpoint holds: events after it are learned exactly once.
-        await reader.seat(self.learner.state.stream_sequence)
+        await reader.seat(self.learner.position.stream_sequence)
+        catalog = asyncio.create_task(self.follow_catalog(), name="trainer-catalog")
         try:
             await self._consume(reader)
         finally:
+            catalog.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await catalog
             await reader.close()
 
     async def _consume(self, reader: StreamReader) -> None:
         s = self.settings
-        unacked: Msg | None = None
         since_export = 0
-        last_export = time.monotonic()
-        reseat = False
+        since_checkpoint = 0
+        last_tick = time.monotonic()
         while True:
-            try:
-                if reseat:
-                    await reader.seat(self.learner.state.stream_sequence)
-                    reseat = False
-                msgs = await reader.fetch(s.micro_batch, timeout_s=s.micro_batch_wait_s)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # NATS trouble: the learner's memory is consistent, so go on from its position.
-                logger.exception("fetching events failed; re-seating after the learner's position")
-                await asyncio.sleep(1.0)
-                reseat = True
-                continue
+            msgs = await reader.fetch(s.micro_batch, timeout_s=s.micro_batch_wait_s)
             if msgs:
-                batch = []
-                for msg in msgs:
-                    event = event_pb2.Event()
-                    event.ParseFromString(msg.data)
-                    batch.append((msg.metadata.sequence.stream, event))
-                since_export += await asyncio.to_thread(self.learner.learn, batch)
-                unacked = msgs[-1]
+                batch = [(m.metadata.sequence.stream, event_pb2.Event.FromString(m.data)) for m in msgs]
+                async with self.lock:
+                    learned = await asyncio.to_thread(self._learn, batch)
+                    self.unacked_events = msgs[-1]
+                since_export += learned
+                since_checkpoint += learned
             request = None if self.requests.empty() else self.requests.get_nowait()
-            due = since_export > 0 and (
-                time.monotonic() - last_export >= s.export_interval_s or since_export >= s.export_every_events
-            )
-            if not (due or request):
-                continue
+            now = time.monotonic()
             try:
-                row = await self.export_and_publish()
+                if request is not None:
+                    await self._serve(request)
+                    since_export = since_checkpoint = 0
+                    last_tick = time.monotonic()
+                    continue
+                await self._watch_live()
+                if s.strategy == "online":
+                    if since_export and (
+                        now - last_tick >= s.export_interval_s or since_export >= s.export_every_events
+                    ):
+                        await self.export()
+                        since_export = since_checkpoint = 0
+                        last_tick = time.monotonic()
+                elif (
+                    s.strategy == "incremental"
+                    and self.window
+                    and (
+                        self.window_events >= s.incremental_window_events
+                        or now - self.window_started >= s.incremental_window_s
+                    )
+                ):
+                    paired = await self.fit_window()
+                    await self.export(paired, reason="incremental")
+                    since_export = since_checkpoint = 0
+                    last_tick = time.monotonic()
+                elif (
+                    s.strategy == "periodic"
+                    and since_export
+                    and now - self.last_retrain >= s.periodic_interval_s
+                ):
+                    paired = await self.retrain()
+                    await self.export(paired, reason="retrained")
+                    since_export = since_checkpoint = 0
+                    last_tick = time.monotonic()
+                elif since_checkpoint and now - last_tick >= s.export_interval_s:
+                    async with self.lock:
+                        await self._ack(await self._save_checkpoint())
+                    since_checkpoint = 0
+                    last_tick = time.monotonic()
             except Exception as exc:
-                logger.exception("export failed; will retry at the next interval")
-                if request:
+                logger.exception("training step failed; retrying at the next interval")
+                if request is not None and not request.done.done():
                     request.done.set_exception(exc)
-                last_export = time.monotonic()
-                continue
-            since_export = 0
-            last_export = time.monotonic()
-            if unacked is not None:
-                await unacked.ack()
-                unacked = None
-            if request:
-                request.done.set_result(row)
+                last_tick = time.monotonic()
 
-    async def request_export(self) -> ModelRow | None:
-        """Asks the loop for an export now and waits for it (TriggerTraining)."""
-        request = ExportRequest(asyncio.get_running_loop().create_future())
+    def _learn(self, batch: list[tuple[int, event_pb2.Event]]) -> int:
+        """Scores and learns one micro-batch (in a worker thread, under the lock)."""
+        start = time.perf_counter()
+        learner = self.learner
+        observation = learner.observe(batch)
+        if observation.chunks is not None:
+            if self.settings.strategy == "online":
+                learner.train_step(observation.chunks)
+            elif self.settings.strategy == "incremental":
+                if not self.window:
+                    self.window_started = time.monotonic()
+                self.window.append(observation.chunks)
+        if self.settings.strategy == "incremental":
+            self.window_events += observation.events
+        if observation.events:
+            metrics.EVENTS_LEARNED.inc(observation.events)
+            metrics.BATCH_SECONDS.observe(time.perf_counter() - start)
+            metrics.publish_prequential(learner.prequential.as_metrics())
+            metrics.STREAM_SEQUENCE.set(learner.position.stream_sequence)
+            metrics.EVENT_TIME.set(learner.position.event_time)
+            metrics.TABLE_ROWS.labels("items").set(len(learner.items))
+            metrics.TABLE_ROWS.labels("users").set(len(learner.users))
+            metrics.SKIPPED_STEPS.set(learner.skipped_steps)
+        return observation.events
+
+    async def fit_window(self) -> Paired | None:
+        """Incremental: fits the collected window, its newest events held out to judge it."""
+        s = self.settings
+
+        def work() -> Paired | None:
+            chunks = Chunks.concat(self.window)
+            self.window = []
+            self.window_events = 0
+            holdout = min(s.gate_holdout_events, chunks.n_targets // 5)
+            return self.learner.gated_fit(chunks, s.incremental_epochs, holdout, replay_ratio=s.replay_ratio)
+
+        start = time.perf_counter()
+        async with self.lock:
+            paired = await asyncio.to_thread(work)
+        metrics.RETRAIN_SECONDS.observe(time.perf_counter() - start)
+        return paired
+
+    async def retrain(self) -> Paired | None:
+        """Retrains on the event log (warm-started from the current weights), newest events held out."""
+        s = self.settings
+        start = time.perf_counter()
+        async with self.lock:
+            up_to = self.learner.position.stream_sequence
+        interactions = await read_event_log(self.js, up_to, self.learner.config.model.max_context)
+        logger.info("retraining on %d events of the log (%d epochs)", len(interactions), s.retrain_epochs)
+
+        def progress(epoch: int, epochs: int, loss: float) -> None:
+            logger.info("retrain epoch %d/%d, loss %.4f", epoch, epochs, loss)
+
+        def work() -> Paired | None:
+            learner = self.learner
+            chunks = learner.sequence_chunks(learner.log_sequences(interactions), context=s.pretrain_context)
+            holdout = min(s.gate_holdout_events, chunks.n_targets // 5)
+            return learner.gated_fit(chunks, s.retrain_epochs, holdout, progress=progress)
+
+        async with self.lock:
+            paired = await asyncio.to_thread(work)
+        self.last_retrain = time.monotonic()
+        metrics.RETRAIN_SECONDS.observe(time.perf_counter() - start)
+        return paired
+
+    # -- requests (TriggerTraining) --------------------------------------------------------
+    async def request(self, kind: int) -> ModelRow:
+        """Asks the loop for an export (or a retrain and an export) and waits for the result."""
+        request = Request(kind, asyncio.get_running_loop().create_future())
         await self.requests.put(request)
         return await request.done
 
-    async def export_and_publish(self) -> ModelRow:
-        live = await asyncio.to_thread(self.registry.live)
-        parent = live.version if live else None
-        exported = await asyncio.to_thread(export_learner, self.learner, parent)
-        known = [*await asyncio.to_thread(self.registry.versions), *self.store.list_versions()]
-        version = next_version(known)
-        stored = await asyncio.to_thread(
-            self.store.write_version, version, exported.files, exported.manifest, self.signing_key
-        )
-        await asyncio.to_thread(self.checkpoint.save, self.learner.checkpoint_bytes())
-        trained = exported.manifest["trained_through"]
-        new = NewVersion(
-            version=version,
-            parent_version=parent or "",
-            sha256=stored.manifest["sha256"],
-            metrics=exported.manifest["metrics"],
-            trained_through_sequence=trained["stream_sequence"],
-            trained_through_time=trained["event_time"],
-        )
-        async with self.live_lock:
-            row = await asyncio.to_thread(self.registry.add, new, LIVE)
-            await asyncio.to_thread(self.store.set_live, version)
-            await self.announce(row, "published")
+    async def _serve(self, request: Request) -> None:
+        if request.kind == trainer_pb2.TRAINING_KIND_RETRAIN:
+            row = await self.export(await self.retrain(), reason="retrained")
+        else:
+            row = await self.export()
+        if not request.done.done():
+            request.done.set_result(row)
+
+    # -- exports ---------------------------------------------------------------------------
+    async def export(self, judged: Paired | None = None, reason: str = "published") -> ModelRow:
+        """Exports a candidate, judges it against the live version, publishes or rejects it."""
+        s = self.settings
+        learner = self.learner
+        async with self.lock:
+            live = await asyncio.to_thread(self.registry.live)
+            parent = live.version if live else None
+            expired_items, expired_users = await asyncio.to_thread(learner.expire)
+            metrics.EXPIRED.labels("items").inc(expired_items)
+            metrics.EXPIRED.labels("users").inc(expired_users)
+            try:
+                exported = await asyncio.to_thread(export_learner, learner, parent, item_tower=s.item_tower)
+            except Exception:
+                metrics.EXPORTS.labels("failed").inc()
+                raise
+            if judged is None and s.strategy == "online":
+                judged = learner.gate
+            manifest = exported.manifest
+            rejected = bool(
+                s.gate
+                and live is not None
+                and judged is not None
+                and judged.worse(s.gate_tolerance, s.gate_min_events)
+            )
+            if judged is not None and judged.n:
+                manifest["metrics"].update(
+                    {
+                        "gate_events": float(judged.n),
+                        "gate_candidate_hr@10": judged.mean_a,
+                        "gate_live_hr@10": judged.mean_b,
+                    }
+                )
+            known = [*await asyncio.to_thread(self.registry.versions), *self.store.list_versions()]
+            version = next_version(known)
+            stored = await asyncio.to_thread(
+                self.store.write_version, version, exported.files, manifest, self.signing_key
+            )
+            snapshot = await asyncio.to_thread(learner.snapshot)
+            await asyncio.to_thread(self.snapshots.save, version, snapshot)
+            if rejected and live is not None:
+                live_weights = await asyncio.to_thread(self.snapshots.load, live.version)
+                if live_weights is not None:
+                    await asyncio.to_thread(learner.rebase, live_weights)
+            learner.gate = Paired()
+            ackable = await self._save_checkpoint()
+            trained = manifest["trained_through"]
+            new = NewVersion(
+                version=version,
+                parent_version=parent or "",
+                sha256=stored.manifest["sha256"],
+                metrics=manifest["metrics"],
+                trained_through_sequence=trained["stream_sequence"],
+                trained_through_time=trained["event_time"],
+            )
+            if rejected:
+                row = await asyncio.to_thread(self.registry.add, new, REJECTED)
+                metrics.EXPORTS.labels("rejected").inc()
+                logger.warning(
+                    "rejected candidate %s: hr@10 %.4f against the live %s's %.4f on %d events",
+                    version,
+                    judged.mean_a if judged else 0.0,
+                    parent,
+                    judged.mean_b if judged else 0.0,
+                    judged.n if judged else 0,
+                )
+            else:
+                row = await asyncio.to_thread(self.registry.add, new, LIVE)
+                await asyncio.to_thread(self.store.set_live, version)
+                previous_live = learner.shadows.get("live")
+                shadow = await asyncio.to_thread(learner.make_shadow, version, snapshot)
+                learner.shadows = {"live": shadow, **({"parent": previous_live} if previous_live else {})}
+                self._reset_watch()
+                await self.announce(row, reason)
+                metrics.EXPORTS.labels("published").inc()
+                metrics.LIVE_TRAINED_THROUGH.set(row.trained_through_time)
+                logger.info(
+                    "published model %s (%d events learned, export %.2fs)",
+                    version,
+                    learner.position.events_learned,
+                    exported.seconds,
+                    extra={"model_version": version},
+                )
+            await self._ack(ackable)
+            keep = {version, parent or "", live.parent_version if live else ""}
+            await asyncio.to_thread(self.snapshots.prune, s.keep_versions, keep)
+        metrics.EXPORT_SECONDS.observe(exported.seconds)
         self.last_export_at = time.time()
         self.last_export_seconds = exported.seconds
-        logger.info(
-            "published model %s (%d events learned, export %.2fs)",
-            version,
-            self.learner.state.events_learned,
-            exported.seconds,
-            extra={"model_version": version},
-        )
         return row
 
+    async def _save_checkpoint(self) -> tuple[Msg | None, Msg | None]:
+        """Writes the checkpoint (lock held); returns the messages it covers, to ack afterwards."""
+        data = await asyncio.to_thread(self.learner.checkpoint_bytes)
+        ackable = (self.unacked_events, self.unacked_catalog)
+        self.unacked_events = self.unacked_catalog = None
+        await asyncio.to_thread(self.checkpoint.save, data)
+        return ackable
+
+    async def _ack(self, ackable: tuple[Msg | None, Msg | None]) -> None:
+        for msg in ackable:
+            if msg is None:
+                continue
+            try:
+                await msg.ack()
+            except Exception as exc:
+                # Redelivered events are skipped by the learner: a lost ack only costs a re-read.
+                logger.warning("ack failed: %s", exc)
+
+    # -- the live version ------------------------------------------------------------------
+    def _reset_watch(self) -> None:
+        self.learner.watch = Paired()
+        self.strikes = 0
+        self.next_watch_check = self.settings.rollback_min_events
+
+    async def _watch_live(self) -> None:
+        """Rolls back to the parent when the live version trails it, check after check."""
+        s = self.settings
+        watch = self.learner.watch
+        if "parent" not in self.learner.shadows or watch.n < self.next_watch_check:
+            return
+        self.next_watch_check = watch.n + s.rollback_min_events
+        self.strikes = self.strikes + 1 if watch.worse(s.rollback_tolerance, s.rollback_min_events) else 0
+        if self.strikes < s.rollback_patience:
+            return
+        live = await asyncio.to_thread(self.registry.live)
+        if live is None or not live.parent_version:
+            return
+        logger.warning(
+            "live %s trails its parent %s (hr@10 %.4f against %.4f over %d events): rolling back",
+            live.version,
+            live.parent_version,
+            watch.mean_a,
+            watch.mean_b,
+            watch.n,
+        )
+        await self.make_live(live.parent_version, "rolled_back_regression")
+
     async def make_live(self, version: str, reason: str) -> tuple[ModelRow, str]:
-        """Promotion and rollback: verify the artifact, move the registry and LIVE, announce."""
-        async with self.live_lock:
+        """Promotion and rollback: verify the artifact, move the registry and LIVE, announce, and
+        continue learning from that version's weights."""
+        async with self.lock:
             await asyncio.to_thread(self.store.open_verified, version)
             row, previous = await asyncio.to_thread(self.registry.make_live, version)
             await asyncio.to_thread(self.store.set_live, version)
             await self.announce(row, reason)
+            snapshot = await asyncio.to_thread(self.snapshots.load, version)
+            if snapshot is not None:
+                await asyncio.to_thread(self.learner.rebase, snapshot)
+                await asyncio.to_thread(self._load_shadows, version, row.parent_version)
+            else:
+                logger.warning(
+                    "no saved weights for %s: learning continues from the current weights", version
+                )
+                self.learner.shadows = {}
+            self.learner.gate = Paired()
+            self._reset_watch()
+            await self._ack(await self._save_checkpoint())
+            metrics.ROLLBACKS.labels(reason).inc()
+            metrics.LIVE_TRAINED_THROUGH.set(row.trained_through_time)
             return row, previous
 
     async def announce(self, row: ModelRow, reason: str) -> None:
@@ -187,3 +517,42 @@ class TrainerLoop:
         except Exception as exc:
             # Inference also polls the store's LIVE pointer, so a lost announcement only delays.
             logger.warning("announcing %s failed: %s", row.version, exc)
+
+    # -- the catalogue ---------------------------------------------------------------------
+    async def follow_catalog(self) -> None:
+        """Content features from FRESHREC_CATALOG (published by the feature service)."""
+        s = self.settings
+        config = ConsumerConfig(
+            durable_name=s.catalog_consumer_name,
+            ack_policy=AckPolicy.ALL,
+            ack_wait=self._ack_wait_s(),
+            deliver_policy=DeliverPolicy.ALL,
+            max_ack_pending=100_000,
+            filter_subject=CATALOG_ACCEPTED_SUBJECT,
+        )
+        # The feature service owns the stream; declaring it here lets the trainer start first.
+        await ensure_catalog_stream(self.js, replicas=self.settings.nats.stream_replicas)
+        psub = await self.js.pull_subscribe(
+            CATALOG_ACCEPTED_SUBJECT, durable=s.catalog_consumer_name, stream=CATALOG_STREAM, config=config
+        )
+        self.catalog_following = True
+        try:
+            while True:
+                msgs = await fetch_batch(psub, 256, timeout_s=1.0)
+                if not msgs:
+                    continue
+                items = []
+                for msg in msgs:
+                    try:
+                        items.append((msg.metadata.sequence.stream, item_pb2.Item.FromString(msg.data)))
+                    except Exception as exc:  # protobuf raises DecodeError; skip what is not an Item
+                        logger.warning("skipping a catalogue message that is not an Item: %s", exc)
+                text = None
+                if self.text is not None and self.learner.config.model.text_dim and items:
+                    text = await asyncio.to_thread(self.text.encode, [item_text(i) for _, i in items])
+                async with self.lock:
+                    await asyncio.to_thread(self.learner.add_items, items, text)
+                    self.unacked_catalog = msgs[-1]
+        finally:
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()

@@ -137,15 +137,20 @@ class CheckpointFile:
             return None
 
     def save(self, data: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-checkpoint-", dir=self.path.parent)
+        self.save_as(self.path.name, data)
+
+    def save_as(self, name: str, data: bytes) -> None:
+        """Writes ``name`` in the checkpoint folder atomically (temporary file, fsync, rename)."""
+        target = self.path.parent / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-checkpoint-", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            os.replace(tmp, target)
+            dir_fd = os.open(target.parent, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
             finally:
@@ -157,3 +162,46 @@ class CheckpointFile:
 
 def metrics_of(manifest: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in manifest.get("metrics", {}).items()}
+
+
+class WeightSnapshots:
+    """The torch weights of exported versions (``<checkpoint_dir>/versions/<version>.pt``).
+
+    Rollback, promotion and rejection continue learning from these, so every version starts
+    from its parent's weights; the live version and its parent are also scored beside the
+    learner (gate and rollback watch). Only the newest few are kept, plus any named as kept.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder) / "versions"
+
+    def save(self, version: str, snapshot: dict[str, Any]) -> None:
+        import io
+
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(snapshot, buffer)
+        CheckpointFile(self.folder).save_as(f"{version}.pt", buffer.getvalue())
+
+    def load(self, version: str) -> dict[str, Any] | None:
+        import io
+
+        import torch
+
+        if not version:
+            return None
+        try:
+            data = (self.folder / f"{version}.pt").read_bytes()
+        except FileNotFoundError:
+            return None
+        loaded: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=False)
+        return loaded
+
+    def prune(self, keep_newest: int, keep: set[str]) -> None:
+        if not self.folder.is_dir():
+            return
+        files = sorted(self.folder.glob("v*.pt"))
+        for path in files[:-keep_newest] if keep_newest else files:
+            if path.stem not in keep:
+                path.unlink(missing_ok=True)

@@ -7,31 +7,51 @@ import asyncio
 import grpc
 
 from freshrec.v1 import trainer_pb2, trainer_pb2_grpc
-from services.trainer.learner import OnlineLearner
 from services.trainer.loop import TrainerLoop
-from services.trainer.registry import Registry
+from services.trainer.registry import LIVE, ModelRow, Registry
+from services.trainer.settings import TrainerSettings
 from shared.model_store import ArtifactError
 from shared.watermark import watermark_proto
 
+MAX_VERSION_LENGTH = 64
+
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, loop: TrainerLoop, learner: OnlineLearner, registry: Registry, strategy: str) -> None:
+    def __init__(self, loop: TrainerLoop, registry: Registry, settings: TrainerSettings) -> None:
         self.loop = loop
-        self.learner = learner
         self.registry = registry
-        self.strategy = strategy
+        self.settings = settings
 
     async def GetTrainerStatus(
         self, request: trainer_pb2.GetTrainerStatusRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.GetTrainerStatusResponse:
-        s = self.learner.state
+        learner = self.loop.learner
+        p = learner.position
         live = await asyncio.to_thread(self.registry.live)
+        figures = learner.prequential.as_metrics()
+        figures.update(
+            {
+                "items": float(len(learner.items)),
+                "users": float(len(learner.users)),
+                "replay_size": float(learner.replay.size),
+                "skipped_steps": float(learner.skipped_steps),
+            }
+        )
+        gate = learner.gate
+        if gate.n:
+            figures.update(
+                {
+                    "gate_events": float(gate.n),
+                    "gate_learner_hr@10": gate.mean_a,
+                    "gate_live_hr@10": gate.mean_b,
+                }
+            )
         response = trainer_pb2.GetTrainerStatusResponse(
-            strategy=self.strategy,
+            strategy=self.settings.strategy,
             live_version=live.version if live else "",
-            events_learned=s.events_learned,
-            watermark=watermark_proto(s.stream_sequence, s.event_time),
-            metrics=s.prequential.as_metrics(),
+            events_learned=p.events_learned,
+            watermark=watermark_proto(p.stream_sequence, p.event_time),
+            metrics=figures,
             last_export_seconds=self.loop.last_export_seconds,
         )
         if self.loop.last_export_at:
@@ -41,25 +61,28 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def TriggerTraining(
         self, request: trainer_pb2.TriggerTrainingRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.TriggerTrainingResponse:
-        if request.kind == trainer_pb2.TRAINING_KIND_RETRAIN:
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                "TRAINING_KIND_RETRAIN is not available in this version; use TRAINING_KIND_EXPORT",
-            )
-        if self.learner.state.events_learned == 0:
+        if request.kind not in (
+            trainer_pb2.TRAINING_KIND_UNSPECIFIED,
+            trainer_pb2.TRAINING_KIND_EXPORT,
+            trainer_pb2.TRAINING_KIND_RETRAIN,
+        ):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown training kind {request.kind}")
+        if self.loop.learner.position.events_learned == 0:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "the trainer has learned no events yet; ingest some first",
             )
-        row = await self.loop.request_export()
-        assert row is not None
+        try:
+            row = await self.loop.request(request.kind)
+        except Exception as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, f"training failed: {exc}")
         return trainer_pb2.TriggerTrainingResponse(model=row.to_proto())
 
     async def ListModels(
         self, request: trainer_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.ListModelsResponse:
         rows = await asyncio.to_thread(self.registry.newest_first, request.limit)
-        live = next((r.version for r in rows if r.status == "LIVE"), "")
+        live = next((r.version for r in rows if r.status == LIVE), "")
         if not live:
             row = await asyncio.to_thread(self.registry.live)
             live = row.version if row else ""
@@ -68,14 +91,14 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def PromoteModel(
         self, request: trainer_pb2.PromoteModelRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.PromoteModelResponse:
-        if not request.version:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "version is empty")
+        await self._check_version(request.version, context, required=True)
         row, previous = await self._make_live(request.version, "promoted", context)
         return trainer_pb2.PromoteModelResponse(model=row.to_proto(), previous_version=previous)
 
     async def RollbackModel(
         self, request: trainer_pb2.RollbackModelRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.RollbackModelResponse:
+        await self._check_version(request.version, context, required=False)
         target = request.version
         if not target:
             live = await asyncio.to_thread(self.registry.live)
@@ -88,7 +111,18 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         row, previous = await self._make_live(target, "rolled_back", context)
         return trainer_pb2.RollbackModelResponse(model=row.to_proto(), previous_version=previous)
 
-    async def _make_live(self, version: str, reason: str, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+    async def _check_version(self, version: str, context: grpc.aio.ServicerContext, required: bool) -> None:
+        if required and not version:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "version is empty")
+        if len(version) > MAX_VERSION_LENGTH or not version.isprintable():
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"version must be at most {MAX_VERSION_LENGTH} printable characters",
+            )
+
+    async def _make_live(
+        self, version: str, reason: str, context: grpc.aio.ServicerContext
+    ) -> tuple[ModelRow, str]:
         if await asyncio.to_thread(self.registry.get, version) is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"model version {version!r} is not in the registry"
@@ -97,3 +131,4 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             return await self.loop.make_live(version, reason)
         except ArtifactError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot make {version} live: {exc}")
+        raise AssertionError("unreachable")

@@ -1,0 +1,158 @@
+"""The learner: prequential scoring then learning, content transfer, filters, expiry, checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from freshrec.v1 import event_pb2
+from services.trainer.evaluation import Paired
+from services.trainer.learner import Learner
+from tests.factories import event
+from tests.trainer.streams import T0, catalog_item, small_learner, taste_stream
+
+
+def feed(learner: Learner, stream: list, size: int = 64) -> None:  # type: ignore[type-arg]
+    for start in range(0, len(stream), size):
+        learner.learn(stream[start : start + size])
+
+
+def test_learns_a_pattern_scoring_each_event_before_learning_it() -> None:
+    learner = small_learner(recent_window=200)
+    stream = taste_stream(rounds=30)
+    feed(learner, stream)
+    figures = learner.prequential.as_metrics()
+    assert learner.position.events_learned == len(stream)
+    assert learner.position.stream_sequence == len(stream)
+    assert figures["prequential_evaluated"] == len(stream)
+    # Each user's next item follows its last one on a ring: once learned, nearly always in the
+    # top 10 of the 120 items (random: about 10/100 late in the stream).
+    assert figures["prequential_hr@10_recent"] > 0.8
+    assert figures["prequential_hr@10"] > 0.4
+    # A redelivery of what it already holds changes nothing.
+    assert learner.learn(stream[:64]) == 0
+    assert learner.prequential.evaluated == len(stream)
+
+
+def test_frozen_weights_still_follow_fresh_histories() -> None:
+    learner = small_learner()
+    stream = taste_stream(rounds=30)
+    feed(learner, stream[:800])
+    weights = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    for start in range(800, len(stream), 64):
+        learner.observe(stream[start : start + 64])  # scored, folded in, not learned
+    assert all(torch.equal(v, learner.model.state_dict()[k]) for k, v in weights.items())
+    assert learner.position.stream_sequence == len(stream)
+    assert list(learner.histories["u0"])[-1][0] == learner.items.get(stream[-40][1].item_id)
+
+
+def test_a_restored_checkpoint_continues_exactly_like_the_original() -> None:
+    stream = taste_stream(rounds=12)
+    a = small_learner()
+    feed(a, stream[:200])
+    b = small_learner(seed=7)
+    b.restore(a.checkpoint_bytes())
+    feed(a, stream[200:])
+    b.learn(stream[150:264])  # a redelivery overlapping what the checkpoint holds
+    feed(b, stream[264:])
+    assert a.position == b.position
+    assert a.prequential.as_metrics() == b.prequential.as_metrics()
+    for name, tensor in a.model.state_dict().items():
+        assert torch.equal(tensor, b.model.state_dict()[name]), name
+    for name, value in a.optimizer.state_dict()["state"].items():
+        assert torch.equal(value["exp_avg"], b.optimizer.state_dict()["state"][name]["exp_avg"])
+
+
+def test_content_places_an_untouched_item_near_items_like_it() -> None:
+    learner = small_learner(id_dropout=0.5, model_max_history=5)
+    catalogue = [catalog_item(f"x{i}", ["drama"], ["slow"]) for i in range(10)]
+    catalogue += [catalog_item(f"y{i}", ["action"], ["fast"]) for i in range(10)]
+    catalogue += [catalog_item("x-new", ["drama"], ["slow"]), catalog_item("y-new", ["action"], ["fast"])]
+    learner.add_items(list(enumerate(catalogue, start=1)))
+    stream, seq = [], 1
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        for u in range(20):
+            kind = "x" if u % 2 == 0 else "y"
+            stream.append((seq, event(f"u{u}", f"{kind}{rng.integers(10)}", at=T0 + seq)))
+            seq += 1
+    feed(learner, stream, 50)
+    assert learner.item_counts[learner.items.get("x-new")] == 0
+    vectors = learner.user_vectors(["u0", "u1"])
+    table = learner.item_table()
+    x_new, y_new = learner.items.get("x-new"), learner.items.get("y-new")
+    scores = vectors @ table.T
+    assert scores[0, x_new] > scores[0, y_new]  # a drama watcher gets the new drama first
+    assert scores[1, y_new] > scores[1, x_new]
+    # Untouched: the id embedding is off, the vector is its content alone.
+    content = learner.model.content_vectors(
+        learner.model.item_categories[[x_new]], learner.model.item_tags[[x_new]]
+    )
+    assert torch.allclose(table[x_new], content[0], atol=1e-6)
+
+
+def test_a_dislike_is_remembered_as_seen_but_never_learned() -> None:
+    learner = small_learner()
+    learner.learn([(1, event("u1", "a", at=T0)), (2, event("u1", "b", at=T0 + 1, type=event_pb2.EVENT_TYPE_DISLIKE))])
+    row_b = learner.items.get("b")
+    assert row_b and row_b in learner.seen["u1"]
+    assert [e[0] for e in learner.histories["u1"]] == [learner.items.get("a")]
+    assert learner.item_counts[row_b] == 0
+
+
+def test_frequency_filters_hold_back_id_embeddings_of_rare_ids() -> None:
+    learner = small_learner(min_item_count=3, min_user_count=2)
+    events = [(n, event("u1", "a", at=T0 + n)) for n in range(1, 4)]
+    learner.learn(events[:1])
+    assert learner.model.item_learned[learner.items.get("a")] == 0  # content only so far
+    assert learner.users.get("u1") == 0  # the sequence tower alone speaks for the user
+    learner.learn(events[1:2])
+    assert learner.users.get("u1") != 0
+    assert learner.model.item_learned[learner.items.get("a")] == 0
+    learner.learn(events[2:])
+    assert learner.model.item_learned[learner.items.get("a")] == 1
+
+
+def test_rows_unseen_for_the_ttl_expire_and_are_reused() -> None:
+    learner = small_learner(row_ttl_s=100.0)
+    feed(learner, [(n, event(f"old{n % 3}", f"i{n % 4}", at=T0 + n)) for n in range(1, 13)])
+    old_rows = {learner.items.get(f"i{k}") for k in range(4)}
+    learner.learn([(20, event("new", "fresh", at=T0 + 1000))])
+    assert learner.expire() == (4, 3)
+    assert all(learner.items.get(f"i{k}") == 0 for k in range(4))
+    assert "old0" not in learner.histories and learner.users.get("old0") == 0
+    assert not np.isin(learner.replay.targets[: learner.replay.size], list(old_rows)).any()
+    learner.learn([(21, event("new", "another", at=T0 + 1001))])
+    assert learner.items.get("another") in old_rows  # a freed row, reset, handed out again
+    assert learner.items.capacity_needed == 6  # no growth: 4 freed, 2 in use
+
+
+def test_sampled_softmax_learns_when_the_catalogue_is_large() -> None:
+    learner = small_learner(full_softmax_max_items=5, sampled_negatives=16, recent_window=200)
+    feed(learner, taste_stream(rounds=30))
+    assert learner.prequential.as_metrics()["prequential_hr@10_recent"] > 0.6
+
+
+def test_shadows_compare_the_learner_with_a_version_on_the_same_events() -> None:
+    learner = small_learner()
+    stream = taste_stream(rounds=30)
+    feed(learner, stream[:800])
+    learner.shadows = {"live": learner.make_shadow("v1", learner.snapshot())}
+    learner.gate = Paired()
+    with torch.no_grad():  # sabotage: the learner forgets what it knew
+        for p in learner.model.parameters():
+            p.add_(torch.randn_like(p) * 2.0)
+    learner.observe(stream[800:1000])
+    assert learner.gate.n > 0 and learner.gate.mean_a < learner.gate.mean_b
+    assert learner.gate.worse(0.02, 50)
+    learner.rebase(learner.shadows["live"].model.state_dict() and snapshot_of(learner, "live"))
+    learner.gate = Paired()
+    learner.observe(stream[1000:])
+    assert not learner.gate.worse(0.0, 10)  # continuing from the version's weights: no worse
+
+
+def snapshot_of(learner: Learner, role: str) -> dict:  # type: ignore[type-arg]
+    shadow = learner.shadows[role]
+    snapshot = learner.snapshot()
+    snapshot["model"] = {k: v.clone() for k, v in shadow.model.state_dict().items()}
+    return snapshot
