@@ -9,13 +9,13 @@ import sys
 from pydantic_settings import CliApp
 
 from services.trainer.server import TrainerApp
-from services.trainer.settings import TrainerSettings
+from services.trainer.settings import TrainerCommandLine
 from shared.grpc_server import serve_until_signal
 from shared.logs import configure_logging
 
 
 def main() -> None:
-    settings = CliApp.run(TrainerSettings, cli_show_env_vars=True)
+    settings = CliApp.run(TrainerCommandLine, cli_show_env_vars=True)
     configure_logging(settings.log, "trainer")
     if settings.pretrain is not None:
         from services.trainer.pretrain import run_pretrain

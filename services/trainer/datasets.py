@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from freshrec.v1 import event_pb2, item_pb2
-from services.trainer.signals import Interaction
 
 _YEAR = re.compile(r"(\d{4})\s*$")
 
@@ -59,19 +58,9 @@ def _numeric(value: str) -> tuple[int, str]:
     return (int(value), "") if value.isdigit() else (0, value)
 
 
-def interactions(ratings: list[Rating], first_sequence: int = 0) -> list[Interaction]:
-    """Ratings as implicit interactions, numbered from ``first_sequence`` (0: not from the stream)."""
-    return [
-        Interaction(
-            sequence=first_sequence + n if first_sequence else 0,
-            user_id=r.user,
-            item_id=r.item,
-            type=event_pb2.EVENT_TYPE_RATE,
-            weight=1.0,
-            time=r.time,
-        )
-        for n, r in enumerate(ratings)
-    ]
+def events(ratings: list[Rating], first_sequence: int = 0) -> list[tuple[int, event_pb2.Event]]:
+    """Ratings as ``EVENT_TYPE_RATE`` events numbered from ``first_sequence`` (0: not from a stream)."""
+    return [(first_sequence + n if first_sequence else 0, to_event(r)) for n, r in enumerate(ratings)]
 
 
 def to_event(rating: Rating, event_id: str = "") -> event_pb2.Event:

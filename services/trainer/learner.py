@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from freshrec.v1 import event_pb2, item_pb2
 from services.trainer.evaluation import Paired, Running, rank_metrics
 from services.trainer.model import PAD, IdMap, ModelConfig, TwoTower
-from services.trainer.signals import Interaction, to_interaction
+from services.trainer.signals import Interaction, Signals
+from shared.preprocessing import PreprocessingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class LearnerConfig:
     replay_size: int = 2_000
     replay_ratio: float = 0.5
     online_steps: int = 1
+    #: Learning rate of online steps (None: ``learning_rate``) and the share of it dense layers get.
+    online_learning_rate: float | None = None
+    online_dense_scale: float = 1.0
     full_softmax_max_items: int = 20_000
     sampled_negatives: int = 2048
     min_item_count: int = 1
@@ -58,6 +62,7 @@ class LearnerConfig:
     max_grad_norm: float = 5.0
     #: Targets per micro-batch the shadows (live version, its parent) score for the gate.
     shadow_sample: int = 64
+    preprocessing: PreprocessingSettings = field(default_factory=PreprocessingSettings)
     seed: int = 0
 
 
@@ -423,6 +428,7 @@ class Learner:
         self.seen: dict[str, set[int]] = {}
         self.user_seen_at: dict[str, float] = {}
         self.replay = ReplayBuffer(config.replay_size, m.max_history, m.max_context)
+        self.signals = Signals(config.preprocessing, m.max_context)
         self.position = Position()
         self.prequential = Running(window=config.recent_window)
         #: The learner against the live version, on events since the last export (the gate).
@@ -430,10 +436,25 @@ class Learner:
         #: The live version against its parent, on events since it went live (rollback watch).
         self.watch = Paired()
         self.shadows: dict[str, Shadow] = {}
+        #: The shadows' own prequential figures on the events they scored (since they were made).
+        self.shadow_figures: dict[str, Running] = {}
         self.skipped_steps = 0
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.model.parameters(), lr=self.config.learning_rate)
+        """Adam with two groups: the sparse tables (ids, content vocabularies) and the dense layers,
+        so online steps can move them at different rates (Monolith-style)."""
+        sparse_names = {"item_ids", "user_ids", "categories", "tags", "contexts", "event_types"}
+        sparse: list[torch.nn.Parameter] = []
+        dense: list[torch.nn.Parameter] = []
+        for name, param in self.model.named_parameters():
+            (sparse if name.split(".")[0] in sparse_names else dense).append(param)
+        lr = self.config.learning_rate
+        return torch.optim.Adam([{"params": sparse, "lr": lr}, {"params": dense, "lr": lr}], lr=lr)
+
+    def _set_learning_rate(self, learning_rate: float, dense_scale: float = 1.0) -> None:
+        sparse, dense = self.optimizer.param_groups
+        sparse["lr"] = learning_rate
+        dense["lr"] = learning_rate * dense_scale
 
     @property
     def max_history(self) -> int:
@@ -451,11 +472,14 @@ class Learner:
         fresh = [(seq, e) for seq, e in batch if seq > self.position.stream_sequence]
         if not fresh:
             return Observation(None, 0)
-        k = self.config.model.max_context
-        interactions = [to_interaction(seq, e, k) for seq, e in fresh]
-        observation = self.observe_interactions(interactions, evaluate, train)
-        self.position.stream_sequence = fresh[-1][0]
-        return observation
+        observation = self.observe_interactions(self.signals.interactions(fresh), evaluate, train)
+        p = self.position
+        p.stream_sequence = fresh[-1][0]
+        p.events_learned += len(fresh) - observation.events  # repeats and bots count as consumed
+        p.event_time = max(
+            [p.event_time, *(e.occurred_at.seconds + e.occurred_at.nanos / 1e9 for _, e in fresh)]
+        )
+        return Observation(observation.chunks, len(fresh), observation.evaluated)
 
     def observe_interactions(
         self, interactions: Sequence[Interaction], evaluate: bool = True, train: bool = False
@@ -577,9 +601,14 @@ class Learner:
                     shift,
                 )
         if train:
-            self._apply_loss(h, table, batch)
-            for _ in range(self.config.online_steps - 1):
-                self._step(batch, dropout=False)
+            c = self.config
+            self._set_learning_rate(c.online_learning_rate or c.learning_rate, c.online_dense_scale)
+            try:
+                self._apply_loss(h, table, batch)
+                for _ in range(c.online_steps - 1):
+                    self._step(batch, dropout=False)
+            finally:
+                self._set_learning_rate(c.learning_rate)
         model.train()
         return evaluated
 
@@ -613,11 +642,16 @@ class Learner:
         sub = targets.subset(chosen)
         picked = torch.from_numpy(np.isin(targets.chunk.numpy(), chosen))
         sub_chunks = chunks.select(chosen)
-        live_hr = self._shadow_hr(live, sub_chunks, candidates, sub)
+        live_hr, live_ndcg = self._shadow_scores(live, sub_chunks, candidates, sub)
         self.gate.add(hr[picked], live_hr)
+        self.shadow_figures.setdefault("live", Running(self.config.recent_window)).add(live_hr, live_ndcg)
         parent = self.shadows.get("parent")
         if parent is not None:
-            self.watch.add(live_hr, self._shadow_hr(parent, sub_chunks, candidates, sub))
+            parent_hr, parent_ndcg = self._shadow_scores(parent, sub_chunks, candidates, sub)
+            self.watch.add(live_hr, parent_hr)
+            self.shadow_figures.setdefault("parent", Running(self.config.recent_window)).add(
+                parent_hr, parent_ndcg
+            )
         return len(targets.target)
 
     def _targets(
@@ -686,9 +720,11 @@ class Learner:
             scores[targets.earlier[:, 0], targets.earlier[:, 1]] = -math.inf
         return rank_metrics(scores, targets.target)
 
-    def _shadow_hr(
+    def _shadow_scores(
         self, shadow: Shadow, chunks: Chunks, candidates: torch.Tensor, targets: ScoredTargets
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A shadow's HR@10 and NDCG@10 as its export would serve: items it never knew are not
+        candidates, and in histories they are skipped."""
         n = candidates.shape[0]
         known = torch.zeros(n, dtype=torch.bool)
         table = torch.zeros(n, shadow.table.shape[1])
@@ -698,8 +734,11 @@ class Learner:
         inputs = torch.from_numpy(chunks.inputs)
         inputs = torch.where(known[inputs], inputs, torch.zeros_like(inputs))
         h = self._encode(shadow.model, table, chunks, inputs)
-        hr, _ = self._rank(h[targets.chunk, targets.position], table, candidates & known, targets)
-        return hr
+        target_known = known[targets.target]
+        scored = replace(
+            targets, target=torch.where(target_known, targets.target, torch.zeros_like(targets.target))
+        )
+        return self._rank(h[targets.chunk, targets.position], table, candidates & known, scored)
 
     def _encode(
         self, model: TwoTower, table: torch.Tensor, chunks: Chunks, inputs: torch.Tensor
@@ -732,8 +771,7 @@ class Learner:
         """Epochs of mini-batches over the chunks (pre-training, windows, retraining)."""
         if not len(chunks):
             return
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate or self.config.learning_rate
+        self._set_learning_rate(learning_rate or self.config.learning_rate)
         size = self.config.batch_size
         try:
             for epoch in range(epochs):
@@ -749,8 +787,7 @@ class Learner:
                 if progress is not None:
                     progress(epoch + 1, epochs, total)
         finally:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.config.learning_rate
+            self._set_learning_rate(self.config.learning_rate)
 
     def _step(self, chunks: Chunks, dropout: bool = True) -> float:
         model = self.model
@@ -1024,10 +1061,24 @@ class Learner:
                 builder.add(us.entries, us.first, us.weights[us.first :], self.users.get(user_id), numbers)
         return builder.build()
 
-    def log_sequences(self, interactions: Iterable[Interaction]) -> dict[str, UserSequence]:
-        """Per-user sequences of a replayed event log, in the current rows (unknown ids skipped)."""
+    def absorb_events(self, events: Iterable[tuple[int, event_pb2.Event]]) -> dict[str, UserSequence]:
+        """``absorb`` for stream events (or a file's), through the preprocessing rules."""
+        events = list(events)
+        interactions = self.signals.interactions(events)
+        sequences = self.absorb(interactions)
+        self.position.events_learned += len(events) - len(interactions)
+        if events:
+            self.position.stream_sequence = max(self.position.stream_sequence, max(seq for seq, _ in events))
+        return sequences
+
+    def log_sequences(self, events: Iterable[tuple[int, event_pb2.Event]]) -> dict[str, UserSequence]:
+        """Per-user sequences of a replayed event log, in the current rows (unknown ids skipped).
+
+        The log is preprocessed afresh from its start, which gives the numbers the stream got.
+        """
+        signals = Signals(self.config.preprocessing, self.config.model.max_context)
         sequences: dict[str, UserSequence] = {}
-        for it in interactions:
+        for it in signals.interactions(events):
             row = self.items.get(it.item_id)
             if not it.positive or row == PAD:
                 continue
@@ -1144,6 +1195,7 @@ class Learner:
             "prequential": self.prequential.state(),
             "gate": self.gate.state(),
             "watch": self.watch.state(),
+            "signals": self.signals.state(),
             "rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
             "skipped_steps": self.skipped_steps,
@@ -1164,7 +1216,10 @@ class Learner:
             self.config = replace(self.config, model=stored)
         self.model = TwoTower.from_state_dict(stored, doc["model"])
         self.optimizer = self._new_optimizer()
-        self.optimizer.load_state_dict(doc["optimizer"])
+        try:
+            self.optimizer.load_state_dict(doc["optimizer"])
+        except ValueError as exc:
+            logger.warning("the checkpoint's optimizer state does not fit (%s): moments restart", exc)
         self.items = IdMap.from_state(doc["items"])
         self.item_counts = np.asarray(doc["item_counts"], dtype=np.int64)
         self.users = IdMap.from_state(doc["users"])
@@ -1185,6 +1240,9 @@ class Learner:
         self.prequential = Running.from_state(doc["prequential"], self.config.recent_window)
         self.gate = Paired.from_state(doc["gate"])
         self.watch = Paired.from_state(doc["watch"])
+        self.signals = Signals(self.config.preprocessing, stored.max_context)
+        if "signals" in doc:
+            self.signals.load(doc["signals"])
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = doc["rng"]
         torch.set_rng_state(doc["torch_rng"])
@@ -1196,3 +1254,15 @@ def restore_learner(config: LearnerConfig, data: bytes) -> Learner:
     learner = Learner(config)
     learner.restore(data)
     return learner
+
+
+class OnlineLearner(Learner):
+    """A learner with default settings in a given shape, for tools and tests that build a small
+    model directly (``learn`` then ``export_learner``)."""
+
+    def __init__(self, dim: int, max_history: int, learning_rate: float, seed: int = 0) -> None:
+        super().__init__(
+            LearnerConfig(
+                model=ModelConfig(dim=dim, max_history=max_history), learning_rate=learning_rate, seed=seed
+            )
+        )

@@ -59,7 +59,6 @@ from services.trainer.registry import (
     next_version,
 )
 from services.trainer.settings import TrainerSettings
-from services.trainer.signals import Interaction, to_interaction
 from services.trainer.text import TextEncoder
 from shared.model_store import ModelStore
 from shared.nats import (
@@ -85,8 +84,8 @@ class Request:
 
 
 async def read_event_log(
-    js: JetStreamContext, up_to: int, max_context: int = 0, batch: int = 2_000
-) -> list[Interaction]:
+    js: JetStreamContext, up_to: int, batch: int = 2_000
+) -> list[tuple[int, event_pb2.Event]]:
     """Replays FRESHREC_EVENTS from its first retained message through ``up_to`` (0: the end)."""
     if up_to <= 0:
         info = await js.stream_info(EVENTS_STREAM)
@@ -101,7 +100,7 @@ async def read_event_log(
         inactive_threshold=120.0,
     )
     psub = await js.pull_subscribe(ACCEPTED_SUBJECTS, durable=None, stream=EVENTS_STREAM, config=config)
-    out: list[Interaction] = []
+    out: list[tuple[int, event_pb2.Event]] = []
     try:
         while True:
             msgs = await fetch_batch(psub, batch, timeout_s=5.0)
@@ -111,7 +110,7 @@ async def read_event_log(
             for msg in msgs:
                 last = msg.metadata.sequence.stream
                 if last <= up_to:
-                    out.append(to_interaction(last, event_pb2.Event.FromString(msg.data), max_context))
+                    out.append((last, event_pb2.Event.FromString(msg.data)))
             await msgs[-1].ack()
             if last >= up_to:
                 break
@@ -119,6 +118,20 @@ async def read_event_log(
         with contextlib.suppress(Exception):
             await psub.unsubscribe()
     return out
+
+
+def aligned_batches(pending: list[Msg], size: int, flush: bool) -> tuple[list[list[Msg]], list[Msg]]:
+    """Cuts messages into micro-batches ending at multiples of ``size`` in stream sequence, so a
+    replay after a restart forms the same batches; the incomplete tail waits unless ``flush``."""
+    batches = []
+    while pending:
+        boundary = (pending[0].metadata.sequence.stream - 1) // size * size + size
+        cut = next((i for i, m in enumerate(pending) if m.metadata.sequence.stream > boundary), len(pending))
+        if cut == len(pending) and pending[-1].metadata.sequence.stream < boundary and not flush:
+            break
+        batches.append(pending[:cut])
+        pending = pending[cut:]
+    return batches, pending
 
 
 class TrainerLoop:
@@ -170,6 +183,7 @@ class TrainerLoop:
 
     def _load_shadows(self, live: str, parent: str) -> None:
         self.learner.shadows = {}
+        self.learner.shadow_figures = {}
         for role, version in (("live", live), ("parent", parent)):
             snapshot = self.snapshots.load(version)
             if snapshot is not None:
@@ -196,18 +210,36 @@ class TrainerLoop:
                 await catalog
             await reader.close()
 
+    # -- the event stream ------------------------------------------------------------------
     async def _consume(self, reader: StreamReader) -> None:
         s = self.settings
         since_export = 0
         since_checkpoint = 0
         last_tick = time.monotonic()
+        pending: list[Msg] = []
+        reseat = False
         while True:
-            msgs = await reader.fetch(s.micro_batch, timeout_s=s.micro_batch_wait_s)
-            if msgs:
-                batch = [(m.metadata.sequence.stream, event_pb2.Event.FromString(m.data)) for m in msgs]
+            try:
+                if reseat:
+                    async with self.lock:
+                        position = self.learner.position.stream_sequence
+                    await reader.seat(position)
+                    pending, reseat = [], False
+                msgs = await reader.fetch(s.micro_batch, timeout_s=s.micro_batch_wait_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # NATS trouble: the learner's state is consistent, so go on from its position.
+                logger.exception("fetching events failed; re-seating after the learner's position")
+                await asyncio.sleep(1.0)
+                reseat = True
+                continue
+            batches, pending = aligned_batches(pending + msgs, s.micro_batch, flush=not msgs)
+            for part in batches:
+                batch = [(m.metadata.sequence.stream, event_pb2.Event.FromString(m.data)) for m in part]
                 async with self.lock:
                     learned = await asyncio.to_thread(self._learn, batch)
-                    self.unacked_events = msgs[-1]
+                    self.unacked_events = part[-1]
                 since_export += learned
                 since_checkpoint += learned
             request = None if self.requests.empty() else self.requests.get_nowait()
@@ -306,15 +338,15 @@ class TrainerLoop:
         start = time.perf_counter()
         async with self.lock:
             up_to = self.learner.position.stream_sequence
-        interactions = await read_event_log(self.js, up_to, self.learner.config.model.max_context)
-        logger.info("retraining on %d events of the log (%d epochs)", len(interactions), s.retrain_epochs)
+        events = await read_event_log(self.js, up_to)
+        logger.info("retraining on %d events of the log (%d epochs)", len(events), s.retrain_epochs)
 
         def progress(epoch: int, epochs: int, loss: float) -> None:
             logger.info("retrain epoch %d/%d, loss %.4f", epoch, epochs, loss)
 
         def work() -> Paired | None:
             learner = self.learner
-            chunks = learner.sequence_chunks(learner.log_sequences(interactions), context=s.pretrain_context)
+            chunks = learner.sequence_chunks(learner.log_sequences(events), context=s.pretrain_context)
             holdout = min(s.gate_holdout_events, chunks.n_targets // 5)
             return learner.gated_fit(chunks, s.retrain_epochs, holdout, progress=progress)
 
@@ -411,6 +443,7 @@ class TrainerLoop:
                 previous_live = learner.shadows.get("live")
                 shadow = await asyncio.to_thread(learner.make_shadow, version, snapshot)
                 learner.shadows = {"live": shadow, **({"parent": previous_live} if previous_live else {})}
+                learner.shadow_figures = {}
                 self._reset_watch()
                 await self.announce(row, reason)
                 metrics.EXPORTS.labels("published").inc()
@@ -522,23 +555,33 @@ class TrainerLoop:
     async def follow_catalog(self) -> None:
         """Content features from FRESHREC_CATALOG (published by the feature service)."""
         s = self.settings
-        config = ConsumerConfig(
-            durable_name=s.catalog_consumer_name,
-            ack_policy=AckPolicy.ALL,
-            ack_wait=self._ack_wait_s(),
-            deliver_policy=DeliverPolicy.ALL,
-            max_ack_pending=100_000,
-            filter_subject=CATALOG_ACCEPTED_SUBJECT,
-        )
         # The feature service owns the stream; declaring it here lets the trainer start first.
         await ensure_catalog_stream(self.js, replicas=self.settings.nats.stream_replicas)
-        psub = await self.js.pull_subscribe(
-            CATALOG_ACCEPTED_SUBJECT, durable=s.catalog_consumer_name, stream=CATALOG_STREAM, config=config
+        reader = StreamReader(
+            self.js,
+            s.catalog_consumer_name,
+            stream=CATALOG_STREAM,
+            filter_subjects=[CATALOG_ACCEPTED_SUBJECT],
+            ack_wait_s=self._ack_wait_s(),
         )
+        reseat = True
         self.catalog_following = True
         try:
             while True:
-                msgs = await fetch_batch(psub, 256, timeout_s=1.0)
+                try:
+                    if reseat:
+                        async with self.lock:
+                            position = self.learner.position.catalog_sequence
+                        await reader.seat(position)
+                        reseat = False
+                    msgs = await reader.fetch(256, timeout_s=1.0)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    logger.exception("fetching catalogue entries failed; re-seating")
+                    await asyncio.sleep(1.0)
+                    reseat = True
+                    continue
                 if not msgs:
                     continue
                 items = []
@@ -554,5 +597,4 @@ class TrainerLoop:
                     await asyncio.to_thread(self.learner.add_items, items, text)
                     self.unacked_catalog = msgs[-1]
         finally:
-            with contextlib.suppress(Exception):
-                await psub.unsubscribe()
+            await reader.close()

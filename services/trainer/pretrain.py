@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from freshrec.v1 import item_pb2
+from freshrec.v1 import event_pb2, item_pb2
 from services.trainer import datasets
 from services.trainer.export import export_learner
 from services.trainer.learner import Learner
@@ -32,7 +32,6 @@ from services.trainer.registry import (
 )
 from services.trainer.server import MIGRATIONS, VERSION_TABLE, CheckpointLock, build_learner
 from services.trainer.settings import PretrainCommand, TrainerSettings
-from services.trainer.signals import Interaction
 from services.trainer.text import TextEncoder
 from shared import nats as fnats
 from shared.db import make_engine, make_sessionmaker, upgrade_schema
@@ -47,13 +46,13 @@ def say(message: str) -> None:
 
 
 async def _read_stream(
-    settings: TrainerSettings, max_context: int
-) -> tuple[list[Interaction], list[tuple[int, item_pb2.Item]], Any]:
+    settings: TrainerSettings,
+) -> tuple[list[tuple[int, event_pb2.Event]], list[tuple[int, item_pb2.Item]], Any]:
     nc = await fnats.connect(settings.nats, name="freshrec-trainer-pretrain")
     js = nc.jetstream()
     await fnats.ensure_events_stream(js)
     say("reading the event stream FRESHREC_EVENTS from its start ...")
-    interactions = await read_event_log(js, 0, max_context)
+    events = await read_event_log(js, 0)
     items: list[tuple[int, item_pb2.Item]] = []
     try:
         info = await js.stream_info(fnats.CATALOG_STREAM)
@@ -72,12 +71,12 @@ async def _read_stream(
             await sub.unsubscribe()
     except Exception as exc:  # no catalogue stream yet: content features come later, online
         say(f"no catalogue read from {fnats.CATALOG_STREAM} ({exc.__class__.__name__}); continuing without")
-    return interactions, items, nc
+    return events, items, nc
 
 
 def pretrain_learner(
     learner: Learner,
-    interactions: list[Interaction],
+    events: list[tuple[int, event_pb2.Event]],
     items: list[tuple[int, item_pb2.Item]],
     text: TextEncoder | None,
     epochs: int,
@@ -90,10 +89,10 @@ def pretrain_learner(
             say(f"embedding {len(items)} titles with the sentence encoder ...")
             vectors = text.encode([datasets.item_text(i) for _, i in items])
         learner.add_items(items, vectors)
-    sequences = learner.absorb(interactions)
+    sequences = learner.absorb_events(events)
     chunks = learner.sequence_chunks(sequences, context=context)
     say(
-        f"pre-training on {len(interactions)} events: {len(learner.users)} users, "
+        f"pre-training on {len(events)} events: {len(learner.users)} users, "
         f"{len(learner.items)} items, {chunks.n_targets} targets in {len(chunks)} sequences, {epochs} epochs"
     )
     start = time.perf_counter()
@@ -119,29 +118,28 @@ async def run_pretrain(settings: TrainerSettings, command: PretrainCommand) -> i
     nc = None
     try:
         learner, text = build_learner(settings)
-        k = learner.config.model.max_context
         if command.source == "file":
             if command.file is None:
                 say("error: --source file needs --file PATH (u.data or ratings.csv)")
                 return 2
             ratings = datasets.time_ordered(datasets.read_ratings(command.file))
-            interactions = datasets.interactions(ratings)
+            events = datasets.events(ratings)
             items = [(0, i) for i in datasets.read_items(command.items)] if command.items else []
             say(
                 f"read {len(ratings)} ratings from {command.file}"
                 + (f" and {len(items)} items" if items else "")
             )
         else:
-            interactions, items, nc = await _read_stream(settings, k)
+            events, items, nc = await _read_stream(settings)
             if command.items:
                 items += [(0, i) for i in datasets.read_items(command.items)]
-            say(f"read {len(interactions)} events and {len(items)} catalogue entries from the streams")
-        if not interactions:
+            say(f"read {len(events)} events and {len(items)} catalogue entries from the streams")
+        if not events:
             say("error: no history to pre-train on")
             return 1
         epochs = command.epochs or settings.pretrain_epochs
         await asyncio.to_thread(
-            pretrain_learner, learner, interactions, items, text, epochs, settings.pretrain_context
+            pretrain_learner, learner, events, items, text, epochs, settings.pretrain_context
         )
         checkpoint = CheckpointFile(settings.checkpoint_dir)
         if checkpoint.load() is not None:

@@ -10,6 +10,7 @@ from pydantic_settings import CliSubCommand, SettingsConfigDict
 
 from services.trainer.learner import LearnerConfig
 from services.trainer.model import ModelConfig
+from shared.preprocessing import PreprocessingSettings
 from shared.settings import DatabaseSettings, GrpcSettings, ServiceSettings
 
 
@@ -40,8 +41,6 @@ class TrainerSettings(ServiceSettings):
     FRESHREC_MODEL_STORE=/data/models. Subcommand: `pretrain` (see `pretrain --help`)."""
 
     model_config = SettingsConfigDict(cli_prog_name="python -m services.trainer")
-
-    pretrain: CliSubCommand[PretrainCommand]
 
     grpc: GrpcSettings = GrpcSettings(port=50053)
     database: DatabaseSettings = DatabaseSettings(url="sqlite:///var/trainer.db")
@@ -80,6 +79,11 @@ class TrainerSettings(ServiceSettings):
         gt=0,
         description="Earlier items each training chunk reads before its first target when (pre)training "
         "on whole histories (1: SASRec-style chunks; max-history: every target sees its full window).",
+    )
+
+    preprocessing: PreprocessingSettings = Field(
+        default_factory=PreprocessingSettings,
+        description="Event weights and denoising (give the feature service the same values).",
     )
 
     # -- the model -------------------------------------------------------------------------
@@ -174,5 +178,16 @@ class TrainerSettings(ServiceSettings):
             row_ttl_s=self.row_ttl_s,
             id_dropout=self.id_dropout,
             recent_window=self.recent_window,
+            preprocessing=self.preprocessing,
             seed=self.seed,
         )
+
+
+class TrainerCommandLine(TrainerSettings):
+    """freshrec trainer: consumes FRESHREC_EVENTS with a durable consumer, learns a two-tower model
+    (a causal self-attention user tower, an id + content item tower), exports ONNX versions into the
+    model store and announces them on freshrec.models.published. Every option can also be set from
+    the environment as FRESHREC_<OPTION> with '__' between levels, for example
+    FRESHREC_MODEL_STORE=/data/models. Subcommand: `pretrain` (see `pretrain --help`)."""
+
+    pretrain: CliSubCommand[PretrainCommand]

@@ -1,18 +1,20 @@
-"""What the trainer learns from an event: the seam to the shared preprocessing rules.
+"""What the trainer learns from an event: the shared preprocessing rules, applied in stream order.
 
-Each accepted event becomes at most one ``Interaction``: who, what, how strongly (a weight),
-when and in which context. Events that say the user did not want the item are kept as
-"seen" (never recommended back) but are not learned as positives.
+``shared.preprocessing`` decides, for the feature service and the trainer alike, each event's
+weight (event type, per-user normalised rating), whether it is a rapid repeat (dropped) and
+whether its user is a likely bot (kept out of training). Each surviving event becomes one
+``Interaction``; one with a weight of zero or less (a dislike) is remembered as seen, so it is
+never recommended back, but not learned as a positive.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from freshrec.v1 import event_pb2
-
-#: Interactions that say the user did not want the item: remembered as seen, never learned as positives.
-NEGATIVE_TYPES = frozenset({event_pb2.EVENT_TYPE_DISLIKE})
+from shared.preprocessing import PreprocessingSettings, Preprocessor, event_time_s
 
 
 @dataclass(frozen=True)
@@ -27,11 +29,7 @@ class Interaction:
 
     @property
     def positive(self) -> bool:
-        return self.weight > 0 and self.type not in NEGATIVE_TYPES
-
-
-def event_time(event: event_pb2.Event) -> float:
-    return event.occurred_at.seconds + event.occurred_at.nanos / 1e9
+        return self.weight > 0
 
 
 def context_keys(event: event_pb2.Event, limit: int) -> tuple[str, ...]:
@@ -41,15 +39,33 @@ def context_keys(event: event_pb2.Event, limit: int) -> tuple[str, ...]:
     return tuple(sorted(f"{k}={v}" for k, v in event.context.items()))[:limit]
 
 
-def to_interaction(sequence: int, event: event_pb2.Event, max_context: int = 0) -> Interaction:
-    """One event as the trainer sees it (weight 1 for positive kinds, 0 for negative ones)."""
-    weight = 0.0 if event.type in NEGATIVE_TYPES else 1.0
-    return Interaction(
-        sequence=sequence,
-        user_id=event.user_id,
-        item_id=event.item_id,
-        type=int(event.type),
-        weight=weight,
-        time=event_time(event),
-        context=context_keys(event, max_context),
-    )
+class Signals:
+    """Turns stream events into interactions; its state travels in the learner's checkpoint."""
+
+    def __init__(self, settings: PreprocessingSettings | None = None, max_context: int = 0) -> None:
+        self.preprocessor = Preprocessor(settings)
+        self.max_context = max_context
+
+    def interaction(self, sequence: int, event: event_pb2.Event) -> Interaction | None:
+        """The event as learned, or None for a collapsed repeat or a likely bot's event."""
+        processed = self.preprocessor.process_event(event)
+        if not processed.signal:
+            return None
+        return Interaction(
+            sequence=sequence,
+            user_id=event.user_id,
+            item_id=event.item_id,
+            type=int(event.type),
+            weight=processed.weight,
+            time=event_time_s(event),
+            context=context_keys(event, self.max_context),
+        )
+
+    def interactions(self, events: Iterable[tuple[int, event_pb2.Event]]) -> list[Interaction]:
+        return [i for i in (self.interaction(seq, e) for seq, e in events) if i is not None]
+
+    def state(self) -> dict[str, Any]:
+        return self.preprocessor.state_dict()
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.preprocessor.load_state_dict(state)

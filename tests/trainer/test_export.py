@@ -29,7 +29,9 @@ from tests.trainer.streams import T0, catalog_item, small_learner, taste_stream
 
 def trained(**overrides: object) -> Learner:
     learner = small_learner(**overrides)
-    learner.add_items([(1, catalog_item("cold", ["a-genre"], ["t1", "t2"])), (2, catalog_item("a3", ["a-genre"]))])
+    learner.add_items(
+        [(1, catalog_item("cold", ["a-genre"], ["t1", "t2"])), (2, catalog_item("a3", ["a-genre"]))]
+    )
     stream = taste_stream(rounds=8)
     for start in range(0, len(stream), 64):
         learner.learn(stream[start : start + 64])
@@ -128,7 +130,9 @@ def test_export_and_validation_of_the_default_model_take_under_three_seconds() -
     learner = Learner(LearnerConfig(model=ModelConfig()))  # dim 64, 50 items of history, 2 blocks
     learner.add_items([(n, catalog_item(f"i{n}", [f"g{n % 19}"], [f"y{n % 70}"])) for n in range(1, 1683)])
     rng = np.random.default_rng(0)
-    events = [(n, event(f"u{rng.integers(943)}", f"i{rng.integers(1, 1683)}", at=T0 + n)) for n in range(1, 5001)]
+    events = [
+        (n, event(f"u{rng.integers(943)}", f"i{rng.integers(1, 1683)}", at=T0 + n)) for n in range(1, 5001)
+    ]
     learner.observe(events)
     torch.set_num_threads(1)
     cpu = time.process_time()

@@ -93,7 +93,9 @@ def test_content_places_an_untouched_item_near_items_like_it() -> None:
 
 def test_a_dislike_is_remembered_as_seen_but_never_learned() -> None:
     learner = small_learner()
-    learner.learn([(1, event("u1", "a", at=T0)), (2, event("u1", "b", at=T0 + 1, type=event_pb2.EVENT_TYPE_DISLIKE))])
+    learner.learn(
+        [(1, event("u1", "a", at=T0)), (2, event("u1", "b", at=T0 + 1, type=event_pb2.EVENT_TYPE_DISLIKE))]
+    )
     row_b = learner.items.get("b")
     assert row_b and row_b in learner.seen["u1"]
     assert [e[0] for e in learner.histories["u1"]] == [learner.items.get("a")]
