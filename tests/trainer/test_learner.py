@@ -104,7 +104,7 @@ def test_a_dislike_is_remembered_as_seen_but_never_learned() -> None:
 
 def test_frequency_filters_hold_back_id_embeddings_of_rare_ids() -> None:
     learner = small_learner(min_item_count=3, min_user_count=2)
-    events = [(n, event("u1", "a", at=T0 + n)) for n in range(1, 4)]
+    events = [(n, event("u1", "a", at=T0 + 100 * n)) for n in range(1, 4)]  # beyond the repeat window
     learner.learn(events[:1])
     assert learner.model.item_learned[learner.items.get("a")] == 0  # content only so far
     assert learner.users.get("u1") == 0  # the sequence tower alone speaks for the user
