@@ -1,0 +1,1 @@
+"""Shared code of the accuracy and streaming benchmarks: MovieLens protocols, baselines, metrics."""
