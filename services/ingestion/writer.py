@@ -23,6 +23,9 @@ from services.ingestion.store import EventLog, NewEvent, OutboxEvent
 
 logger = logging.getLogger(__name__)
 
+# How long a stop keeps retrying the last publish marks against an unreachable database.
+STOP_RETRY_S = 5.0
+
 
 @dataclass
 class _Pending:
@@ -60,6 +63,7 @@ class GroupCommitter:
         self._last_heartbeat = 0.0
         self._cond = threading.Condition()
         self._stopping = False
+        self._stop_deadline = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -72,6 +76,7 @@ class GroupCommitter:
         """Commits what is waiting, then ends the thread."""
         with self._cond:
             self._stopping = True
+            self._stop_deadline = time.monotonic() + STOP_RETRY_S
             self._cond.notify()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
@@ -152,10 +157,17 @@ class GroupCommitter:
         except Exception as exc:
             logger.exception("group commit of %d events failed", rows)
             if marks:
-                # Marks are only bookkeeping: keep them for the next transaction.
                 with self._cond:
-                    self._marks[:0] = marks
-                    self._marks_since = time.monotonic()
+                    if self._stopping and time.monotonic() >= self._stop_deadline:
+                        # Marks are only bookkeeping: unmarked events are found in the stream by the
+                        # relay's reconciler on the next start, so giving up here loses nothing.
+                        logger.warning(
+                            "stopping without recording %d publish marks: the event log is unreachable",
+                            len(marks),
+                        )
+                    else:  # keep them for the next transaction
+                        self._marks[:0] = marks
+                        self._marks_since = time.monotonic()
             if batch:
                 self._resolve(batch, None, exc)
             return

@@ -20,7 +20,9 @@ AppFactory = Callable[..., Awaitable[IngestionApp]]
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """The event log's database: SQLite in tmp_path, and (marked postgres) a fresh PostgreSQL one."""
+    """The event log's database: SQLite in tmp_path, and (marked postgres) a fresh PostgreSQL one.
+
+    Ask for it before ``make_app`` so the database outlives the apps (teardown runs in reverse)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'ingestion.db'}"
     else:

@@ -21,7 +21,7 @@ from tests.ingestion.helpers import duplicated, stream_events, stream_ids
 
 
 async def test_accepts_dedups_and_rejects_per_event(
-    make_app: AppFactory, nats_server: NatsServer, db_url: str
+    db_url: str, make_app: AppFactory, nats_server: NatsServer
 ) -> None:
     app = await make_app(database={"url": db_url})
     events = [
@@ -108,7 +108,7 @@ async def test_the_client_stream_summarises_the_whole_stream(
 
 
 async def test_dedup_holds_across_restarts(
-    make_app: AppFactory, nats_server: NatsServer, db_url: str
+    db_url: str, make_app: AppFactory, nats_server: NatsServer
 ) -> None:
     events = [event("u", f"i{n}", event_id=f"r{n}") for n in range(20)]
     first = await make_app(database={"url": db_url}, replica_name="r")

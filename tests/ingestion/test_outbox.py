@@ -49,7 +49,7 @@ async def wait_for_stream(url: str, n: int, timeout_s: float = 60.0) -> list[str
 
 
 async def test_nats_down_accepts_reports_and_drains_in_order(
-    make_app: AppFactory, nats_server: NatsServer, db_url: str
+    db_url: str, make_app: AppFactory, nats_server: NatsServer
 ) -> None:
     app = await make_app(database={"url": db_url}, nats={"url": nats_server.url, "reconnect_wait_s": 0.2})
     channel, stub = stub_for(app)
@@ -101,7 +101,7 @@ async def test_nats_down_accepts_reports_and_drains_in_order(
 
 @pytest.mark.slow
 async def test_nats_killed_and_restarted_under_load(
-    make_app: AppFactory, nats_server: NatsServer, db_url: str
+    db_url: str, make_app: AppFactory, nats_server: NatsServer
 ) -> None:
     app = await make_app(
         database={"url": db_url},
