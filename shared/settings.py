@@ -111,6 +111,17 @@ class LogSettings(BaseModel):
     json_lines: bool = Field(False, description="Write JSON lines instead of plain text.")
 
 
+class RequestLimits(BaseModel):
+    """How much one read request may ask for (feature and inference services)."""
+
+    max_id_length: int = Field(
+        128, gt=0, le=128, description="Longest user, item or category id in a request."
+    )
+    max_ids_per_request: int = Field(1000, gt=0, description="Most ids in one request's list of ids.")
+    max_k: int = Field(1000, gt=0, description="Most items one request may ask for (k).")
+    max_context_entries: int = Field(32, ge=0, description="Most request context entries.")
+
+
 class ServiceSettings(BaseSettings):
     """What every freshrec service is configured with; each service extends it."""
 

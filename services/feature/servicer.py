@@ -17,14 +17,11 @@ from services.feature.settings import FeatureSettings
 from services.feature.state import FeatureState
 from services.feature.store import FeatureStore
 from shared.nats import user_partition
+from shared.settings import RequestLimits
 from shared.watermark import watermark_proto
 
-MAX_K = 1000
 DEFAULT_K = 10
-MAX_IDS_PER_CALL = 1000
 DEFAULT_PAGE = 500
-MAX_ID_LENGTH = 128
-MAX_CATEGORY_LENGTH = 64
 
 
 def _set_time(field, seconds: float) -> None:  # type: ignore[no-untyped-def]
@@ -36,14 +33,16 @@ async def _invalid(context: grpc.aio.ServicerContext, reason: str) -> NoReturn:
     raise AssertionError("unreachable")  # abort raises
 
 
-async def _check_ids(context: grpc.aio.ServicerContext, ids: list[str], what: str) -> None:
-    if len(ids) > MAX_IDS_PER_CALL:
-        await _invalid(context, f"at most {MAX_IDS_PER_CALL} {what} per call")
+async def _check_ids(
+    context: grpc.aio.ServicerContext, ids: list[str], what: str, limits: RequestLimits
+) -> None:
+    if len(ids) > limits.max_ids_per_request:
+        await _invalid(context, f"at most {limits.max_ids_per_request} {what} per call")
     for item_id in ids:
         if not item_id:
             await _invalid(context, f"{what} has an empty id")
-        if len(item_id) > MAX_ID_LENGTH:
-            await _invalid(context, f"{what} has an id longer than {MAX_ID_LENGTH}")
+        if len(item_id) > limits.max_id_length:
+            await _invalid(context, f"{what} has an id longer than {limits.max_id_length}")
 
 
 class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
@@ -65,8 +64,8 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
         user_id = request.user_id
         if not user_id:
             await _invalid(context, "user_id is empty")
-        if len(user_id) > MAX_ID_LENGTH:
-            await _invalid(context, f"user_id longer than {MAX_ID_LENGTH}")
+        if len(user_id) > self.settings.limits.max_id_length:
+            await _invalid(context, f"user_id longer than {self.settings.limits.max_id_length}")
         partition = self.settings.partition
         if not partition.owns_partition(user_partition(user_id)):
             await context.abort(
@@ -101,7 +100,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
     async def GetItemFeatures(
         self, request: feature_pb2.GetItemFeaturesRequest, context: grpc.aio.ServicerContext
     ) -> feature_pb2.GetItemFeaturesResponse:
-        await _check_ids(context, list(request.item_ids), "item_ids")
+        await _check_ids(context, list(request.item_ids), "item_ids", self.settings.limits)
         state = self.state
         response = feature_pb2.GetItemFeaturesResponse(watermark=self._watermark())
         for item_id in request.item_ids:
@@ -138,7 +137,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
     async def GetItems(
         self, request: feature_pb2.GetItemsRequest, context: grpc.aio.ServicerContext
     ) -> feature_pb2.GetItemsResponse:
-        await _check_ids(context, list(request.item_ids), "item_ids")
+        await _check_ids(context, list(request.item_ids), "item_ids", self.settings.limits)
         found = await asyncio.to_thread(self.store.get_items, list(request.item_ids))
         response = feature_pb2.GetItemsResponse()
         for item_id in request.item_ids:
@@ -151,9 +150,9 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
     async def ListItems(
         self, request: feature_pb2.ListItemsRequest, context: grpc.aio.ServicerContext
     ) -> feature_pb2.ListItemsResponse:
-        if request.page_size > MAX_IDS_PER_CALL:
-            await _invalid(context, f"page_size must be at most {MAX_IDS_PER_CALL}")
-        if len(request.page_token) > MAX_ID_LENGTH:
+        if request.page_size > self.settings.limits.max_ids_per_request:
+            await _invalid(context, f"page_size must be at most {self.settings.limits.max_ids_per_request}")
+        if len(request.page_token) > self.settings.limits.max_id_length:
             await _invalid(context, "page_token is not one this service issued")
         size = request.page_size or DEFAULT_PAGE
         items = await asyncio.to_thread(self.store.list_items, request.page_token, size + 1)
@@ -165,10 +164,10 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
     async def GetPopularItems(
         self, request: feature_pb2.GetPopularItemsRequest, context: grpc.aio.ServicerContext
     ) -> feature_pb2.GetPopularItemsResponse:
-        if request.k > MAX_K:
-            await _invalid(context, f"k must be at most {MAX_K}")
-        if len(request.category) > MAX_CATEGORY_LENGTH:
-            await _invalid(context, f"category longer than {MAX_CATEGORY_LENGTH}")
+        if request.k > self.settings.limits.max_k:
+            await _invalid(context, f"k must be at most {self.settings.limits.max_k}")
+        if len(request.category) > self.settings.catalog.max_label_length:
+            await _invalid(context, f"category longer than {self.settings.catalog.max_label_length}")
         if request.window not in feature_pb2.PopularityWindow.values():
             await _invalid(context, f"window {request.window} is not a known PopularityWindow")
         trending = request.window == feature_pb2.POPULARITY_WINDOW_TRENDING

@@ -9,7 +9,7 @@ from pydantic_settings import CliSubCommand, SettingsConfigDict
 
 from shared.nats import EVENT_PARTITIONS, partition_filter_subjects
 from shared.preprocessing import PreprocessingSettings
-from shared.settings import DatabaseSettings, GrpcSettings, ServiceSettings
+from shared.settings import DatabaseSettings, GrpcSettings, RequestLimits, ServiceSettings
 
 
 class PopularitySettings(BaseModel):
@@ -92,6 +92,7 @@ class FeatureSettings(ServiceSettings):
     popularity: PopularitySettings = PopularitySettings()
     partition: PartitionSettings = PartitionSettings()
     catalog: CatalogSettings = CatalogSettings()
+    limits: RequestLimits = RequestLimits()
 
     @property
     def replica_name(self) -> str:

@@ -83,7 +83,7 @@ class InferenceApp:
 
         def register(server: grpc.aio.Server) -> None:
             inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-                InferenceServicer(holder, features, popular, ranking), server
+                InferenceServicer(holder, features, popular, ranking, limits=s.limits), server
             )
 
         self.server = await start_grpc_server(s.grpc, [SERVICE_NAME], register)

@@ -27,13 +27,10 @@ from services.inference.ranking import (
     model_reasons,
 )
 from services.inference.reloader import ModelHolder
+from shared.settings import RequestLimits
 from shared.watermark import watermark_proto
 
-MAX_K = 1000
 DEFAULT_K = 10
-MAX_ID_LENGTH = 128
-MAX_LIST = 1000
-MAX_CONTEXT = 32
 MODEL = inference_pb2.RECOMMENDATION_SOURCE_MODEL
 POPULAR = inference_pb2.RECOMMENDATION_SOURCE_POPULAR
 COLD_START = inference_pb2.RECOMMENDATION_SOURCE_COLD_START
@@ -57,7 +54,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         popular: PopularCache,
         ranking: RankingSettings,
         seed: int | None = None,
+        limits: RequestLimits | None = None,
     ) -> None:
+        self.limits = limits or RequestLimits()
         self.holder = holder
         self.features = features
         self.popular = popular
@@ -72,23 +71,26 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         sequence, event_time = state.model.trained_through
         return state.model.version, watermark_proto(sequence, event_time)
 
-    @staticmethod
-    async def _check_id(value: str, name: str, context: grpc.aio.ServicerContext) -> None:
+    async def _check_id(self, value: str, name: str, context: grpc.aio.ServicerContext) -> None:
         if not value:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is empty")
-        if len(value) > MAX_ID_LENGTH:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is longer than {MAX_ID_LENGTH}")
+        if len(value) > self.limits.max_id_length:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{name} is longer than {self.limits.max_id_length}"
+            )
 
-    @staticmethod
-    async def _check_k(k: int, context: grpc.aio.ServicerContext) -> int:
-        if k > MAX_K:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"k is {k}; at most {MAX_K} items per call")
+    async def _check_k(self, k: int, context: grpc.aio.ServicerContext) -> int:
+        if k > self.limits.max_k:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"k is {k}; at most {self.limits.max_k} items per call"
+            )
         return k or DEFAULT_K
 
     async def _check_list(self, values: list[str], name: str, context: grpc.aio.ServicerContext) -> None:
-        if len(values) > MAX_LIST:
+        most = self.limits.max_ids_per_request
+        if len(values) > most:
             await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"{name} has {len(values)} ids; at most {MAX_LIST}"
+                grpc.StatusCode.INVALID_ARGUMENT, f"{name} has {len(values)} ids; at most {most}"
             )
         for value in values:
             await self._check_id(value, f"an entry of {name}", context)
@@ -104,19 +106,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         await self._check_id(request.user_id, "user_id", context)
         k = await self._check_k(request.k, context)
         await self._check_list(list(request.exclude_item_ids), "exclude_item_ids", context)
-        if len(request.categories) > MAX_LIST:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_LIST} categories")
+        if len(request.categories) > self.limits.max_ids_per_request:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"at most {self.limits.max_ids_per_request} categories"
+            )
         for category in request.categories:
             await self._check_id(category, "a category", context)
         await self._check_share(request.diversity, "diversity", context)
         await self._check_share(request.exploration, "exploration", context)
-        if len(request.context) > MAX_CONTEXT:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_CONTEXT} context entries")
+        limits = self.limits
+        if len(request.context) > limits.max_context_entries:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"at most {limits.max_context_entries} context entries"
+            )
         for key, value in request.context.items():
-            if not key or len(key) > MAX_ID_LENGTH or len(value) > MAX_ID_LENGTH:
+            if not key or len(key) > limits.max_id_length or len(value) > limits.max_id_length:
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"context keys must have 1 to {MAX_ID_LENGTH} characters, values at most {MAX_ID_LENGTH}",
+                    f"context keys must have 1 to {limits.max_id_length} characters, "
+                    f"values at most {limits.max_id_length}",
                 )
         return k
 

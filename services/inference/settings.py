@@ -8,7 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.inference.ann import AnnSettings
-from shared.settings import GrpcSettings, PeerSettings, ServiceSettings
+from shared.settings import GrpcSettings, PeerSettings, RequestLimits, ServiceSettings
 
 
 class InferenceSettings(ServiceSettings):
@@ -33,6 +33,7 @@ class InferenceSettings(ServiceSettings):
         description="Ed25519 public key (PEM): when set, only versions whose manifest it verifies load.",
     )
     feature: PeerSettings = PeerSettings()
+    limits: RequestLimits = RequestLimits()
     keep_versions: int = Field(3, ge=1, description="Versions kept loaded for an instant rollback.")
     onnx_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads per session.")
     blas_threads: int = Field(
