@@ -413,9 +413,13 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         outcomes.append(outcome)
+    if args.only is not None and (out_dir / "summary.json").exists():
+        # A partial run keeps the other scripts' figures from earlier runs of the same date.
+        ran_now = {o.name for o in outcomes}
+        outcomes += [o for o in load_outcomes(out_dir) if o.name not in ran_now]
     present = {s.stem for s in discover(args.bench_dir)}
     for name in args.expect:
-        if name not in present and (args.only is None or name in args.only):
+        if name not in present and name not in {o.name for o in outcomes}:
             outcomes.append(Outcome(name, "missing", detail=f"bench/{name}.py does not exist yet"))
     plots = plot(outcomes, out_dir)
     report = write_report(outcomes, plots, out_dir, command)

@@ -164,3 +164,12 @@ def test_rerender_redraws_a_report_without_running_anything(bench: Path, tmp_pat
     again = (out / "REPORT.md").read_text()
     assert again.split("\n", 3)[3] == first.split("\n", 3)[3]  # same but for the timestamp line
     assert (out / "good.png").is_file()
+
+
+def test_a_partial_run_keeps_the_other_scripts_of_the_day(bench: Path, tmp_path: Path) -> None:
+    args = ["--bench-dir", str(bench), "--results-dir", str(tmp_path / "r"), "--date", "d", "--no-readme"]
+    report.main([*args, "--only", "good", "--expect", "--quiet"])
+    report.main([*args, "--only", "nojson", "--expect", "--quiet"])
+    summary = json.loads((tmp_path / "r" / "d" / "summary.json").read_text())
+    assert summary["good"]["status"] == "ok" and summary["nojson"]["status"] == "no-json"
+    assert "| hr@10.online | 0.25 |" in (tmp_path / "r" / "d" / "REPORT.md").read_text()
