@@ -201,7 +201,9 @@ def test_recommend_and_status(stack: Stack, replayed: subprocess.CompletedProces
     assert all(r["model"].startswith("v") for r in rows if r["service"] == "inference")
 
 
-def test_demo_streams_and_reports(stack: Stack) -> None:
+def test_demo_streams_and_reports(stack: Stack, replayed: subprocess.CompletedProcess[str]) -> None:
+    # The replay has the stack serve a model before the demo starts (without it the demo's first
+    # seconds are rightly served by popularity alone).
     started = time.monotonic()
     result = freshrec(stack, "demo", "--duration", "6", "--drift-every", "3", "--rate", "150", "--plain")
     assert result.returncode == 0, result.stdout + result.stderr
