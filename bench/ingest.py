@@ -349,6 +349,16 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                 ingestion.kill()
         nats_server.stop()
     return {
+        "headline": [
+            "grpc_events_per_s",
+            "nats_events_per_s",
+            "raw_publish_async_msgs_per_s",
+            "ratio_grpc_to_raw",
+            "ratio_nats_to_raw",
+            "ingestion_rss_mb",
+            "ingestion_cpu_us_per_event_grpc",
+            "exactly_once",
+        ],
         "seconds_per_phase": args.seconds,
         "producers": args.producers,
         "batch": args.batch,

@@ -15,6 +15,7 @@ processing, which otherwise costs more than SQLite's own work.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from typing import Any, NamedTuple, cast
 
 from sqlalchemy import (
@@ -203,10 +204,7 @@ class EventLog:
         sql, positional = self._compiled_insert(len(chunk))
         params: Any
         if positional is not None:
-            flat: list[Any] = []
-            for row in chunk:
-                flat.extend(row)
-            params = tuple(flat)
+            params = tuple(chain.from_iterable(chunk))
         else:
             params = {
                 f"{c}_{i}": v for i, row in enumerate(chunk) for c, v in zip(INSERT_COLUMNS, row, strict=True)
