@@ -170,6 +170,11 @@ class Publisher:
         """
         self._marked.extend(seqs)
 
+    def forget_never_sent(self) -> None:
+        """This replica's outbox may have been taken over (its heartbeat lapsed): what it knew about
+        never-sent events is no longer its own to trust."""
+        self.never_sent.clear()
+
     def release_marked(self) -> None:
         """Called by the relay before it reads the outbox."""
         if self._marked:

@@ -53,6 +53,10 @@ class RangeSet:
         i = bisect.bisect_right(self._lo, value) - 1
         return i >= 0 and value <= self._hi[i]
 
+    def clear(self) -> None:
+        self._lo.clear()
+        self._hi.clear()
+
     def add(self, lo: int, hi: int) -> None:
         """Adds [lo, hi], merging with touching or overlapping ranges."""
         i = bisect.bisect_left(self._hi, lo - 1)

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from functools import partial
 
 from services.ingestion import metrics
 from services.ingestion.publisher import Publisher
@@ -53,10 +54,13 @@ class Relay:
         self._last_count = 0.0
         self._backlog = 0
 
-    async def adopt(self) -> int:
+    async def adopt(self, everything: bool = False) -> int:
         stale_before_us = int((time.time() - self.lease_s) * 1e6)
         adopted = await asyncio.to_thread(
-            self.log.adopt_orphans, self.replica_id, self.replica_name, stale_before_us
+            partial(self.log.adopt_orphans, everything=everything),
+            self.replica_id,
+            self.replica_name,
+            stale_before_us,
         )
         self._last_adopt = time.monotonic()
         if adopted:

@@ -29,7 +29,7 @@ from services.ingestion.servicer import IngestionServicer
 from services.ingestion.settings import IngestionSettings
 from services.ingestion.store import EventLog
 from services.ingestion.validation import validator_from
-from services.ingestion.writer import GroupCommitter
+from services.ingestion.writer import GroupCommitter, Heartbeat
 from shared import nats as fnats
 from shared.db import make_engine, upgrade_schema
 from shared.grpc_server import NOT_SERVING, SERVING, RunningServer, full_service_name, start_grpc_server
@@ -69,14 +69,14 @@ class IngestionApp:
         await asyncio.to_thread(log.prepare)
         await asyncio.to_thread(log.register_replica, self.replica_id, s.replica, int(time.time() * 1e6))
 
-        committer = GroupCommitter(
-            log, max_rows=s.commit_max_rows, heartbeat=(self.replica_id, s.replica_lease_s / 3)
-        )
+        heartbeat = Heartbeat(self.replica_id, s.replica, s.replica_lease_s / 3, s.replica_lease_s)
+        committer = GroupCommitter(log, max_rows=s.commit_max_rows, heartbeat=heartbeat)
         publisher = self.publisher = Publisher(
             committer, timeout_s=s.publish_timeout_s, max_in_flight=s.max_publish_in_flight
         )
         committer.on_committed = publisher.committed
         committer.on_marked = publisher.marked
+        heartbeat.on_lapse = publisher.forget_never_sent
         committer.start()
         ingestor = self.ingestor = Ingestor(committer, publisher, validator_from(s), owner=self.replica_id)
         relay = self.relay = Relay(
@@ -89,7 +89,7 @@ class IngestionApp:
             grace_s=s.relay_grace_s,
             lease_s=s.replica_lease_s,
         )
-        await relay.adopt()
+        await relay.adopt(everything=True)
 
         def register(server: grpc.aio.Server) -> None:
             ingestion_pb2_grpc.add_IngestionServiceServicer_to_server(

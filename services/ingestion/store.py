@@ -215,15 +215,18 @@ class EventLog:
         self,
         groups: Sequence[Sequence[NewEvent]],
         published: Sequence[int] = (),
-        heartbeat: tuple[str, int] | None = None,
-    ) -> list[list[OutboxEvent]]:
-        """One transaction: inserts each group's new events, marks ``published`` rows, renews a heartbeat.
+        heartbeat: tuple[str, str, int] | None = None,
+    ) -> tuple[list[list[OutboxEvent]], bool]:
+        """One transaction: inserts each group's new events, marks ``published`` rows, renews the
+        heartbeat ``(replica id, name, now_us)``.
 
-        Returns, per group, the events that were new (in log order); the rest of the group were
-        duplicates of events already in the log (``event_id`` is unique, so this holds even with
-        several replicas writing to one database).
+        Returns, per group, the events that were new (in log order; the rest of the group were
+        duplicates of events already in the log: ``event_id`` is unique, so this holds even with
+        several replicas writing to one database), and whether the replica had to register again
+        because its row was gone (another replica took it for dead).
         """
         stored: list[list[OutboxEvent]] = []
+        registered_again = False
         with self.engine.begin() as connection:
             for group in groups:
                 new: list[OutboxEvent] = []
@@ -243,12 +246,18 @@ class EventLog:
             if published:
                 self._mark(connection, published)
             if heartbeat is not None:
-                connection.execute(
-                    update(_replicas)
-                    .where(_replicas.c.id == heartbeat[0])
-                    .values(heartbeat_at_us=heartbeat[1])
+                replica_id, name, now_us = heartbeat
+                renewed = connection.execute(
+                    update(_replicas).where(_replicas.c.id == replica_id).values(heartbeat_at_us=now_us)
                 )
-        return stored
+                if not renewed.rowcount:
+                    connection.execute(
+                        _replicas.insert().values(
+                            id=replica_id, name=name, started_at_us=now_us, heartbeat_at_us=now_us
+                        )
+                    )
+                    registered_again = True
+        return stored, registered_again
 
     def _mark(self, connection: Any, seqs: Iterable[int]) -> None:
         ranges = [{"lo": lo, "hi": hi} for lo, hi in seq_ranges(seqs)]
@@ -312,10 +321,13 @@ class EventLog:
                 )
             )
 
-    def adopt_orphans(self, replica_id: str, name: str, stale_before_us: int) -> int:
+    def adopt_orphans(
+        self, replica_id: str, name: str, stale_before_us: int, *, everything: bool = False
+    ) -> int:
         """Takes over the unpublished rows of replicas that are gone: earlier incarnations of
         ``name``, replicas silent since ``stale_before_us`` or stopped, and rows from before replicas
-        were tracked (owner ``''``). Returns how many rows were adopted.
+        were tracked (owner ``''``); with ``everything`` (at start) also rows whose owner is not
+        registered at all. Returns how many rows were adopted.
 
         Reads first and writes only when there is something to take, through the outbox index
         (owner, seq), so the periodic check costs nothing while every replica is alive.
@@ -330,15 +342,28 @@ class EventLog:
                     )
                 )
             ]
-            untracked = connection.execute(
-                select(_events.c.seq).where(_events.c.owner == "", _events.c.published == false()).limit(1)
+            owners = [""]
+            if everything:
+                # O(outbox): only at start.
+                registered = {row_id for (row_id,) in connection.execute(select(_replicas.c.id))}
+                owners += [
+                    owner
+                    for (owner,) in connection.execute(
+                        select(_events.c.owner).where(_events.c.published == false()).distinct()
+                    )
+                    if owner not in registered and owner != replica_id
+                ]
+            orphaned = connection.execute(
+                select(_events.c.seq)
+                .where(_events.c.owner.in_(owners), _events.c.published == false())
+                .limit(1)
             ).first()
-        if not gone and untracked is None:
+        if not gone and orphaned is None:
             return 0
         with self.engine.begin() as connection:
             result = connection.execute(
                 update(_events)
-                .where(_events.c.owner.in_(["", *gone]), _events.c.published == false())
+                .where(_events.c.owner.in_([*owners, *gone]), _events.c.published == false())
                 .values(owner=replica_id)
             )
             if gone:

@@ -28,6 +28,18 @@ STOP_RETRY_S = 5.0
 
 
 @dataclass
+class Heartbeat:
+    """How this replica renews its registration: every ``interval_s``; ``on_lapse`` runs (on the
+    event loop) when a renewal comes more than ``lease_s`` after the previous one."""
+
+    replica_id: str
+    name: str
+    interval_s: float
+    lease_s: float
+    on_lapse: Callable[[], None] | None = None
+
+
+@dataclass
 class _Pending:
     rows: Sequence[NewEvent]
     future: asyncio.Future[list[OutboxEvent]]
@@ -42,11 +54,11 @@ class GroupCommitter:
         *,
         max_rows: int = 20_000,
         mark_delay_s: float = 0.05,
-        heartbeat: tuple[str, float] | None = None,
+        heartbeat: Heartbeat | None = None,
         on_committed: Callable[[list[OutboxEvent], bool], None] | None = None,
         on_marked: Callable[[list[int]], None] | None = None,
     ) -> None:
-        """``heartbeat`` is (replica id, interval in seconds); ``on_committed(events, abandoned)`` runs on
+        """``heartbeat`` renews this replica's registration; ``on_committed(events, abandoned)`` runs on
         the event loop for every group's new events before the awaiting request resumes (the
         publisher marks them in flight there; ``abandoned`` says the request stopped waiting, so the
         publisher must publish them itself); ``on_marked`` runs on the loop with the seqs whose
@@ -61,6 +73,8 @@ class GroupCommitter:
         self._marks: list[int] = []
         self._marks_since = 0.0
         self._last_heartbeat = 0.0
+        self._last_ok_heartbeat = 0.0
+        self._registered_again = False
         self._cond = threading.Condition()
         self._stopping = False
         self._stop_deadline = 0.0
@@ -114,14 +128,14 @@ class GroupCommitter:
             return True
         if self._marks and now - self._marks_since >= self.mark_delay_s:
             return True
-        return bool(self.heartbeat and now - self._last_heartbeat >= self.heartbeat[1])
+        return bool(self.heartbeat and now - self._last_heartbeat >= self.heartbeat.interval_s)
 
     def _wait_s(self, now: float) -> float:
         waits = [1.0]
         if self._marks:
             waits.append(self._marks_since + self.mark_delay_s - now)
         if self.heartbeat:
-            waits.append(self._last_heartbeat + self.heartbeat[1] - now)
+            waits.append(self._last_heartbeat + self.heartbeat.interval_s - now)
         return max(0.0, min(waits))
 
     def _run(self) -> None:
@@ -139,21 +153,32 @@ class GroupCommitter:
                 stopping = self._stopping and not self._inserts and not marks
             now = time.monotonic()
             heartbeat = None
-            if self.heartbeat and now - self._last_heartbeat >= self.heartbeat[1]:
-                heartbeat = (self.heartbeat[0], int(time.time() * 1e6))
+            if self.heartbeat and now - self._last_heartbeat >= self.heartbeat.interval_s:
+                heartbeat = (self.heartbeat.replica_id, self.heartbeat.name, int(time.time() * 1e6))
             if batch or marks or heartbeat:
-                self._commit(batch, marks, heartbeat, rows)
-                if heartbeat:
-                    self._last_heartbeat = now
+                if self._commit(batch, marks, heartbeat, rows) and heartbeat:
+                    self._renewed(now)
             if stopping:
                 return
 
+    def _renewed(self, now: float) -> None:
+        assert self.heartbeat is not None
+        lapsed = self._last_ok_heartbeat and now - self._last_ok_heartbeat > self.heartbeat.lease_s
+        self._last_heartbeat = self._last_ok_heartbeat = now
+        if (lapsed or self._registered_again) and self.heartbeat.on_lapse is not None:
+            # Other replicas may have taken this one for dead and taken over its outbox meanwhile.
+            logger.warning("this replica's heartbeat lapsed; its outbox may have been taken over")
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self.heartbeat.on_lapse)
+        self._registered_again = False
+
     def _commit(
-        self, batch: list[_Pending], marks: list[int], heartbeat: tuple[str, int] | None, rows: int
-    ) -> None:
+        self, batch: list[_Pending], marks: list[int], heartbeat: tuple[str, str, int] | None, rows: int
+    ) -> bool:
+        """Runs one transaction; returns whether it committed."""
         started = time.perf_counter()
         try:
-            stored = self.log.commit([p.rows for p in batch], marks, heartbeat)
+            stored, self._registered_again = self.log.commit([p.rows for p in batch], marks, heartbeat)
         except Exception as exc:
             logger.exception("group commit of %d events failed", rows)
             if marks:
@@ -170,7 +195,7 @@ class GroupCommitter:
                         self._marks_since = time.monotonic()
             if batch:
                 self._resolve(batch, None, exc)
-            return
+            return False
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
         if batch:
             metrics.COMMIT_ROWS.observe(rows)
@@ -178,6 +203,7 @@ class GroupCommitter:
         if marks and self.on_marked is not None:
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self.on_marked, marks)
+        return True
 
     def _resolve(
         self, batch: list[_Pending], stored: list[list[OutboxEvent]] | None, exc: BaseException | None
