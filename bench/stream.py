@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -247,13 +248,16 @@ def main() -> None:
         "export_seconds_median": statistics.median(export_seconds),
         "warmup_seconds": warmup_seconds,
         "protocol_b_freshrec_seconds": freshrec_seconds,
+        # Peak RSS of this whole process (two learners and every baseline): a trainer's bound.
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     print("\nRatios:", json.dumps({k: round(v, 3) for k, v in ratios.items()}))
     print(
         f"Learning throughput (online, micro-batch {settings.micro_batch}, 1 thread): "
         f"{throughput['events_per_second_wall']:.0f} events/s wall, "
         f"{throughput['events_per_second_cpu']:.0f} per CPU-second; "
-        f"export + validation {throughput['export_seconds_median']:.2f} s"
+        f"export + validation {throughput['export_seconds_median']:.2f} s; "
+        f"peak RSS of the whole benchmark process {throughput['peak_rss_mb']:.0f} MB"
     )
     report: dict[str, Any] = {
         "protocol_b": results,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 
 import numpy as np
 import onnxruntime as ort
@@ -126,7 +125,8 @@ def test_optional_inputs_are_declared_and_reproduce_torch() -> None:
 
 
 @pytest.mark.slow
-def test_export_and_validation_of_the_default_model_take_under_three_seconds() -> None:
+def test_the_default_model_exports_and_validates_at_movielens_size() -> None:
+    # Its time is a benchmark figure (bench/stream.py: export_seconds_median), not asserted here.
     learner = Learner(LearnerConfig(model=ModelConfig()))  # dim 64, 50 items of history, 2 blocks
     learner.add_items([(n, catalog_item(f"i{n}", [f"g{n % 19}"], [f"y{n % 70}"])) for n in range(1, 1683)])
     rng = np.random.default_rng(0)
@@ -135,7 +135,5 @@ def test_export_and_validation_of_the_default_model_take_under_three_seconds() -
     ]
     learner.observe(events)
     torch.set_num_threads(1)
-    cpu = time.process_time()
     exported = export_learner(learner, parent_version=None)
-    assert time.process_time() - cpu <= 3.0
     assert exported.seconds > 0 and exported.manifest["model"]["item_rows"] == 1683
