@@ -302,7 +302,7 @@ def write_report(outcomes: list[Outcome], plots: dict[str, list[str]], out_dir: 
     lines = [
         f"# freshrec benchmark report, {out_dir.name}",
         "",
-        f"`{command}` on {machine()}, finished {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}.",
+        f"{command} on {machine()}, finished {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}.",
         "Each script's full output is in `<name>.log` beside this file, its figures in `<name>.json`.",
         "",
         "| script | status | seconds | note |",
@@ -345,7 +345,7 @@ def readme_section(outcomes: list[Outcome], out_dir: Path, command: str) -> str:
     lines = [
         README_BEGIN,
         f"Latest report: [`{relative}/REPORT.md`]({relative}/REPORT.md), "
-        f"produced by `{command}` on {machine()}.",
+        f"produced by {command} on {machine()}.",
         "",
         "| benchmark | figure | value |",
         "|---|---|---|",
@@ -399,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     scripts = discover(args.bench_dir)
     if args.only is not None:
         scripts = [s for s in scripts if s.stem in args.only]
-    command = "make bench" + (" (--quick)" if args.quick else "")
+    command = "`make bench" + (" (--quick)" if args.quick else "") + "`"
+    if args.only is not None:
+        command += " (its scripts run in parts with `bench/report.py --only`)"
     outcomes: list[Outcome] = []
     if args.rerender:
         scripts = []
