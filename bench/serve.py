@@ -635,6 +635,16 @@ def report(figures: dict[str, Any]) -> None:
             met[name] = bool(check(value))
         print(f"{name:<36} {value!s:>12}  {target:<10} {ok}")
     figures["targets_met"] = met
+    figures["headline"] = [
+        "open_loop.p50_ms",
+        "open_loop.p99_ms",
+        "closed_loop.rps",
+        "echo_closed_loop.rps",
+        "reloads.errors",
+        "reloads.p99_vs_steady",
+        "rss.growth_mb",
+        "ann.recall_at_10",
+    ]
     figures["note"] = "load generator, nats-server, feature and inference share this machine's 2 cores" + (
         "; other engineers' work may be running too" if os.environ.get("CI") != "true" else ""
     )

@@ -265,6 +265,15 @@ def main() -> None:
         "throughput": throughput,
         "quick": args.quick,
         "seconds": time.perf_counter() - started,
+        "headline": [
+            "ratios.online_vs_frozen_hr@10",
+            "ratios.online_vs_best_online_baseline_hr@10",
+            "protocol_b.freshrec.hr@10",
+            "protocol_b.freshrec_frozen.hr@10",
+            "throughput.events_per_second_wall",
+            "throughput.export_seconds_median",
+            "throughput.peak_rss_mb",
+        ],
         "series": {
             "freshrec_online_hr@10": curve_online,
             "freshrec_frozen_hr@10": curve_frozen,
