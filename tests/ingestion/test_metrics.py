@@ -39,6 +39,8 @@ async def test_metrics_count_what_happened(
         return (
             text
             if delta(text, "dlq_total", reason="decode_error") == 1
+            # counted once JetStream acknowledges it, so possibly after it shows in the stream
+            and delta(text, "events_accepted_total", source="nats") == 1
             and len(await stream_ids(nats_server.url)) == 6
             else None
         )
