@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -22,6 +23,8 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    bindparam,
+    cast,
     delete,
     false,
     func,
@@ -173,36 +176,43 @@ class FeatureStore:
             row = session.get(ConsumerPosition, consumer or self.replica)
             return Watermark() if row is None else Watermark(row.stream_sequence, row.event_time)
 
-    def save(
-        self, users: dict[str, dict[str, Any]], items: dict[str, dict[str, Any]], watermark: Watermark
-    ) -> None:
-        """Writes changed users and items and the stream position in one transaction."""
+    def save(self, users: dict[str, str], items: dict[str, str], watermark: Watermark) -> None:
+        """Writes changed users and items (each as its JSON text, from ``FeatureState.take_dirty``)
+        and the stream position in one transaction."""
         with self.sessions.begin() as session:
             self._write(session, users, items)
             self._set_position(session, self.replica, watermark)
 
     def replace_all(self, state: FeatureState) -> None:
         """Replaces every row of this replica with the given state, in one transaction (rebuild)."""
-        users = {u: state.user_doc(u) for u in state.users}
-        items = {i: s.to_json() for i, s in state.items.items()}
+        users = {u: orjson.dumps(state.user_doc(u)).decode() for u in state.users}
+        items = {i: orjson.dumps(s.to_json()).decode() for i, s in state.items.items()}
         with self.sessions.begin() as session:
             session.execute(delete(UserRow).where(UserRow.replica == self.replica))
             session.execute(delete(ItemStatsRow).where(ItemStatsRow.replica == self.replica))
             self._write(session, users, items)
             self._set_position(session, self.replica, state.watermark)
 
-    def _write(
-        self, session: Session, users: dict[str, dict[str, Any]], items: dict[str, dict[str, Any]]
-    ) -> None:
-        insert = _insert(session)
+    def _write(self, session: Session, users: dict[str, str], items: dict[str, str]) -> None:
+        """Upserts rows whose ``state`` is already JSON text: bound as text (cast to JSON on
+        PostgreSQL), through Core's executemany rather than the ORM's bulk path, which would
+        serialise every document again and costs more per row."""
+        postgres = session.get_bind().dialect.name == "postgresql"
+        insert = postgresql.insert if postgres else sqlite.insert
+        text_state = bindparam("state", type_=Text)
+        state = cast(text_state, JSON) if postgres else text_state
         for table, docs, key in ((UserRow, users, "user_id"), (ItemStatsRow, items, "item_id")):
             if not docs:
                 continue
-            stmt = insert(table)
+            stmt = insert(table.__table__).values(
+                replica=bindparam("replica"), **{key: bindparam("key")}, state=state
+            )
             stmt = stmt.on_conflict_do_update(
                 index_elements=["replica", key], set_={"state": stmt.excluded.state}
             )
-            session.execute(stmt, [{"replica": self.replica, key: k, "state": v} for k, v in docs.items()])
+            session.connection().execute(
+                stmt, [{"replica": self.replica, "key": k, "state": v} for k, v in docs.items()]
+            )
 
     @staticmethod
     def _set_position(session: Session, consumer: str, watermark: Watermark) -> None:
