@@ -132,6 +132,7 @@ def scrape(port: int) -> dict[str, dict[float, float]]:
     wanted = {
         "freshrec_rpc_latency_seconds": ("method", "/freshrec.v1.FeatureService/GetUserFeatures"),
         "freshrec_feature_event_lag_seconds": None,
+        "freshrec_gc_pause_seconds": ("generation", "2"),
     }
     out: dict[str, dict[float, float]] = {name: {} for name in wanted}
     for family in text_string_to_metric_families(text):
@@ -456,6 +457,9 @@ async def run(quick: bool) -> dict[str, Any]:
                 visible["event_lag_server_p99_ms_bucket"] = 1000 * bucket_quantile(
                     before[lag], after[lag], 0.99
                 )
+                gc2 = "freshrec_gc_pause_seconds"
+                visible["live_full_gcs"] = after[gc2].get(float("inf"), 0) - before[gc2].get(float("inf"), 0)
+                visible["live_full_gc_max_ms_bucket"] = 1000 * bucket_quantile(before[gc2], after[gc2], 1.0)
                 rss_after = rss_mb(feature.process.pid)
         finally:
             ingestion.stop()
@@ -514,6 +518,11 @@ def main() -> None:
             f"at {r['direct_rate_accepted']:.0f} ev/s",
         ),
         ("feature CPU while live", f"{r['live_cpu_us_per_event']:.0f} µs per event applied", ""),
+        (
+            "full GCs while live, longest ≤",
+            f"{r['live_full_gcs']:.0f}, {r['live_full_gc_max_ms_bucket']:g} ms (bucket)",
+            "",
+        ),
         (
             "server side: GetUserFeatures p99 ≤",
             f"{r['read_server_p99_ms_bucket']:g} ms (histogram bucket)",

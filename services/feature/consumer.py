@@ -6,9 +6,10 @@ Exactly-once effects:
   state's watermark was applied before (a redelivery) and is skipped.
 - What the applied events changed is committed to SQL together with the new watermark in one
   transaction (``FeatureStore.save``); only then are they acknowledged (``AckPolicy.ALL``: one
-  ack of the last one covers them all). Commits run in a worker thread, at most one at a time
-  and at most every ``commit_interval_s``, while later events keep being applied: reads are
-  served from memory and SQL follows behind.
+  ack of the last one covers them all). Commits run at most one at a time and at most every
+  ``commit_interval_s``, while later events keep being applied: the changed users and items are
+  serialised a slice at a time (copy on write, ``FeatureState.begin_snapshot``), then written
+  in a worker thread. Reads are served from memory and SQL follows behind.
 - At start the durable consumer is checked against the position in SQL: if it delivered
   anything past that position (a crash after delivery and before commit), it is recreated to
   start right after the position, so nothing delivered but never committed is lost.
@@ -34,7 +35,7 @@ from freshrec.v1 import event_pb2
 from services.feature import metrics
 from services.feature.pull import Puller, raise_if_cancelling, stream_position
 from services.feature.settings import FeatureSettings
-from services.feature.state import FeatureState, Watermark
+from services.feature.state import FeatureState, Snapshot
 from services.feature.store import FeatureStore
 from shared.nats import EVENTS_STREAM
 
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 #: Events applied between two yields to the event loop, so reads are not held up by a big batch.
 YIELD_EVERY = 256
+#: Documents a commit serialises between two yields to the event loop.
+SNAPSHOT_SLICE = 128
 #: One event in this many has its event→feature lag recorded (the histogram is a sample).
 LAG_SAMPLE = 8
 
@@ -213,22 +216,26 @@ class FeatureConsumer:
             return
         if not force and time.monotonic() - self._commit_started < self.settings.commit_interval_s:
             return
-        users, items, watermark = state.take_dirty()
+        snapshot = state.begin_snapshot()
         last, self._unacked = self._unacked, None
         accepted, self._accepted = self._accepted, []
         self._commit_started = time.monotonic()
-        self._commit = asyncio.create_task(self._save(users, items, watermark, last, accepted))
+        self._commit = asyncio.create_task(self._save(snapshot, last, accepted))
 
-    async def _save(  # type: ignore[no-untyped-def]
-        self, users, items, watermark: Watermark, last: Msg | None, accepted: list[float]
-    ) -> bool:
+    async def _save(self, snapshot: Snapshot, last: Msg | None, accepted: list[float]) -> bool:
         started = time.perf_counter()
         try:
-            await asyncio.to_thread(self.store.save, users, items, watermark)
+            # Serialised on the loop a slice at a time, while events keep being applied.
+            while not self.state.snapshot_step(SNAPSHOT_SLICE):
+                await asyncio.sleep(0)
+            await asyncio.to_thread(self.store.save, snapshot.users, snapshot.items, snapshot.watermark)
         except Exception:
+            self.state.abandon_snapshot()
             metrics.COMMIT_FAILURES.inc()
             logger.exception(
-                "committing %d users and %d items failed; reloading from SQL", len(users), len(items)
+                "committing %d users and %d items failed; reloading from SQL",
+                len(snapshot.users),
+                len(snapshot.items),
             )
             return False
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)

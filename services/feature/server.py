@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from functools import partial
 
@@ -23,6 +24,9 @@ from shared.grpc_server import RunningServer, full_service_name, start_grpc_serv
 from shared.metrics import start_metrics_endpoint
 
 logger = logging.getLogger(__name__)
+
+#: The garbage collector's thresholds for generations 0, 1 and 2 (CPython's are 700, 10, 10).
+GC_THRESHOLDS = (50_000, 20, 100)
 
 SERVICE_NAME = full_service_name(feature_pb2.DESCRIPTOR, "FeatureService")
 
@@ -49,6 +53,17 @@ class FeatureApp:
         store = FeatureStore(make_sessionmaker(engine), s.replica_name)
         state = self.state = FeatureState(s.recent_items, s.preprocessing, s.popularity)
         await asyncio.to_thread(store.load, state)
+        # The cyclic garbage collector pauses the whole process, and a full collection walks
+        # every tracked object: with the state in memory that is the users themselves. So
+        # everything alive now (the code, the state just loaded: plain, acyclic objects that
+        # reference counting frees when replaced) is frozen out of its view, and young
+        # collections wait for 50,000 allocations instead of 700, so the short-lived objects
+        # of events and commits die before they can be promoted (promotions are what bring
+        # full collections). Under live load at 5,000 events/s this took full collections from
+        # one every few seconds (50-250 ms each) to none in a 30 s benchmark run.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         metrics.USERS.set(len(state.users))
         metrics.ITEMS.set(len(state.items))
         logger.info(

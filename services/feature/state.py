@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -41,7 +41,7 @@ class UserState:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "recent": [list(i) for i in self.recent],
+            "recent": tuple(self.recent),  # tuples serialise as JSON arrays
             "counts": dict(self.counts),
             "last_event_at": self.last_event_at,
             "affinity": dict(self.affinity),
@@ -92,6 +92,17 @@ class Watermark:
     event_time: float = 0.0
 
 
+@dataclass
+class Snapshot:
+    """Users and items as JSON text at one watermark (what one commit writes)."""
+
+    watermark: Watermark
+    pending_users: set[str]
+    pending_items: set[str]
+    users: dict[str, str] = field(default_factory=dict)
+    items: dict[str, str] = field(default_factory=dict)
+
+
 class FeatureState:
     """Users, items, rankings and the stream watermark; the catalogue's categories."""
 
@@ -116,9 +127,11 @@ class FeatureState:
         self.trending_window = TrendingWindow(p.trending_window_s, p.trending_buckets)
         self.ranking_all_time = Ranking()
         self.ranking_trending = Ranking()
-        #: Changed since the last ``take_dirty`` (what the next commit must write).
+        #: Changed since the last snapshot began (what the next commit must write).
         self.dirty_users: set[str] = set()
         self.dirty_items: set[str] = set()
+        #: The snapshot being serialised, if any (see ``begin_snapshot``).
+        self._snapshot: Snapshot | None = None
         #: Changed since the rankings were last brought up to date.
         self._unranked: set[str] = set()
 
@@ -130,6 +143,23 @@ class FeatureState:
             return False
         ts = event.occurred_at.seconds + event.occurred_at.nanos / 1e9
         user_id, item_id = event.user_id, event.item_id
+        snapshot = self._snapshot
+        if snapshot is not None:
+            # Copy on write: what the snapshot still has to serialise is serialised before
+            # this event changes it. Moving the trending window expires slices of any item,
+            # so a step into a new slice finishes the whole snapshot first.
+            if (
+                ts > self.watermark.event_time
+                and self.trending_window.slice_of(ts) != self.trending_window.current
+            ):
+                self.snapshot_step(None)
+            else:
+                if user_id in snapshot.pending_users:
+                    snapshot.pending_users.discard(user_id)
+                    snapshot.users[user_id] = orjson.dumps(self.user_doc(user_id)).decode()
+                if item_id in snapshot.pending_items:
+                    snapshot.pending_items.discard(item_id)
+                    snapshot.items[item_id] = orjson.dumps(self.items[item_id].to_json()).decode()
         out = self.preprocessor.process(user_id, item_id, event.type, event.value, ts)
         watermark = self.watermark
         watermark.stream_sequence = stream_sequence
@@ -234,21 +264,59 @@ class FeatureState:
         doc["pre"] = self.preprocessor.export_user(user_id)
         return doc
 
-    def take_dirty(self) -> tuple[dict[str, str], dict[str, str], Watermark]:
-        """Snapshots what changed since the last call (users, items, position) as JSON text,
-        and clears it.
+    def begin_snapshot(self) -> Snapshot:
+        """Starts a snapshot of what changed since the last one (users, items, position) and
+        clears the dirty sets; ``snapshot_step`` serialises it a slice at a time.
 
-        Serialised at once: a snapshot of plain strings is cheap to build and, unlike thousands
-        of dicts and lists kept alive while a commit runs, is not tracked by the garbage
-        collector (tracked survivors get promoted and make full collections, which stall the
-        event loop, come several times a second under live load).
+        Events may be applied while a snapshot is in progress: ``apply`` serialises a pending
+        user or item before changing it, so every document shows the state at the snapshot's
+        watermark. The consumer thus never stops applying for longer than one slice. The
+        documents are JSON text at once: strings cost the garbage collector nothing, where
+        thousands of dicts and lists alive during a commit would be promoted and bring the
+        full collections that stall the loop.
         """
-        dumps = orjson.dumps
-        users = {u: dumps(self.user_doc(u)).decode() for u in self.dirty_users}
-        items = {i: dumps(self.items[i].to_json()).decode() for i in self.dirty_items}
+        if self._snapshot is not None:
+            raise RuntimeError("a snapshot is already in progress")
+        snapshot = self._snapshot = Snapshot(
+            Watermark(self.watermark.stream_sequence, self.watermark.event_time),
+            pending_users=self.dirty_users,
+            pending_items=self.dirty_items,
+        )
         self.dirty_users = set()
         self.dirty_items = set()
-        return users, items, Watermark(self.watermark.stream_sequence, self.watermark.event_time)
+        return snapshot
+
+    def snapshot_step(self, most: int | None = 256) -> bool:
+        """Serialises up to ``most`` (None: all) pending documents of the snapshot in progress;
+        True once it is complete (and no longer in progress)."""
+        snapshot = self._snapshot
+        if snapshot is None:
+            return True
+        dumps = orjson.dumps
+        users, items = snapshot.pending_users, snapshot.pending_items
+        n = len(users) + len(items) if most is None else most
+        while users and n > 0:
+            u = users.pop()
+            snapshot.users[u] = dumps(self.user_doc(u)).decode()
+            n -= 1
+        while items and n > 0:
+            i = items.pop()
+            snapshot.items[i] = dumps(self.items[i].to_json()).decode()
+            n -= 1
+        if users or items:
+            return False
+        self._snapshot = None
+        return True
+
+    def abandon_snapshot(self) -> None:
+        """Drops the snapshot in progress (its changes are not marked dirty again)."""
+        self._snapshot = None
+
+    def take_dirty(self) -> tuple[dict[str, str], dict[str, str], Watermark]:
+        """A whole snapshot at once: (users, items, position), documents as JSON text."""
+        snapshot = self.begin_snapshot()
+        self.snapshot_step(None)
+        return snapshot.users, snapshot.items, snapshot.watermark
 
     def restore_user(self, user_id: str, doc: dict[str, Any]) -> None:
         self.users[user_id] = UserState.from_json(doc, self.max_recent)

@@ -105,3 +105,32 @@ def test_state_round_trips_exactly_through_sql(tmp_path: Path) -> None:
     feed(loaded, more, start=3001)
     assert loaded.dump() == live.dump()
     engine.dispose()
+
+
+@pytest.mark.parametrize("trending_window_s", [24 * 3600.0, 600.0], ids=["one-slice", "many-slices"])
+def test_a_snapshot_serialised_while_events_arrive_shows_the_state_at_its_watermark(
+    trending_window_s: float,
+) -> None:
+    """The consumer keeps applying while a commit serialises its snapshot a slice at a time:
+    every document must still be the one at the snapshot's watermark (copy on write), also when
+    the trending window moves on and expires slices of items the snapshot still holds."""
+    settings = PopularitySettings(trending_window_s=trending_window_s, trending_buckets=6)
+    events = workload(2000)
+    live, reference = FeatureState(10, popularity=settings), FeatureState(10, popularity=settings)
+    feed(live, events[:1000])
+    feed(reference, events[:1000])
+
+    snapshot = live.begin_snapshot()
+    assert not live.snapshot_step(3)
+    for seq, e in enumerate(events[1000:], 1001):
+        live.apply(e, seq)
+        if seq % 50 == 0:
+            live.snapshot_step(2)
+    assert live.snapshot_step(None)
+
+    users, items, watermark = reference.take_dirty()
+    assert snapshot.watermark == watermark
+    assert snapshot.users == users and snapshot.items == items
+    # And what changed after the watermark is the next snapshot's.
+    feed(reference, events[1000:], start=1001)
+    assert live.take_dirty() == reference.take_dirty()
