@@ -58,14 +58,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
         wm = self.state.watermark
         return watermark_proto(wm.stream_sequence, wm.event_time)
 
-    async def GetUserFeatures(
-        self, request: feature_pb2.GetUserFeaturesRequest, context: grpc.aio.ServicerContext
-    ) -> feature_pb2.GetUserFeaturesResponse:
-        user_id = request.user_id
-        if not user_id:
-            await _invalid(context, "user_id is empty")
-        if len(user_id) > self.settings.limits.max_id_length:
-            await _invalid(context, f"user_id longer than {self.settings.limits.max_id_length}")
+    async def _check_owned(self, context: grpc.aio.ServicerContext, user_id: str) -> None:
         partition = self.settings.partition
         if not partition.owns_partition(user_partition(user_id)):
             await context.abort(
@@ -74,28 +67,57 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
                 f"{user_partition(user_id) % partition.replicas} of {partition.replicas}, "
                 f"not this one ({partition.replica})",
             )
+
+    def _features(self, user_id: str, max_recent: int, features: feature_pb2.UserFeatures) -> None:
+        """Fills ``features`` (user_id set) from memory; left as unknown for an unknown user."""
         state = self.state
-        features = feature_pb2.UserFeatures(user_id=user_id)
         user = state.users.get(user_id)
-        if user is not None:
-            features.known = True
-            limit = min(request.max_recent or state.max_recent, len(user.recent))
-            recent = features.recent
-            for n in range(1, limit + 1):
-                item_id, kind, occurred_at, weight, normalized_rating = user.recent[-n]
-                entry = recent.add(item_id=item_id, type=kind, weight=weight)  # type: ignore[arg-type]
-                if normalized_rating is not None:
-                    entry.normalized_rating = normalized_rating
-                _set_time(entry.occurred_at, occurred_at)
-            features.event_counts.update(user.counts)
-            _set_time(features.last_event_at, user.last_event_at)
-            features.category_affinity.update(state.affinities(user))
-            features.likely_bot = state.is_likely_bot(user_id)
-            pre = state.preprocessor.users.get(user_id)
-            if pre is not None:
-                features.rating_count = pre.n_ratings
-                features.rating_mean, features.rating_std = pre.rating_stats(state.preprocessor.settings)
+        if user is None:
+            return
+        features.known = True
+        limit = min(max_recent or state.max_recent, len(user.recent))
+        recent = features.recent
+        for n in range(1, limit + 1):
+            item_id, kind, occurred_at, weight, normalized_rating = user.recent[-n]
+            entry = recent.add(item_id=item_id, type=kind, weight=weight)  # type: ignore[arg-type]
+            if normalized_rating is not None:
+                entry.normalized_rating = normalized_rating
+            _set_time(entry.occurred_at, occurred_at)
+        features.event_counts.update(user.counts)
+        _set_time(features.last_event_at, user.last_event_at)
+        features.category_affinity.update(state.affinities(user))
+        features.likely_bot = state.is_likely_bot(user_id)
+        pre = state.preprocessor.users.get(user_id)
+        if pre is not None:
+            features.rating_count = pre.n_ratings
+            features.rating_mean, features.rating_std = pre.rating_stats(state.preprocessor.settings)
+
+    async def GetUserFeatures(
+        self, request: feature_pb2.GetUserFeaturesRequest, context: grpc.aio.ServicerContext
+    ) -> feature_pb2.GetUserFeaturesResponse:
+        user_id = request.user_id
+        if not user_id:
+            await _invalid(context, "user_id is empty")
+        if len(user_id) > self.settings.limits.max_id_length:
+            await _invalid(context, f"user_id longer than {self.settings.limits.max_id_length}")
+        await self._check_owned(context, user_id)
+        features = feature_pb2.UserFeatures(user_id=user_id)
+        self._features(user_id, request.max_recent, features)
         return feature_pb2.GetUserFeaturesResponse(features=features, watermark=self._watermark())
+
+    async def BatchGetUserFeatures(
+        self, request: feature_pb2.BatchGetUserFeaturesRequest, context: grpc.aio.ServicerContext
+    ) -> feature_pb2.BatchGetUserFeaturesResponse:
+        user_ids = list(request.user_ids)
+        if not user_ids:
+            await _invalid(context, "user_ids is empty: name at least one user")
+        await _check_ids(context, user_ids, "user_ids", self.settings.limits)
+        for user_id in user_ids:
+            await self._check_owned(context, user_id)
+        response = feature_pb2.BatchGetUserFeaturesResponse(watermark=self._watermark())
+        for user_id in user_ids:
+            self._features(user_id, request.max_recent, response.features.add(user_id=user_id))
+        return response
 
     async def GetItemFeatures(
         self, request: feature_pb2.GetItemFeaturesRequest, context: grpc.aio.ServicerContext

@@ -204,9 +204,7 @@ class FeatureStore:
         for table, docs, key in ((UserRow, users, "user_id"), (ItemStatsRow, items, "item_id")):
             if not docs:
                 continue
-            stmt = insert(table).values(
-                replica=bindparam("replica"), **{key: bindparam("key")}, state=state
-            )
+            stmt = insert(table).values(replica=bindparam("replica"), **{key: bindparam("key")}, state=state)
             stmt = stmt.on_conflict_do_update(
                 index_elements=["replica", key], set_={"state": stmt.excluded.state}
             )

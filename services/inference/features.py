@@ -1,7 +1,8 @@
 """The inference side of the feature service: user histories and popularity, with a deadline.
 
 A user lookup that misses its deadline answers from the last value seen for that user, so a
-slow feature service degrades freshness, never availability. Popularity lists are cached and
+slow feature service degrades freshness, never availability. Lookups made at the same time
+share one ``BatchGetUserFeatures`` call. Popularity lists are cached and
 refreshed in the background, so the user lookup is the only network hop on the request path.
 """
 
@@ -12,9 +13,10 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import islice
 
 import grpc
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 from freshrec.v1 import feature_pb2, feature_pb2_grpc
 
@@ -22,6 +24,12 @@ logger = logging.getLogger(__name__)
 
 USER_LOOKUPS = Counter(
     "freshrec_inference_user_lookups_total", "User feature lookups by outcome.", ["outcome"]
+)
+
+LOOKUP_BATCH = Histogram(
+    "freshrec_inference_user_lookup_batch_size",
+    "Users per BatchGetUserFeatures call (lookups that arrive together share one round trip).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 
 TRENDING = feature_pb2.POPULARITY_WINDOW_TRENDING
@@ -42,33 +50,103 @@ class UserView:
 
 
 class FeatureClient:
-    def __init__(self, channel: grpc.aio.Channel, deadline_s: float, cache_size: int = 100_000) -> None:
+    """User lookups, coalesced: lookups that arrive while ``max_in_flight`` batch calls are out
+    wait for the next one (``BatchGetUserFeatures``, up to ``batch_size`` users), so under load
+    one round trip serves many requests, and a lone lookup goes out at once. A feature service
+    without the batch call (an older version) is asked one user at a time."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        deadline_s: float,
+        cache_size: int = 100_000,
+        batch_size: int = 64,
+        max_in_flight: int = 1,
+    ) -> None:
         self.stub = feature_pb2_grpc.FeatureServiceStub(channel)
         self.deadline_s = deadline_s
         self.cache: OrderedDict[str, UserView] = OrderedDict()
         self.cache_size = cache_size
+        self.batch_size = batch_size
+        self.max_in_flight = max_in_flight
+        self.batched = True  # False once the service answers UNIMPLEMENTED to the batch call
+        self._waiting: dict[str, list[asyncio.Future[UserView]]] = {}
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def user(self, user_id: str) -> UserView:
+        if not self.batched:
+            return await self._one(user_id)
+        future: asyncio.Future[UserView] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(user_id, []).append(future)
+        self._send()
+        return await future
+
+    def _send(self) -> None:
+        while self._waiting and self._in_flight < self.max_in_flight:
+            user_ids = list(islice(self._waiting, self.batch_size))
+            batch = {u: self._waiting.pop(u) for u in user_ids}
+            self._in_flight += 1
+            task = asyncio.create_task(self._lookup(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _lookup(self, batch: dict[str, list[asyncio.Future[UserView]]]) -> None:
+        views: dict[str, UserView] = {}
+        try:
+            LOOKUP_BATCH.observe(len(batch))
+            response = await self.stub.BatchGetUserFeatures(
+                feature_pb2.BatchGetUserFeaturesRequest(user_ids=list(batch)), timeout=self.deadline_s
+            )
+            for features in response.features:
+                views[features.user_id] = self._fresh(features)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                logger.warning("the feature service has no BatchGetUserFeatures; looking users up one by one")
+                self.batched = False
+                found = await asyncio.gather(*(self._one(u) for u in batch))
+                views = dict(zip(batch, found, strict=True))
+            else:
+                views = {u: self._fallback(u, exc) for u in batch}
+        except BaseException as exc:
+            for futures in batch.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(exc)
+            raise
+        finally:
+            self._in_flight -= 1
+            self._send()
+        for user_id, futures in batch.items():
+            for future in futures:
+                if not future.done():  # a caller that gave up (cancelled) is skipped
+                    future.set_result(views[user_id])
+
+    async def _one(self, user_id: str) -> UserView:
         try:
             response = await self.stub.GetUserFeatures(
                 feature_pb2.GetUserFeaturesRequest(user_id=user_id), timeout=self.deadline_s
             )
         except grpc.aio.AioRpcError as exc:
-            cached = self.cache.get(user_id)
-            USER_LOOKUPS.labels("cached" if cached is not None else "failed").inc()
-            logger.debug(
-                "feature lookup for %s failed (%s); cached=%s", user_id, exc.code(), cached is not None
-            )
-            if cached is not None:
-                return UserView(cached.known, cached.recent, fresh=False)
-            return UserView(known=False, recent=[], fresh=False)
+            return self._fallback(user_id, exc)
+        return self._fresh(response.features)
+
+    def _fallback(self, user_id: str, exc: grpc.aio.AioRpcError) -> UserView:
+        cached = self.cache.get(user_id)
+        USER_LOOKUPS.labels("cached" if cached is not None else "failed").inc()
+        logger.debug("feature lookup for %s failed (%s); cached=%s", user_id, exc.code(), cached is not None)
+        if cached is not None:
+            return UserView(cached.known, cached.recent, fresh=False)
+        return UserView(known=False, recent=[], fresh=False)
+
+    def _fresh(self, features: feature_pb2.UserFeatures) -> UserView:
         USER_LOOKUPS.labels("fresh").inc()
-        features = response.features
         view = UserView(
             known=features.known,
             recent=[(i.item_id, int(i.type)) for i in reversed(features.recent)],
             fresh=True,
         )
+        user_id = features.user_id
         self.cache[user_id] = view
         self.cache.move_to_end(user_id)
         if len(self.cache) > self.cache_size:

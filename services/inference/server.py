@@ -12,6 +12,7 @@ import grpc
 from threadpoolctl import threadpool_limits
 
 from freshrec.v1 import inference_pb2, inference_pb2_grpc
+from services.inference.batcher import UserTowerBatcher
 from services.inference.catalogue import Catalogue, CatalogueFollower
 from services.inference.features import FeatureClient, PopularCache
 from services.inference.index import ExplorationSettings
@@ -71,7 +72,7 @@ class InferenceApp:
             public_key,
         )
         channel = make_channel(s.feature_addr, s.feature)
-        features = FeatureClient(channel, s.feature_deadline_s)
+        features = FeatureClient(channel, s.feature_deadline_s, batch_size=s.user_lookup_batch)
         popular = self.popular = PopularCache(channel, max(s.feature_deadline_s, 0.5), s.popular_ttl_s)
         nc = await fnats.connect(s.nats, name="freshrec-inference")
         follower = self.follower = CatalogueFollower(catalogue, nc, channel)
@@ -80,14 +81,15 @@ class InferenceApp:
         await holder.sync_with_store()  # serve the newest live model from the first request on
         await holder.subscribe(nc)
         ranking = RankingSettings(s.ann.exact_limit, s.mmr_candidates, s.exploration_sample)
+        tower = UserTowerBatcher(s.user_tower_batch)
 
         def register(server: grpc.aio.Server) -> None:
             inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-                InferenceServicer(holder, features, popular, ranking, limits=s.limits), server
+                InferenceServicer(holder, features, popular, ranking, limits=s.limits, tower=tower), server
             )
 
         self.server = await start_grpc_server(s.grpc, [SERVICE_NAME], register)
-        self.server.cleanups += [nc.drain, channel.close]
+        self.server.cleanups += [nc.drain, channel.close, tower.close]
         self.server.tasks += [
             asyncio.create_task(holder.poll(s.poll_interval_s), name="model-poll"),
             asyncio.create_task(follower.run(), name="catalogue-follower"),

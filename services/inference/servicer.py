@@ -1,8 +1,9 @@
 """The gRPC face of inference: ``freshrec.v1.InferenceService``.
 
 A request reads the serving state once (model, index, catalogue view) and finishes on it. Its
-only network hop is the user lookup in the feature service; then one onnxruntime call computes
-the user vector from the user's latest events, and numpy does the rest.
+only network hop is the user lookup in the feature service (shared with concurrent requests);
+then one onnxruntime call computes the user vector from the user's latest events (also shared,
+in a worker thread: ``batcher.py``), and numpy does the rest.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import grpc
 import numpy as np
 
 from freshrec.v1 import inference_pb2, inference_pb2_grpc, watermark_pb2
+from services.inference.batcher import UserTowerBatcher
 from services.inference.features import FeatureClient, PopularCache, UserView
 from services.inference.index import ServingState, top_k
 from services.inference.ranking import (
@@ -55,8 +57,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         ranking: RankingSettings,
         seed: int | None = None,
         limits: RequestLimits | None = None,
+        tower: UserTowerBatcher | None = None,
     ) -> None:
         self.limits = limits or RequestLimits()
+        self.tower = tower or UserTowerBatcher()
         self.holder = holder
         self.features = features
         self.popular = popular
@@ -147,9 +151,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             return response
         model = state.model
         personal = request.user_id in model.user_rows or any(i in model.item_rows for i in user.recent_items)
-        vector = model.user_vectors(
-            [user.recent if personal else []], [request.user_id], [dict(request.context)]
-        )[0]
+        vector = await self.tower.vector(
+            model, user.recent if personal else [], request.user_id, dict(request.context)
+        )
         banned = state.positions(excluded)
         allowed = state.allowed(categories)
         n_explore = exploration_slots(k, request.exploration)
@@ -304,11 +308,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         assert state is not None
         return state
 
-    @staticmethod
-    def _user_vector(state: ServingState, user_id: str, user: UserView) -> np.ndarray:
+    async def _user_vector(self, state: ServingState, user_id: str, user: UserView) -> np.ndarray:
         model = state.model
         personal = user_id in model.user_rows or any(i in model.item_rows for i in user.recent_items)
-        return model.user_vectors([user.recent if personal else []], [user_id])[0]
+        return await self.tower.vector(model, user.recent if personal else [], user_id)
 
     async def ScoreItems(
         self, request: inference_pb2.ScoreItemsRequest, context: grpc.aio.ServicerContext
@@ -318,7 +321,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         state = await self._require_state(context)
         user = await self.features.user(request.user_id)
         version, trained_through = self._freshness(state)
-        vector = self._user_vector(state, request.user_id, user)
+        vector = await self._user_vector(state, request.user_id, user)
         ids = list(request.item_ids)
         positions = np.array([state.position(i) for i in ids], dtype=np.int64)
         scores = state.score_positions(positions[positions > 0], vector)

@@ -25,6 +25,18 @@ class InferenceSettings(ServiceSettings):
     feature_deadline_s: float = Field(
         0.05, gt=0, description="Deadline of a feature lookup on the request path (then the cache answers)."
     )
+    user_lookup_batch: int = Field(
+        64,
+        ge=1,
+        le=1000,
+        description="Most users in one BatchGetUserFeatures call (lookups while one is out share the next).",
+    )
+    user_tower_batch: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="Most requests whose user vectors one user-tower call computes (in a worker thread).",
+    )
     poll_interval_s: float = Field(
         5.0, gt=0, description="How often the store's LIVE pointer is checked, besides announcements."
     )

@@ -54,6 +54,16 @@ async def test_answers_carry_the_watermark_and_show_the_preprocessed_numbers(
         assert not nobody.features.known and not nobody.features.recent
         assert nobody.watermark.stream_sequence == len(events)  # cold start, with freshness
 
+        # Several users in one call: the same answers, in the order asked, one watermark.
+        batch = await feature.BatchGetUserFeatures(
+            feature_pb2.BatchGetUserFeaturesRequest(user_ids=["bot", "nobody", "ann", "ann"], max_recent=2)
+        )
+        assert [f.user_id for f in batch.features] == ["bot", "nobody", "ann", "ann"]
+        assert batch.features[2] == batch.features[3] == f
+        assert batch.features[1] == nobody.features and not batch.features[1].known
+        assert batch.features[0].likely_bot and len(batch.features[0].recent) == 2
+        assert batch.watermark.stream_sequence == len(events)
+
         items = await feature.GetItemFeatures(
             feature_pb2.GetItemFeaturesRequest(item_ids=["heat", "spam11", "zzz"])
         )
@@ -76,6 +86,17 @@ async def test_answers_carry_the_watermark_and_show_the_preprocessed_numbers(
     [
         ("GetUserFeatures", feature_pb2.GetUserFeaturesRequest(), "user_id is empty"),
         ("GetUserFeatures", feature_pb2.GetUserFeaturesRequest(user_id="u" * 129), "user_id longer than 128"),
+        ("BatchGetUserFeatures", feature_pb2.BatchGetUserFeaturesRequest(), "user_ids is empty"),
+        (
+            "BatchGetUserFeatures",
+            feature_pb2.BatchGetUserFeaturesRequest(user_ids=["a", ""]),
+            "user_ids has an empty id",
+        ),
+        (
+            "BatchGetUserFeatures",
+            feature_pb2.BatchGetUserFeaturesRequest(user_ids=["a"] * 1001),
+            "at most 1000 user_ids",
+        ),
         (
             "GetItemFeatures",
             feature_pb2.GetItemFeaturesRequest(item_ids=["a", ""]),

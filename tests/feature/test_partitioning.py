@@ -65,6 +65,11 @@ async def test_two_replicas_split_the_stream_with_nothing_applied_twice(
         await feature.GetUserFeatures(feature_pb2.GetUserFeaturesRequest(user_id=user))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "replica 1 of 2" in (caught.value.details() or "")
+    mine = next(e.user_id for e, o in zip(events, owner, strict=True) if o == 0)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await feature.BatchGetUserFeatures(feature_pb2.BatchGetUserFeaturesRequest(user_ids=[mine, user]))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"user {user!r}" in (caught.value.details() or "")
     await channel.close()
     channel, feature = stub(apps[1])
     answer = await feature.GetUserFeatures(feature_pb2.GetUserFeaturesRequest(user_id=user))

@@ -1,0 +1,112 @@
+"""User-tower calls of concurrent requests, run together in a worker thread.
+
+A request needs one user vector: one onnxruntime call of the user tower. Called one request at
+a time on the event loop, those calls are the largest share of a request's CPU and block the
+loop while they run. ``UserTowerBatcher`` queues them instead: the requests that reach it
+while a batch is computing (or in the same turn of the loop) share the next call, which runs
+in a worker thread, where onnxruntime releases the GIL and the loop keeps serving other calls
+meanwhile. A lone request waits for nothing but the thread hand-off; under load a batch of N
+costs far less than N calls. Requests holding different models (during a swap) are computed
+per model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from prometheus_client import Histogram
+
+from services.inference.model import LoadedModel
+
+BATCH_SIZE = Histogram(
+    "freshrec_inference_user_tower_batch_size",
+    "Requests whose user vectors one user-tower call computed.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
+
+
+@dataclass
+class _Pending:
+    model: LoadedModel
+    history: Sequence[tuple[str, int]]
+    user_id: str
+    context: dict[str, str]
+    future: asyncio.Future[np.ndarray]
+
+
+def _compute(batch: list[_Pending]) -> list[np.ndarray | BaseException]:
+    """Runs in the worker thread: one user-tower call per model in the batch."""
+    out: list[np.ndarray | BaseException] = [np.empty(0)] * len(batch)
+    groups: dict[int, list[int]] = {}
+    for n, p in enumerate(batch):
+        groups.setdefault(id(p.model), []).append(n)
+    for members in groups.values():
+        model = batch[members[0]].model
+        try:
+            vectors = model.user_vectors(
+                [batch[n].history for n in members],
+                [batch[n].user_id for n in members],
+                [batch[n].context for n in members],
+            )
+        except Exception as exc:  # every request of this model fails the same way
+            for n in members:
+                out[n] = exc
+            continue
+        for row, n in enumerate(members):
+            out[n] = vectors[row]
+    return out
+
+
+class UserTowerBatcher:
+    def __init__(self, max_batch: int = 64) -> None:
+        self.max_batch = max_batch
+        self._queue: list[_Pending] = []
+        self._draining = False
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="user-tower")
+        self._task: asyncio.Task[None] | None = None
+
+    async def vector(
+        self,
+        model: LoadedModel,
+        history: Sequence[tuple[str, int]],
+        user_id: str,
+        context: dict[str, str] | None = None,
+    ) -> np.ndarray:
+        """The user vector for a history of (item id, event type), newest last."""
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(model, history, user_id, context or {}, future))
+        if not self._draining:
+            self._draining = True
+            self._task = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+                BATCH_SIZE.observe(len(batch))
+                try:
+                    results = await loop.run_in_executor(self._executor, _compute, batch)
+                except BaseException as exc:
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(exc)
+                    raise
+                for p, result in zip(batch, results, strict=True):
+                    if p.future.done():  # the caller gave up
+                        continue
+                    if isinstance(result, BaseException):
+                        p.future.set_exception(result)
+                    else:
+                        p.future.set_result(result)
+        finally:
+            self._draining = False
+
+    async def close(self) -> None:
+        """Stops the worker thread once the batch it runs (if any) is done."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
