@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from functools import partial
 
@@ -18,6 +17,7 @@ from services.feature.servicer import FeatureServicer
 from services.feature.settings import FeatureSettings
 from services.feature.state import FeatureState
 from services.feature.store import FeatureStore
+from shared import gc_tuning
 from shared import nats as fnats
 from shared.db import make_engine, make_sessionmaker, upgrade_schema
 from shared.grpc_server import RunningServer, full_service_name, start_grpc_server
@@ -25,8 +25,6 @@ from shared.metrics import start_metrics_endpoint
 
 logger = logging.getLogger(__name__)
 
-#: The garbage collector's thresholds for generations 0, 1 and 2 (CPython's are 700, 10, 10).
-GC_THRESHOLDS = (50_000, 20, 100)
 
 SERVICE_NAME = full_service_name(feature_pb2.DESCRIPTOR, "FeatureService")
 
@@ -53,17 +51,9 @@ class FeatureApp:
         store = FeatureStore(make_sessionmaker(engine), s.replica_name)
         state = self.state = FeatureState(s.recent_items, s.preprocessing, s.popularity)
         await asyncio.to_thread(store.load, state)
-        # The cyclic garbage collector pauses the whole process, and a full collection walks
-        # every tracked object: with the state in memory that is the users themselves. So
-        # everything alive now (the code, the state just loaded: plain, acyclic objects that
-        # reference counting frees when replaced) is frozen out of its view, and young
-        # collections wait for 50,000 allocations instead of 700, so the short-lived objects
-        # of events and commits die before they can be promoted (promotions are what bring
-        # full collections). Under live load at 5,000 events/s this took full collections from
-        # one every few seconds (50-250 ms each) to none in a 30 s benchmark run.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(*GC_THRESHOLDS)
+        # Under live load at 5,000 events/s this took full collections from one every few
+        # seconds (50-250 ms each) to none in a 30 s benchmark run.
+        gc_tuning.settle()
         metrics.USERS.set(len(state.users))
         metrics.ITEMS.set(len(state.items))
         logger.info(
@@ -104,3 +94,4 @@ class FeatureApp:
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.stop(self.settings.grpc.grace_s)
+        gc_tuning.release()

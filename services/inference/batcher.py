@@ -1,13 +1,15 @@
-"""User-tower calls of concurrent requests, run together in a worker thread.
+"""User-tower calls (and exact scoring) of concurrent requests, run together in a worker thread.
 
-A request needs one user vector: one onnxruntime call of the user tower. Called one request at
-a time on the event loop, those calls are the largest share of a request's CPU and block the
-loop while they run. ``UserTowerBatcher`` queues them instead: the requests that reach it
-while a batch is computing (or in the same turn of the loop) share the next call, which runs
-in a worker thread, where onnxruntime releases the GIL and the loop keeps serving other calls
-meanwhile. A lone request waits for nothing but the thread hand-off; under load a batch of N
-costs far less than N calls. Requests holding different models (during a swap) are computed
-per model.
+A request needs one user vector: one onnxruntime call of the user tower, and, with an exact
+catalogue (no ANN index), the vector's score for every item: one product with the item matrix.
+Done one request at a time on the event loop, they are the largest share of a request's CPU
+and block the loop while they run. ``UserTowerBatcher`` queues them instead: the requests that
+reach it while a batch is computing (or in the same turn of the loop) share the next call,
+which runs in a worker thread, where onnxruntime and BLAS release the GIL and the loop keeps
+serving other calls meanwhile; the batch's scores are one matrix product that reads the item
+matrix once. A lone request waits for nothing but the thread hand-off; under load a batch of N
+costs far less than N calls. Requests holding different serving states (during a swap) are
+computed per state.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from prometheus_client import Histogram
 
-from services.inference.model import LoadedModel
+from services.inference.index import ServingState
 
 BATCH_SIZE = Histogram(
     "freshrec_inference_user_tower_batch_size",
@@ -29,35 +31,53 @@ BATCH_SIZE = Histogram(
 )
 
 
+@dataclass(frozen=True)
+class UserScores:
+    """A user vector, and its exact score for every item position when asked for (else None)."""
+
+    vector: np.ndarray
+    scores: np.ndarray | None
+
+
 @dataclass
 class _Pending:
-    model: LoadedModel
+    state: ServingState
     history: Sequence[tuple[str, int]]
     user_id: str
     context: dict[str, str]
-    future: asyncio.Future[np.ndarray]
+    score_all: bool
+    future: asyncio.Future[UserScores]
 
 
-def _compute(batch: list[_Pending]) -> list[np.ndarray | BaseException]:
-    """Runs in the worker thread: one user-tower call per model in the batch."""
-    out: list[np.ndarray | BaseException] = [np.empty(0)] * len(batch)
+Result = UserScores | BaseException
+
+
+def _compute(batch: list[_Pending]) -> list[Result]:
+    """Runs in the worker thread: one user-tower call (and one product) per serving state."""
+    out: list[Result] = [RuntimeError("not computed")] * len(batch)
     groups: dict[int, list[int]] = {}
     for n, p in enumerate(batch):
-        groups.setdefault(id(p.model), []).append(n)
+        groups.setdefault(id(p.state), []).append(n)
     for members in groups.values():
-        model = batch[members[0]].model
+        state = batch[members[0]].state
         try:
-            vectors = model.user_vectors(
+            vectors = state.model.user_vectors(
                 [batch[n].history for n in members],
                 [batch[n].user_id for n in members],
                 [batch[n].context for n in members],
             )
-        except Exception as exc:  # every request of this model fails the same way
+            scoring = [row for row, n in enumerate(members) if batch[n].score_all]
+            scores = state.all_scores_batch(vectors[scoring]) if scoring else None
+        except Exception as exc:  # every request of this state fails the same way
             for n in members:
                 out[n] = exc
             continue
+        rows = dict(zip(scoring, range(len(scoring)), strict=True))
         for row, n in enumerate(members):
-            out[n] = vectors[row]
+            score_row = rows.get(row)
+            out[n] = UserScores(
+                vectors[row], None if scores is None or score_row is None else scores[score_row]
+            )
     return out
 
 
@@ -71,14 +91,16 @@ class UserTowerBatcher:
 
     async def vector(
         self,
-        model: LoadedModel,
+        state: ServingState,
         history: Sequence[tuple[str, int]],
         user_id: str,
         context: dict[str, str] | None = None,
-    ) -> np.ndarray:
-        """The user vector for a history of (item id, event type), newest last."""
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(model, history, user_id, context or {}, future))
+        score_all: bool = False,
+    ) -> UserScores:
+        """The user vector for a history of (item id, event type), newest last; with
+        ``score_all``, also its exact score for every position (``ServingState.all_scores``)."""
+        future: asyncio.Future[UserScores] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(state, history, user_id, context or {}, score_all, future))
         if not self._draining:
             self._draining = True
             self._task = asyncio.create_task(self._drain())

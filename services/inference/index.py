@@ -148,6 +148,15 @@ class ServingState:
         scores[0] = -np.inf
         return scores
 
+    def all_scores_batch(self, vectors: np.ndarray) -> np.ndarray:
+        """``all_scores`` of several vectors at once ([B, total]): one product that reads the item
+        matrix once."""
+        scores = vectors @ self.model.item_matrix.T
+        if len(self.fresh_ids):
+            scores = np.concatenate([scores, vectors @ self.fresh_matrix.T], axis=1)
+        scores[:, 0] = -np.inf
+        return scores
+
     def score_positions(self, positions: np.ndarray, vector: np.ndarray) -> np.ndarray:
         return self.embeddings(positions) @ vector
 
@@ -180,8 +189,10 @@ class ServingState:
         allowed: np.ndarray | None = None,
         categories: list[str] | None = None,
         exact_limit: int = 0,
+        scores_of_all: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The best k positions and their scores, best first: exact, or through the ANN index."""
+        """The best k positions and their scores, best first: exact, or through the ANN index.
+        ``scores_of_all``: ``all_scores(vector)`` if already computed (it is written to)."""
         ann = self.model.ann
         if allowed is not None and (ann is None or len(allowed) <= exact_limit):
             candidates = allowed[~np.isin(allowed, banned)] if len(banned) else allowed
@@ -190,7 +201,7 @@ class ServingState:
             best = top_k(scores, k)
             return candidates[best], scores[best]
         if ann is None:
-            scores = self.all_scores(vector)
+            scores = self.all_scores(vector) if scores_of_all is None else scores_of_all
             if len(banned):
                 scores[banned] = -np.inf
             best = top_k(scores, k)

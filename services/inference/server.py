@@ -19,6 +19,7 @@ from services.inference.index import ExplorationSettings
 from services.inference.reloader import ModelHolder
 from services.inference.servicer import InferenceServicer, RankingSettings
 from services.inference.settings import InferenceSettings
+from shared import gc_tuning
 from shared import nats as fnats
 from shared.grpc_server import RunningServer, full_service_name, start_grpc_server
 from shared.metrics import start_metrics_endpoint
@@ -72,7 +73,12 @@ class InferenceApp:
             public_key,
         )
         channel = make_channel(s.feature_addr, s.feature)
-        features = FeatureClient(channel, s.feature_deadline_s, batch_size=s.user_lookup_batch)
+        features = FeatureClient(
+            channel,
+            s.feature_deadline_s,
+            batch_size=s.user_lookup_batch,
+            max_in_flight=s.user_lookups_in_flight,
+        )
         popular = self.popular = PopularCache(channel, max(s.feature_deadline_s, 0.5), s.popular_ttl_s)
         nc = await fnats.connect(s.nats, name="freshrec-inference")
         follower = self.follower = CatalogueFollower(catalogue, nc, channel)
@@ -80,6 +86,7 @@ class InferenceApp:
         logger.info("catalogue: %d items listed from the feature service", listed)
         await holder.sync_with_store()  # serve the newest live model from the first request on
         await holder.subscribe(nc)
+        gc_tuning.settle()  # the model, catalogue and code loaded: keep collections short and rare
         ranking = RankingSettings(s.ann.exact_limit, s.mmr_candidates, s.exploration_sample)
         tower = UserTowerBatcher(s.user_tower_batch)
 
@@ -139,3 +146,4 @@ class InferenceApp:
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.stop(self.settings.grpc.grace_s)
+        gc_tuning.release()

@@ -151,11 +151,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             return response
         model = state.model
         personal = request.user_id in model.user_rows or any(i in model.item_rows for i in user.recent_items)
-        vector = await self.tower.vector(
-            model, user.recent if personal else [], request.user_id, dict(request.context)
-        )
-        banned = state.positions(excluded)
         allowed = state.allowed(categories)
+        # With an exact catalogue, the batch also scores every item off the loop (one product).
+        exact = personal and allowed is None and model.ann is None
+        found = await self.tower.vector(
+            state, user.recent if personal else [], request.user_id, dict(request.context), score_all=exact
+        )
+        vector = found.vector
+        banned = state.positions(excluded)
         n_explore = exploration_slots(k, request.exploration)
 
         if not personal:
@@ -191,11 +194,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
         if request.diversity > 0:
             pool = max(self.ranking.mmr_candidates, 2 * k)
-            candidates, scores = self._retrieve(state, vector, pool, banned, allowed, categories)
+            candidates, scores = self._retrieve(
+                state, vector, pool, banned, allowed, categories, found.scores
+            )
             order = mmr(scores, state.unit_embeddings(candidates), k, request.diversity)
             main, main_scores = candidates[order], scores[order]
         else:
-            main, main_scores = self._retrieve(state, vector, k, banned, allowed, categories)
+            main, main_scores = self._retrieve(state, vector, k, banned, allowed, categories, found.scores)
         explore = choose_exploration(
             state,
             vector,
@@ -239,8 +244,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         banned: np.ndarray,
         allowed: np.ndarray | None,
         categories: list[str],
+        scores_of_all: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        return state.retrieve(vector, k, banned, allowed, categories, self.ranking.exact_limit)
+        return state.retrieve(vector, k, banned, allowed, categories, self.ranking.exact_limit, scores_of_all)
 
     @staticmethod
     def _add_exploration(
@@ -311,7 +317,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def _user_vector(self, state: ServingState, user_id: str, user: UserView) -> np.ndarray:
         model = state.model
         personal = user_id in model.user_rows or any(i in model.item_rows for i in user.recent_items)
-        return await self.tower.vector(model, user.recent if personal else [], user_id)
+        return (await self.tower.vector(state, user.recent if personal else [], user_id)).vector
 
     async def ScoreItems(
         self, request: inference_pb2.ScoreItemsRequest, context: grpc.aio.ServicerContext

@@ -31,6 +31,12 @@ class InferenceSettings(ServiceSettings):
         le=1000,
         description="Most users in one BatchGetUserFeatures call (lookups while one is out share the next).",
     )
+    user_lookups_in_flight: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="BatchGetUserFeatures calls out at once (more: smaller batches, less waiting).",
+    )
     user_tower_batch: int = Field(
         64,
         ge=1,

@@ -1,6 +1,7 @@
 """Work shared between concurrent requests: user lookups (one BatchGetUserFeatures call for the
-users asked together, against the real feature service) and user-tower calls (one onnxruntime
-call for the requests that arrive together, through a real exported model)."""
+users asked together, against the real feature service) and user-tower calls with exact scoring
+(one onnxruntime call and one matrix product for the requests that arrive together, through a
+real exported model)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ import pytest
 from freshrec.v1 import feature_pb2, feature_pb2_grpc
 from services.feature.server import FeatureApp
 from services.inference.batcher import BATCH_SIZE, UserTowerBatcher
+from services.inference.catalogue import CatalogEntry
 from services.inference.features import LOOKUP_BATCH, FeatureClient
+from services.inference.index import ExplorationSettings, ServingState, build_state
 from services.inference.model import load_model
 from shared.model_store import ModelStore
 from tests.conftest import eventually
 from tests.factories import event
-from tests.inference.artifacts import Spec, write
+from tests.inference.artifacts import Spec, catalogue_items, write
 from tests.inference.conftest import publish_events, recent_items
 
 
@@ -112,32 +115,49 @@ async def test_a_failed_batch_call_answers_each_user_from_the_cache() -> None:
 
 
 @pytest.fixture
-def models(tmp_path: Path) -> tuple[Any, Any]:
+def states(tmp_path: Path) -> tuple[ServingState, ServingState]:
+    """Two serving states of two model versions, the second with catalogue items it never saw."""
     store = ModelStore(tmp_path / "models")
     write(store, "v000001", Spec(seed=1))
     write(store, "v000002", Spec(seed=2))
-    return load_model(store, "v000001", None, 1), load_model(store, "v000002", None, 1)
+    exploration = ExplorationSettings(3600.0, 0.1)
+    first = build_state(load_model(store, "v000001", None, 1), 0, {}, None, exploration)
+    known = {item.item_id: CatalogEntry.from_proto(item) for item in catalogue_items(Spec(seed=2))}
+    fresh = {f"alpha-new{n}": CatalogEntry(f"new {n}", ("alpha",), (), 0.0) for n in range(3)}
+    second = build_state(load_model(store, "v000002", None, 1), 1, known | fresh, None, exploration)
+    assert len(second.fresh_ids) == 3
+    return first, second
 
 
-async def test_user_tower_calls_of_concurrent_requests_are_batched_per_model(models: tuple[Any, Any]) -> None:
-    first, second = models
+async def test_user_tower_calls_of_concurrent_requests_are_batched_per_state(
+    states: tuple[ServingState, ServingState],
+) -> None:
+    first, second = states
     histories = [[("alpha-1", 1), (f"beta-{n}", 1)] for n in range(10)] + [[]]
-    asked = [(first if n % 3 else second, h, f"u{n}") for n, h in enumerate(histories)]
+    asked = [(first if n % 3 else second, h, f"u{n}", n % 2 == 0) for n, h in enumerate(histories)]
     batcher = UserTowerBatcher(max_batch=4)
     try:
         before = observed(BATCH_SIZE)
-        vectors = await asyncio.gather(*(batcher.vector(m, h, u) for m, h, u in asked))
+        found = await asyncio.gather(*(batcher.vector(s, h, u, score_all=score) for s, h, u, score in asked))
         calls, requests = (a - b for a, b in zip(observed(BATCH_SIZE), before, strict=True))
     finally:
         await batcher.close()
-    for (model, history, user), vector in zip(asked, vectors, strict=True):
-        np.testing.assert_allclose(vector, model.user_vectors([history], [user])[0], rtol=1e-5, atol=1e-6)
+    for (state, history, user, score), result in zip(asked, found, strict=True):
+        alone = state.model.user_vectors([history], [user])[0]
+        np.testing.assert_allclose(result.vector, alone, rtol=1e-5, atol=1e-6)
+        if score:  # the batch's product equals scoring this user alone, fresh items included
+            assert result.scores is not None and len(result.scores) == state.total
+            np.testing.assert_allclose(result.scores, state.all_scores(alone), rtol=1e-4, atol=1e-5)
+        else:
+            assert result.scores is None
     assert requests == len(asked) and calls == 3  # 11 requests arriving together, 4 at a time
 
 
-async def test_a_failing_user_tower_fails_only_its_own_requests(models: tuple[Any, Any]) -> None:
-    good, bad = models
-    bad.session = None  # onnxruntime is gone: every call with this model raises
+async def test_a_failing_user_tower_fails_only_its_own_requests(
+    states: tuple[ServingState, ServingState],
+) -> None:
+    good, bad = states
+    bad.model.session = None  # onnxruntime is gone: every call with this model raises
     batcher = UserTowerBatcher()
     try:
         results = await asyncio.gather(
@@ -145,7 +165,7 @@ async def test_a_failing_user_tower_fails_only_its_own_requests(models: tuple[An
             batcher.vector(bad, [("alpha-1", 1)], "u2"),
             return_exceptions=True,
         )
-        assert isinstance(results[0], np.ndarray) and isinstance(results[1], AttributeError)
-        assert (await batcher.vector(good, [], "u3")).shape == (good.dim,)  # and it keeps working
+        assert not isinstance(results[0], BaseException) and isinstance(results[1], AttributeError)
+        assert (await batcher.vector(good, [], "u3")).vector.shape == (good.model.dim,)  # still works
     finally:
         await batcher.close()
