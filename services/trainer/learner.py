@@ -48,6 +48,9 @@ class LearnerConfig:
     batch_size: int = 128
     replay_size: int = 2_000
     replay_ratio: float = 0.5
+    #: Loss weight of a replayed target relative to a new one: many lightly weighted replayed
+    #: targets anchor the model as strongly as a few heavy ones, with less noise.
+    replay_weight: float = 1.0
     online_steps: int = 1
     #: Learning rate of online steps (None: ``learning_rate``) and the share of it dense layers get.
     online_learning_rate: float | None = None
@@ -427,6 +430,8 @@ class Learner:
         self.histories: dict[str, deque[Entry]] = {}
         self.seen: dict[str, set[int]] = {}
         self.user_seen_at: dict[str, float] = {}
+        #: Per user: weights of the newest items not yet offered to the replay reservoir.
+        self.replay_waiting: dict[str, list[float]] = {}
         self.replay = ReplayBuffer(config.replay_size, m.max_history, m.max_context)
         self.signals = Signals(config.preprocessing, m.max_context)
         self.position = Position()
@@ -550,12 +555,23 @@ class Learner:
             evaluated = self._score_and_step(
                 builder, chunks, chunk_users, sequences, candidates, evaluate, train
             )
+        # A user's items join the replay reservoir half a window at a time, as pre-training chunks
+        # (each position a target): a replayed target then costs about one position, where the
+        # micro-batch's own chunks (a full window of context for a few targets) cost a window.
+        dense = ChunkBuilder(self.max_history, self.config.model.max_context, context=1)
+        stride = max(1, self.max_history // 2)
         for user_id, new in by_user.items():
             seq = sequences[user_id]
             self.histories[user_id] = deque(seq[-self.max_history :], maxlen=self.max_history)
             self.seen.setdefault(user_id, set()).update(e[0] for e in seq[len(seq) - len(new) :])
-        if chunks is not None:
-            self.replay.offer(self.rng, chunks)
+            waiting = self.replay_waiting.setdefault(user_id, [])
+            waiting += [it.weight for it, _ in new]
+            if len(waiting) >= stride:
+                k = min(len(waiting), len(seq))
+                dense.add(seq, len(seq) - k, waiting[-k:], self.users.get(user_id))
+                del self.replay_waiting[user_id]
+        if dense.rows:
+            self.replay.offer(self.rng, dense.build())
         self._note_negatives(negatives)
         p.events_learned += len(interactions)
         return Observation(chunks, len(interactions), evaluated)
@@ -579,7 +595,7 @@ class Learner:
         model.eval()  # no dropout: the forward that scores is the forward that learns
         batch = chunks
         if train:
-            replayed = self.replay.sample(self.rng, int(round(chunks.n_targets * self.config.replay_ratio)))
+            replayed = self._replayed(chunks.n_targets, self.config.replay_ratio)
             if replayed is not None:
                 batch = Chunks.concat([chunks, replayed])
         n_rows = self.items.capacity_needed
@@ -755,10 +771,17 @@ class Learner:
     # -- gradient steps --------------------------------------------------------------------
     def train_step(self, chunks: Chunks) -> None:
         """An update on already-observed chunks, mixed with replayed ones (no scoring)."""
-        replayed = self.replay.sample(self.rng, int(round(chunks.n_targets * self.config.replay_ratio)))
+        replayed = self._replayed(chunks.n_targets, self.config.replay_ratio)
         batch = chunks if replayed is None else Chunks.concat([chunks, replayed])
         for _ in range(self.config.online_steps):
             self._step(batch, dropout=False)
+
+    def _replayed(self, n_targets: int, ratio: float) -> Chunks | None:
+        """Replayed chunks for an update on ``n_targets`` new targets, weighted ``replay_weight``."""
+        replayed = self.replay.sample(self.rng, int(round(n_targets * ratio)))
+        if replayed is not None and self.config.replay_weight != 1.0:
+            replayed.weights = replayed.weights * np.float32(self.config.replay_weight)
+        return replayed
 
     def fit(
         self,
@@ -780,7 +803,7 @@ class Learner:
                 for start in range(0, len(order), size):
                     part = chunks.select(order[start : start + size])
                     if replay_ratio:
-                        replayed = self.replay.sample(self.rng, int(round(part.n_targets * replay_ratio)))
+                        replayed = self._replayed(part.n_targets, replay_ratio)
                         if replayed is not None:
                             part = Chunks.concat([part, replayed])
                     total += self._step(part)
@@ -948,6 +971,7 @@ class Learner:
             self.histories.pop(u, None)
             self.seen.pop(u, None)
             self.pending_users.pop(u, None)
+            self.replay_waiting.pop(u, None)
         if item_rows:
             dead = set(item_rows)
             for u, history in self.histories.items():
@@ -1039,11 +1063,12 @@ class Learner:
                 self.pending_users[user_id] = count
             self.seen.setdefault(user_id, set()).update(e[0] for e in new)
             self.histories[user_id] = deque(us.entries[-self.max_history :], maxlen=self.max_history)
+            self.replay_waiting.pop(user_id, None)  # its items are offered below
         self._ensure_capacity()
         learned = np.flatnonzero(self.item_counts >= self.config.min_item_count)
         learned = learned[(learned > PAD) & (learned < self.model.item_learned.shape[0])]
         self.model.item_learned[torch.from_numpy(learned)] = 1.0
-        self.replay.offer(self.rng, self.sequence_chunks(sequences))
+        self.replay.offer(self.rng, self.sequence_chunks(sequences, context=1))  # dense windows
         p.events_learned += counted
         return sequences
 
@@ -1190,6 +1215,7 @@ class Learner:
             "histories": {u: list(h) for u, h in self.histories.items()},
             "seen": {u: sorted(r) for u, r in self.seen.items()},
             "user_seen_at": dict(self.user_seen_at),
+            "replay_waiting": {u: list(w) for u, w in self.replay_waiting.items()},
             "replay": self.replay.state(),
             "position": self.position.__dict__.copy(),
             "prequential": self.prequential.state(),
@@ -1234,6 +1260,7 @@ class Learner:
         }
         self.seen = {u: set(r) for u, r in doc["seen"].items()}
         self.user_seen_at = dict(doc["user_seen_at"])
+        self.replay_waiting = {u: list(w) for u, w in doc.get("replay_waiting", {}).items()}
         self.replay = ReplayBuffer(self.config.replay_size, length, stored.max_context)
         self.replay.load(doc["replay"])
         self.position = Position(**doc["position"])

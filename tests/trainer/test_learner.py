@@ -158,3 +158,25 @@ def snapshot_of(learner: Learner, role: str) -> dict:  # type: ignore[type-arg]
     snapshot = learner.snapshot()
     snapshot["model"] = {k: v.clone() for k, v in shadow.model.state_dict().items()}
     return snapshot
+
+
+def test_replayed_windows_keep_their_events_weights_scaled_by_the_replay_weight() -> None:
+    learner = small_learner(model_max_history=10, replay_weight=0.5)
+    kinds = [event_pb2.EVENT_TYPE_VIEW, event_pb2.EVENT_TYPE_PURCHASE]  # weights 1 and 5
+    batch = [
+        (k + 1, event("u0", f"i{k}", type=kinds[k % 2], at=T0 + 60 * k, event_id=f"e{k}")) for k in range(4)
+    ]
+    learner.learn(batch)
+    assert learner.replay.size == 0  # fewer than half a window of new items: not offered yet
+    more = [
+        (k + 1, event("u0", f"i{k}", type=kinds[k % 2], at=T0 + 60 * k, event_id=f"e{k}"))
+        for k in range(4, 7)
+    ]
+    learner.learn(more)
+    # One chunk, each of the 7 items a target with its own weight (the first predicted from nothing).
+    assert learner.replay.size == 1
+    weights = learner.replay.weights[0][learner.replay.targets[0] > 0]
+    assert weights.tolist() == [1.0, 5.0, 1.0, 5.0, 1.0, 5.0, 1.0]
+    replayed = learner._replayed(7, 1.0)
+    assert replayed is not None
+    assert sorted(set(replayed.weights[replayed.targets > 0].tolist())) == [0.5, 2.5]
