@@ -48,10 +48,21 @@ class LearnerConfig:
     batch_size: int = 128
     replay_size: int = 2_000
     replay_ratio: float = 0.5
+    #: Loss weight of a replayed target relative to a new one: many lightly weighted replayed
+    #: targets anchor the model as strongly as a few heavy ones, with less noise.
+    replay_weight: float = 1.0
     online_steps: int = 1
     #: Learning rate of online steps (None: ``learning_rate``) and the share of it dense layers get.
     online_learning_rate: float | None = None
     online_dense_scale: float = 1.0
+    #: Adam's beta1 in online steps (0: each step follows its own micro-batch's gradient).
+    online_momentum: float = 0.9
+    #: The served weights (scored, exported) are an exponential moving average of the trained
+    #: ones with this decay per online step (0: the trained weights are served).
+    average_decay: float = 0.0
+    #: Item rows with fewer interactions than this serve their trained id embedding as it is
+    #: (a new item has no past worth averaging).
+    average_min_count: int = 10
     full_softmax_max_items: int = 20_000
     sampled_negatives: int = 2048
     min_item_count: int = 1
@@ -415,7 +426,11 @@ class Learner:
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
         m = config.model
+        #: The served weights: scored, exported, snapshotted.
         self.model = TwoTower(m)
+        #: The weights gradient steps move; with ``average_decay`` a separate copy whose moving
+        #: average is ``model``, else ``model`` itself.
+        self.trained = self._trained_copy()
         self.optimizer = self._new_optimizer()
         self.items = IdMap()
         self.item_counts = np.zeros(1024, dtype=np.int64)
@@ -427,6 +442,8 @@ class Learner:
         self.histories: dict[str, deque[Entry]] = {}
         self.seen: dict[str, set[int]] = {}
         self.user_seen_at: dict[str, float] = {}
+        #: Per user: weights of the newest items not yet offered to the replay reservoir.
+        self.replay_waiting: dict[str, list[float]] = {}
         self.replay = ReplayBuffer(config.replay_size, m.max_history, m.max_context)
         self.signals = Signals(config.preprocessing, m.max_context)
         self.position = Position()
@@ -446,15 +463,54 @@ class Learner:
         sparse_names = {"item_ids", "user_ids", "categories", "tags", "contexts", "event_types"}
         sparse: list[torch.nn.Parameter] = []
         dense: list[torch.nn.Parameter] = []
-        for name, param in self.model.named_parameters():
+        for name, param in self.trained.named_parameters():
             (sparse if name.split(".")[0] in sparse_names else dense).append(param)
         lr = self.config.learning_rate
         return torch.optim.Adam([{"params": sparse, "lr": lr}, {"params": dense, "lr": lr}], lr=lr)
 
-    def _set_learning_rate(self, learning_rate: float, dense_scale: float = 1.0) -> None:
+    def _set_learning_rate(
+        self, learning_rate: float, dense_scale: float = 1.0, momentum: float | None = None
+    ) -> None:
         sparse, dense = self.optimizer.param_groups
         sparse["lr"] = learning_rate
         dense["lr"] = learning_rate * dense_scale
+        for group in (sparse, dense):
+            group["betas"] = (0.9 if momentum is None else momentum, group["betas"][1])
+
+    # -- served and trained weights ----------------------------------------------------------
+    @property
+    def averaging(self) -> bool:
+        return self.trained is not self.model
+
+    def _trained_copy(self) -> TwoTower:
+        """The weights to train: a copy of the served ones when they are averaged (buffers shared)."""
+        if not self.config.average_decay:
+            return self.model
+        trained = copy.deepcopy(self.model)
+        self._share_buffers(trained)
+        return trained
+
+    def _share_buffers(self, trained: TwoTower) -> None:
+        """Per-item buffers (learned flags, content features) are one tensor for both copies."""
+        for name in ("item_learned", "item_categories", "item_tags", "item_text"):
+            setattr(trained, name, getattr(self.model, name))
+
+    def _reset_average(self) -> None:
+        """The served weights become the trained ones (after a fit, a rebase, a restore)."""
+        if self.averaging:
+            self.model.load_state_dict(self.trained.state_dict())
+
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        """One moving-average step of the served weights towards the trained ones."""
+        step = 1.0 - self.config.average_decay
+        trained = dict(self.trained.named_parameters())
+        for name, param in self.model.named_parameters():
+            param.lerp_(trained[name], step)
+        n = self.model.item_ids.num_embeddings
+        counts = self.item_counts[: min(n, len(self.item_counts))]
+        young = torch.from_numpy(np.flatnonzero(counts < self.config.average_min_count))
+        self.model.item_ids.weight[young] = self.trained.item_ids.weight[young]
 
     @property
     def max_history(self) -> int:
@@ -550,12 +606,23 @@ class Learner:
             evaluated = self._score_and_step(
                 builder, chunks, chunk_users, sequences, candidates, evaluate, train
             )
+        # A user's items join the replay reservoir half a window at a time, as pre-training chunks
+        # (each position a target): a replayed target then costs about one position, where the
+        # micro-batch's own chunks (a full window of context for a few targets) cost a window.
+        dense = ChunkBuilder(self.max_history, self.config.model.max_context, context=1)
+        stride = max(1, self.max_history // 2)
         for user_id, new in by_user.items():
             seq = sequences[user_id]
             self.histories[user_id] = deque(seq[-self.max_history :], maxlen=self.max_history)
             self.seen.setdefault(user_id, set()).update(e[0] for e in seq[len(seq) - len(new) :])
-        if chunks is not None:
-            self.replay.offer(self.rng, chunks)
+            waiting = self.replay_waiting.setdefault(user_id, [])
+            waiting += [it.weight for it, _ in new]
+            if len(waiting) >= stride:
+                k = min(len(waiting), len(seq))
+                dense.add(seq, len(seq) - k, waiting[-k:], self.users.get(user_id))
+                del self.replay_waiting[user_id]
+        if dense.rows:
+            self.replay.offer(self.rng, dense.build())
         self._note_negatives(negatives)
         p.events_learned += len(interactions)
         return Observation(chunks, len(interactions), evaluated)
@@ -576,19 +643,25 @@ class Learner:
         train: bool,
     ) -> int:
         model = self.model
-        model.eval()  # no dropout: the forward that scores is the forward that learns
+        model.eval()  # no dropout: scores are what the export would serve
         batch = chunks
+        replayed = None
         if train:
-            replayed = self.replay.sample(self.rng, int(round(chunks.n_targets * self.config.replay_ratio)))
-            if replayed is not None:
+            replayed = self._replayed(chunks.n_targets, self.config.replay_ratio)
+            if replayed is not None and (not self.averaging or self.config.online_steps > 1):
                 batch = Chunks.concat([chunks, replayed])
         n_rows = self.items.capacity_needed
-        with torch.set_grad_enabled(train):
-            table = model.item_vectors(n_rows)
-            h = self._encode(model, table, batch, torch.from_numpy(batch.inputs))
+        # Unaveraged weights score and learn in one forward; averaged ones score without gradients
+        # and the trained copy learns in a forward of its own.
+        shared = train and not self.averaging
+        scored = batch if shared else chunks
+        if evaluate or shared:
+            with torch.set_grad_enabled(shared):
+                table = model.item_vectors(n_rows)
+                h = self._encode(model, table, scored, torch.from_numpy(scored.inputs))
         evaluated = 0
         if evaluate:
-            shift = batch.inputs.shape[1] - chunks.inputs.shape[1]
+            shift = scored.inputs.shape[1] - chunks.inputs.shape[1]
             with torch.no_grad():
                 evaluated = self._record(
                     builder,
@@ -602,13 +675,20 @@ class Learner:
                 )
         if train:
             c = self.config
-            self._set_learning_rate(c.online_learning_rate or c.learning_rate, c.online_dense_scale)
+            self._set_learning_rate(
+                c.online_learning_rate or c.learning_rate, c.online_dense_scale, c.online_momentum
+            )
             try:
-                self._apply_loss(h, table, batch)
+                if shared:
+                    self._apply_loss(h, table, batch)
+                else:
+                    self._step_parts([chunks] if replayed is None else [chunks, replayed])
                 for _ in range(c.online_steps - 1):
                     self._step(batch, dropout=False)
             finally:
                 self._set_learning_rate(c.learning_rate)
+            if self.averaging:
+                self._update_average()
         model.train()
         return evaluated
 
@@ -755,10 +835,19 @@ class Learner:
     # -- gradient steps --------------------------------------------------------------------
     def train_step(self, chunks: Chunks) -> None:
         """An update on already-observed chunks, mixed with replayed ones (no scoring)."""
-        replayed = self.replay.sample(self.rng, int(round(chunks.n_targets * self.config.replay_ratio)))
+        replayed = self._replayed(chunks.n_targets, self.config.replay_ratio)
         batch = chunks if replayed is None else Chunks.concat([chunks, replayed])
         for _ in range(self.config.online_steps):
             self._step(batch, dropout=False)
+        if self.averaging:
+            self._update_average()
+
+    def _replayed(self, n_targets: int, ratio: float) -> Chunks | None:
+        """Replayed chunks for an update on ``n_targets`` new targets, weighted ``replay_weight``."""
+        replayed = self.replay.sample(self.rng, int(round(n_targets * ratio)))
+        if replayed is not None and self.config.replay_weight != 1.0:
+            replayed.weights = replayed.weights * np.float32(self.config.replay_weight)
+        return replayed
 
     def fit(
         self,
@@ -780,7 +869,7 @@ class Learner:
                 for start in range(0, len(order), size):
                     part = chunks.select(order[start : start + size])
                     if replay_ratio:
-                        replayed = self.replay.sample(self.rng, int(round(part.n_targets * replay_ratio)))
+                        replayed = self._replayed(part.n_targets, replay_ratio)
                         if replayed is not None:
                             part = Chunks.concat([part, replayed])
                     total += self._step(part)
@@ -788,9 +877,10 @@ class Learner:
                     progress(epoch + 1, epochs, total)
         finally:
             self._set_learning_rate(self.config.learning_rate)
+            self._reset_average()  # epochs end where they end: no average across them
 
     def _step(self, chunks: Chunks, dropout: bool = True) -> float:
-        model = self.model
+        model = self.trained
         model.train(dropout)
         n_rows = self.items.capacity_needed
         keep = None
@@ -804,18 +894,56 @@ class Learner:
         model.train()
         return loss
 
+    def _step_parts(self, parts: Sequence[Chunks]) -> float:
+        """One step (no dropout) on chunks encoded in groups of similar width: the same loss as
+        ``_step`` on their concatenation, without encoding the padding a concatenation adds."""
+        model = self.trained
+        model.eval()
+        table = model.item_vectors(self.items.capacity_needed)
+        hs, wanted, weights = [], [], []
+        for part in parts:
+            used = (part.inputs > 0) | (part.targets > 0)
+            width = np.where(used.any(1), part.inputs.shape[1] - used.argmax(1), 0)
+            order = np.argsort(width, kind="stable")
+            for group in np.array_split(order, 2 if len(order) > 8 else 1):
+                w = int(width[group].max(initial=0))
+                if not w:
+                    continue
+                sub = part.select(np.sort(group))
+                sub = Chunks(
+                    sub.inputs[:, -w:],
+                    sub.types[:, -w:],
+                    sub.targets[:, -w:],
+                    sub.weights[:, -w:],
+                    sub.users,
+                    None if sub.contexts is None else sub.contexts[:, -w:],
+                )
+                mask = torch.from_numpy(sub.targets > 0)
+                h = self._encode(model, table, sub, torch.from_numpy(sub.inputs))
+                hs.append(h[mask])
+                wanted.append(torch.from_numpy(sub.targets)[mask])
+                weights.append(torch.from_numpy(sub.weights)[mask])
+        loss = self._loss_step(table, torch.cat(hs), torch.cat(wanted), torch.cat(weights)) if hs else 0.0
+        model.train()
+        return loss
+
     def _apply_loss(self, h: torch.Tensor, table: torch.Tensor, chunks: Chunks) -> float:
         """Softmax loss at every target position, then one optimizer step."""
         targets = torch.from_numpy(chunks.targets)
         mask = targets > 0
         if not bool(mask.any()):
             return 0.0
+        return self._loss_step(table, h[mask], targets[mask], torch.from_numpy(chunks.weights)[mask])
+
+    def _loss_step(
+        self, table: torch.Tensor, hs: torch.Tensor, wanted: torch.Tensor, weights: torch.Tensor
+    ) -> float:
+        """Softmax loss of the vectors ``hs`` predicting ``wanted`` (weighted), then one step."""
+        if not len(wanted):
+            return 0.0
         n_rows = table.shape[0]
         interacted = torch.from_numpy(self.item_counts[:n_rows] > 0)
         interacted[PAD] = False
-        hs = h[mask]
-        wanted = targets[mask]
-        weights = torch.from_numpy(chunks.weights)[mask]
         if int(interacted.sum()) <= self.config.full_softmax_max_items:
             logits = (hs @ table.T).masked_fill(~interacted, -1e9)
             losses = F.cross_entropy(logits, wanted, reduction="none")
@@ -828,7 +956,7 @@ class Learner:
             logger.warning("skipped a training step with a non-finite loss")
             return 0.0
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(self.trained.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
         return float(loss.detach())
 
@@ -925,14 +1053,29 @@ class Learner:
             grown = np.zeros(max(rows, 2 * len(self.item_counts)), dtype=np.int64)
             grown[: len(self.item_counts)] = self.item_counts
             self.item_counts = grown
-        self.model.ensure_capacity(
-            self.optimizer,
-            items=rows,
-            users=self.users.capacity_needed,
-            categories=self.categories.capacity_needed,
-            tags=self.tags.capacity_needed,
-            contexts=self.contexts.capacity_needed,
-        )
+        sizes = {
+            "items": rows,
+            "users": self.users.capacity_needed,
+            "categories": self.categories.capacity_needed,
+            "tags": self.tags.capacity_needed,
+            "contexts": self.contexts.capacity_needed,
+        }
+        if not self.averaging:
+            self.model.ensure_capacity(self.optimizer, **sizes)
+            return
+        if self.trained.ensure_capacity(self.optimizer, **sizes):
+            # The served copy grows with the trained one's new rows.
+            with torch.no_grad():
+                for name in ("item_ids", "user_ids", "categories", "tags", "contexts"):
+                    table, param = getattr(self.model, name), getattr(self.trained, name).weight
+                    if table.weight.shape != param.shape:
+                        grown = param.detach().clone()
+                        grown[: table.weight.shape[0]] = table.weight
+                        table.weight = torch.nn.Parameter(grown)
+                        table.num_embeddings = grown.shape[0]
+        if self.trained.item_learned is not self.model.item_learned:  # per-item buffers grew
+            for name in ("item_learned", "item_categories", "item_tags", "item_text"):
+                setattr(self.model, name, getattr(self.trained, name))
 
     def expire(self) -> tuple[int, int]:
         """Frees rows of items and users unseen (in event time) for longer than ``row_ttl_s``."""
@@ -948,6 +1091,7 @@ class Learner:
             self.histories.pop(u, None)
             self.seen.pop(u, None)
             self.pending_users.pop(u, None)
+            self.replay_waiting.pop(u, None)
         if item_rows:
             dead = set(item_rows)
             for u, history in self.histories.items():
@@ -958,10 +1102,16 @@ class Learner:
             for rows in self.seen.values():
                 rows -= dead
             self.item_counts[item_rows] = 0
-            self.model.reset_rows(self.model.item_ids, item_rows, self.optimizer)
+            self.trained.reset_rows(self.trained.item_ids, item_rows, self.optimizer)
+            if self.averaging:
+                self.model.reset_rows(self.model.item_ids, item_rows, None)
+                with torch.no_grad():
+                    self.model.item_ids.weight[item_rows] = self.trained.item_ids.weight[item_rows]
             self.replay.forget_items(np.array(item_rows))
         if user_rows:
-            self.model.reset_rows(self.model.user_ids, user_rows, self.optimizer)
+            self.trained.reset_rows(self.trained.user_ids, user_rows, self.optimizer)
+            if self.averaging:
+                self.model.reset_rows(self.model.user_ids, user_rows, None)
             self.replay.forget_users(np.array(user_rows))
         if item_rows or user_rows:
             logger.info("expired %d items and %d users unseen for %.0fs", len(item_rows), len(user_rows), ttl)
@@ -1039,11 +1189,12 @@ class Learner:
                 self.pending_users[user_id] = count
             self.seen.setdefault(user_id, set()).update(e[0] for e in new)
             self.histories[user_id] = deque(us.entries[-self.max_history :], maxlen=self.max_history)
+            self.replay_waiting.pop(user_id, None)  # its items are offered below
         self._ensure_capacity()
         learned = np.flatnonzero(self.item_counts >= self.config.min_item_count)
         learned = learned[(learned > PAD) & (learned < self.model.item_learned.shape[0])]
         self.model.item_learned[torch.from_numpy(learned)] = 1.0
-        self.replay.offer(self.rng, self.sequence_chunks(sequences))
+        self.replay.offer(self.rng, self.sequence_chunks(sequences, context=1))  # dense windows
         p.events_learned += counted
         return sequences
 
@@ -1171,6 +1322,8 @@ class Learner:
     def rebase(self, snapshot: dict[str, Any]) -> None:
         """Continues from an exported version's weights (rollback, rejection); moments restart."""
         self._mapped(snapshot, self.model)
+        if self.averaging:
+            self.trained.load_state_dict(self.model.state_dict())
         self.optimizer = self._new_optimizer()
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -1179,6 +1332,7 @@ class Learner:
             "format": 2,
             "config": self.config.model.to_dict(),
             "model": self.model.state_dict(),
+            "trained": self.trained.state_dict() if self.averaging else None,
             "optimizer": self.optimizer.state_dict(),
             "items": self.items.state(),
             "item_counts": self.item_counts.copy(),
@@ -1190,6 +1344,7 @@ class Learner:
             "histories": {u: list(h) for u, h in self.histories.items()},
             "seen": {u: sorted(r) for u, r in self.seen.items()},
             "user_seen_at": dict(self.user_seen_at),
+            "replay_waiting": {u: list(w) for u, w in self.replay_waiting.items()},
             "replay": self.replay.state(),
             "position": self.position.__dict__.copy(),
             "prequential": self.prequential.state(),
@@ -1215,6 +1370,10 @@ class Learner:
             )
             self.config = replace(self.config, model=stored)
         self.model = TwoTower.from_state_dict(stored, doc["model"])
+        self.trained = self._trained_copy()
+        if self.averaging and doc.get("trained") is not None:
+            self.trained.load_state_dict(doc["trained"])
+            self._share_buffers(self.trained)
         self.optimizer = self._new_optimizer()
         try:
             self.optimizer.load_state_dict(doc["optimizer"])
@@ -1234,6 +1393,7 @@ class Learner:
         }
         self.seen = {u: set(r) for u, r in doc["seen"].items()}
         self.user_seen_at = dict(doc["user_seen_at"])
+        self.replay_waiting = {u: list(w) for u, w in doc.get("replay_waiting", {}).items()}
         self.replay = ReplayBuffer(self.config.replay_size, length, stored.max_context)
         self.replay.load(doc["replay"])
         self.position = Position(**doc["position"])

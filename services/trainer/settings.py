@@ -110,8 +110,27 @@ class TrainerSettings(ServiceSettings):
     learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
     batch_size: int = Field(128, gt=0, description="Sequences per step when training on whole histories.")
     replay_size: int = Field(20_000, ge=0, description="Past events kept in the replay buffer.")
-    replay_ratio: float = Field(0.5, ge=0, description="Replayed events per new event in each update.")
+    replay_ratio: float = Field(1.0, ge=0, description="Replayed events per new event in each update.")
+    replay_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Loss weight of a replayed event relative to a new one (more, lighter replayed "
+        "events anchor the model with less noise, at more CPU per event).",
+    )
     online_steps: int = Field(1, gt=0, le=16, description="Gradient steps per micro-batch (online).")
+    online_momentum: float = Field(
+        0.0, ge=0, lt=1, description="Adam beta1 of online steps (0: each step follows its micro-batch)."
+    )
+    average_decay: float = Field(
+        0.97,
+        ge=0,
+        lt=1,
+        description="The served (scored, exported) weights are a moving average of the trained ones with "
+        "this decay per online step (0: serve the trained weights).",
+    )
+    average_min_count: int = Field(
+        10, ge=0, description="Interactions before an item's served id embedding is averaged (fresh before)."
+    )
     full_softmax_max_items: int = Field(
         20_000, gt=0, description="Softmax over every item up to this many; sampled softmax above."
     )
@@ -170,7 +189,11 @@ class TrainerSettings(ServiceSettings):
             batch_size=self.batch_size,
             replay_size=self.replay_size,
             replay_ratio=self.replay_ratio,
+            replay_weight=self.replay_weight,
             online_steps=self.online_steps,
+            online_momentum=self.online_momentum,
+            average_decay=self.average_decay,
+            average_min_count=self.average_min_count,
             full_softmax_max_items=self.full_softmax_max_items,
             sampled_negatives=self.sampled_negatives,
             min_item_count=self.min_item_count,

@@ -158,3 +158,63 @@ def snapshot_of(learner: Learner, role: str) -> dict:  # type: ignore[type-arg]
     snapshot = learner.snapshot()
     snapshot["model"] = {k: v.clone() for k, v in shadow.model.state_dict().items()}
     return snapshot
+
+
+def test_served_weights_are_a_moving_average_and_new_items_serve_their_trained_rows() -> None:
+    learner = small_learner(average_decay=0.9, average_min_count=3, online_momentum=0.0)
+    stream = taste_stream(rounds=8)
+    feed(learner, stream[:256])
+    assert learner.trained is not learner.model
+    name = "blocks.0.qkv.weight"
+    served = learner.model.state_dict()[name].clone()
+    fresh = [(257, event("u0", "brand-new", at=T0 + 257, event_id="e257"))]
+    learner.learn(stream[256:300] + fresh)
+    trained = learner.trained.state_dict()[name]
+    assert not torch.equal(learner.model.state_dict()[name], trained)
+    assert torch.allclose(learner.model.state_dict()[name], 0.9 * served + 0.1 * trained, atol=1e-6)
+    # An item with fewer than average_min_count interactions serves its trained id embedding as
+    # it is; an established one serves the average.
+    new_row = learner.items.get("brand-new")
+    old_row = learner.items.get(stream[0][1].item_id)
+    assert learner.item_counts[new_row] == 1 and learner.item_counts[old_row] >= 3
+    assert torch.equal(learner.model.item_ids.weight[new_row], learner.trained.item_ids.weight[new_row])
+    assert not torch.equal(learner.model.item_ids.weight[old_row], learner.trained.item_ids.weight[old_row])
+    # The exported and scored weights are the served ones; a fit ends with both the same.
+    learner.fit(learner.sequence_chunks(learner.log_sequences(stream[:300])), 1)
+    assert torch.equal(learner.model.state_dict()[name], learner.trained.state_dict()[name])
+
+
+def test_a_restored_checkpoint_with_averaged_weights_continues_exactly() -> None:
+    stream = taste_stream(rounds=12)
+    a = small_learner(average_decay=0.9, online_momentum=0.0)
+    feed(a, stream[:192])
+    b = small_learner(average_decay=0.9, online_momentum=0.0, seed=7)
+    b.restore(a.checkpoint_bytes())
+    feed(a, stream[192:])
+    feed(b, stream[192:])
+    assert a.prequential.as_metrics() == b.prequential.as_metrics()
+    for mine, theirs in ((a.model, b.model), (a.trained, b.trained)):
+        for name, tensor in mine.state_dict().items():
+            assert torch.equal(tensor, theirs.state_dict()[name]), name
+
+
+def test_replayed_windows_keep_their_events_weights_scaled_by_the_replay_weight() -> None:
+    learner = small_learner(model_max_history=10, replay_weight=0.5)
+    kinds = [event_pb2.EVENT_TYPE_VIEW, event_pb2.EVENT_TYPE_PURCHASE]  # weights 1 and 5
+    batch = [
+        (k + 1, event("u0", f"i{k}", type=kinds[k % 2], at=T0 + 60 * k, event_id=f"e{k}")) for k in range(4)
+    ]
+    learner.learn(batch)
+    assert learner.replay.size == 0  # fewer than half a window of new items: not offered yet
+    more = [
+        (k + 1, event("u0", f"i{k}", type=kinds[k % 2], at=T0 + 60 * k, event_id=f"e{k}"))
+        for k in range(4, 7)
+    ]
+    learner.learn(more)
+    # One chunk, each of the 7 items a target with its own weight (the first predicted from nothing).
+    assert learner.replay.size == 1
+    weights = learner.replay.weights[0][learner.replay.targets[0] > 0]
+    assert weights.tolist() == [1.0, 5.0, 1.0, 5.0, 1.0, 5.0, 1.0]
+    replayed = learner._replayed(7, 1.0)
+    assert replayed is not None
+    assert sorted(set(replayed.weights[replayed.targets > 0].tolist())) == [0.5, 2.5]
