@@ -7,8 +7,9 @@ and block the loop while they run. ``UserTowerBatcher`` queues them instead: the
 reach it while a batch is computing (or in the same turn of the loop) share the next call,
 which runs in a worker thread, where onnxruntime and BLAS release the GIL and the loop keeps
 serving other calls meanwhile; the batch's scores are one matrix product that reads the item
-matrix once. A lone request waits for nothing but the thread hand-off; under load a batch of N
-costs far less than N calls. Requests holding different serving states (during a swap) are
+matrix once. A lone request (the batch is collected over one turn of the loop) is computed on
+the loop at once, as it would be without batching; under load a batch of N costs far less than
+N calls. Requests holding different serving states (during a swap) are
 computed per state.
 """
 
@@ -113,7 +114,12 @@ class UserTowerBatcher:
                 batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
                 BATCH_SIZE.observe(len(batch))
                 try:
-                    results = await loop.run_in_executor(self._executor, _compute, batch)
+                    if len(batch) == 1:
+                        # A lone request (light load): two thread hand-offs would cost more than
+                        # they save, and each one waits for the GIL while a model loads.
+                        results = _compute(batch)
+                    else:
+                        results = await loop.run_in_executor(self._executor, _compute, batch)
                 except BaseException as exc:
                     for p in batch:
                         if not p.future.done():
