@@ -6,6 +6,7 @@ real exported model)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -75,43 +76,42 @@ class OlderFeatureService(feature_pb2_grpc.FeatureServiceServicer):
         return feature_pb2.GetUserFeaturesResponse(features=features)
 
 
-async def test_a_feature_service_without_the_batch_call_is_asked_one_user_at_a_time() -> None:
-    older = OlderFeatureService()
+@pytest.fixture
+async def older() -> AsyncIterator[tuple[OlderFeatureService, grpc.aio.Server, FeatureClient]]:
+    """An older feature service on a real gRPC server, and a client of it."""
+    service = OlderFeatureService()
     server = grpc.aio.server()
-    feature_pb2_grpc.add_FeatureServiceServicer_to_server(older, server)
+    feature_pb2_grpc.add_FeatureServiceServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    client = FeatureClient(channel, deadline_s=5.0)
-    try:
-        views = await asyncio.gather(*(client.user(f"u{n}") for n in range(5)))
-        assert [v.recent_items for v in views] == [[f"seen-by-u{n}"] for n in range(5)]
-        assert not client.batched and sorted(older.asked) == [f"u{n}" for n in range(5)]
-        assert (await client.user("u9")).recent_items == ["seen-by-u9"]
-    finally:
-        await channel.close()
-        await server.stop(None)
+    yield service, server, FeatureClient(channel, deadline_s=5.0)
+    await channel.close()
+    await server.stop(None)
 
 
-async def test_a_failed_batch_call_answers_each_user_from_the_cache() -> None:
-    older = OlderFeatureService()
-    server = grpc.aio.server()
-    feature_pb2_grpc.add_FeatureServiceServicer_to_server(older, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    client = FeatureClient(channel, deadline_s=5.0)
-    try:
-        client.batched = False
-        assert (await client.user("u1")).fresh  # cached now
-        client.batched = True
-        await server.stop(None)  # the batch call fails (UNAVAILABLE), not UNIMPLEMENTED
-        cached, unknown = await asyncio.gather(client.user("u1"), client.user("u2"))
-        assert not cached.fresh and cached.recent_items == ["seen-by-u1"]
-        assert not unknown.fresh and not unknown.known
-        assert client.batched
-    finally:
-        await channel.close()
+async def test_a_feature_service_without_the_batch_call_is_asked_one_user_at_a_time(
+    older: tuple[OlderFeatureService, grpc.aio.Server, FeatureClient],
+) -> None:
+    service, _, client = older
+    views = await asyncio.gather(*(client.user(f"u{n}") for n in range(5)))
+    assert [v.recent_items for v in views] == [[f"seen-by-u{n}"] for n in range(5)]
+    assert not client.batched and sorted(service.asked) == [f"u{n}" for n in range(5)]
+    assert (await client.user("u9")).recent_items == ["seen-by-u9"]
+
+
+async def test_a_failed_batch_call_answers_each_user_from_the_cache(
+    older: tuple[OlderFeatureService, grpc.aio.Server, FeatureClient],
+) -> None:
+    _, server, client = older
+    client.batched = False
+    assert (await client.user("u1")).fresh  # cached now
+    client.batched = True
+    await server.stop(None)  # the batch call fails (UNAVAILABLE), not UNIMPLEMENTED
+    cached, unknown = await asyncio.gather(client.user("u1"), client.user("u2"))
+    assert not cached.fresh and cached.recent_items == ["seen-by-u1"]
+    assert not unknown.fresh and not unknown.known
+    assert client.batched
 
 
 @pytest.fixture
