@@ -75,7 +75,7 @@ class _ItemTower(nn.Module):
         self.model = model
 
     def forward(self, categories: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
-        return self.model.content_vectors(categories, tags, None)
+        return self.model.content_vectors(categories, tags, None, exportable=True)
 
 
 @dataclass

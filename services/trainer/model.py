@@ -320,11 +320,24 @@ class TwoTower(nn.Module):
 
     # -- the item tower ----------------------------------------------------------------------
     def content_vectors(
-        self, categories: torch.Tensor, tags: torch.Tensor, text: torch.Tensor | None = None
+        self,
+        categories: torch.Tensor,
+        tags: torch.Tensor,
+        text: torch.Tensor | None = None,
+        exportable: bool = False,
     ) -> torch.Tensor:
-        """Content part of item vectors: categories [N, C], tags [N, T] (0 = none), text [N, E]."""
-        vector = _masked_mean(self.categories(categories), categories != PAD)
-        vector = vector + _masked_mean(self.tags(tags), tags != PAD)
+        """Content part of item vectors: categories [N, C], tags [N, T] (0 = none), text [N, E].
+
+        Training takes the means with ``embedding_bag`` (no [N, C, D] intermediate: a third of
+        the time, forward and backward); the ONNX exporter turns that into loops, so an exported
+        tower takes them with plain ops (``exportable``), which give the same vectors.
+        """
+        if exportable:
+            vector = _masked_mean(self.categories(categories), categories != PAD)
+            vector = vector + _masked_mean(self.tags(tags), tags != PAD)
+        else:
+            vector = F.embedding_bag(categories, self.categories.weight, mode="mean", padding_idx=PAD)
+            vector = vector + F.embedding_bag(tags, self.tags.weight, mode="mean", padding_idx=PAD)
         if self.text is not None and text is not None:
             vector = vector + self.text(text)
         return vector

@@ -111,3 +111,22 @@ def test_a_paired_comparison_needs_evidence_beyond_noise() -> None:
     same = Paired()
     same.add(b, b)
     assert not same.worse(0.0, 10)
+
+
+def test_training_and_exported_content_means_agree_in_value_and_gradient() -> None:
+    torch.manual_seed(0)
+    model = TwoTower(ModelConfig(dim=8, max_history=4), item_capacity=8)
+    categories = torch.tensor([[1, 2, 0], [0, 0, 0], [3, 0, 0], [2, 2, 5]])
+    tags = torch.tensor([[4, 0], [7, 9], [0, 0], [1, 0]])
+    results = []
+    for exportable in (False, True):
+        model.zero_grad()
+        vectors = model.content_vectors(categories, tags, exportable=exportable)
+        (vectors * torch.arange(8.0)).sum().backward()
+        assert model.categories.weight.grad is not None and model.tags.weight.grad is not None
+        results.append(
+            (vectors.detach(), model.categories.weight.grad.clone(), model.tags.weight.grad.clone())
+        )
+    for fast, plain in zip(results[0], results[1], strict=True):
+        assert torch.allclose(fast, plain, atol=1e-6)
+    assert results[0][0][2].abs().sum() > 0  # an item with a category and no tag still has a vector
