@@ -248,8 +248,12 @@ def _check(
         (got,) = session.run(None, {n: t.numpy() for n, t in zip(names, probe, strict=True)})
         if not np.all(np.isfinite(got)):
             raise ExportError("the exported graph produces non-finite values")
-        error = float(np.abs(got - expected).max())
+        # Measured against the outputs' scale (at least 1): float32 sums in another order differ
+        # by a few units in the last place of the largest values, not by a fixed amount.
+        scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+        error = float(np.abs(got - expected).max(initial=0.0)) / scale
         if error > tolerance:
             raise ExportError(
-                f"ONNX differs from torch by {error:.2e} (> {tolerance:.0e}) at batch {probe[0].shape[0]}"
+                f"ONNX differs from torch by {error:.2e} of the outputs' scale {scale:.3g} "
+                f"(> {tolerance:.0e}) at batch {probe[0].shape[0]}"
             )

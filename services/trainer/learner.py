@@ -270,6 +270,8 @@ class ReplayBuffer:
         self.users = np.zeros(capacity, dtype=np.int64)
         self.max_context = max_context
         self.contexts = np.zeros((capacity, width, max_context), dtype=np.int64) if max_context else None
+        #: Targets per slot (what ``sample`` averages, without scanning the whole buffer each step).
+        self.counts = np.zeros(capacity, dtype=np.int64)
         self.size = 0
         self.offered = 0
 
@@ -294,6 +296,7 @@ class ReplayBuffer:
                 mine[slot] = 0
                 mine[slot, width - w :] = getattr(chunks, name)[c, -w:]
             self.users[slot] = chunks.users[c]
+            self.counts[slot] = int((self.targets[slot] > 0).sum())
             if self.contexts is not None and chunks.contexts is not None:
                 self.contexts[slot] = 0
                 self.contexts[slot, width - w :] = chunks.contexts[c, -w:]
@@ -302,7 +305,7 @@ class ReplayBuffer:
         """Random chunks holding about ``targets`` targets in all."""
         if not targets or not self.size:
             return None
-        per_chunk = max(1.0, float((self.targets[: self.size] > 0).sum()) / self.size)
+        per_chunk = max(1.0, float(self.counts[: self.size].sum()) / self.size)
         index = rng.integers(0, self.size, size=max(1, math.ceil(targets / per_chunk)))
         inputs = self.inputs[index]
         used = np.flatnonzero(inputs.any(axis=0) | self.targets[index].any(axis=0))
@@ -323,6 +326,7 @@ class ReplayBuffer:
         gone = np.isin(self.targets[:n], rows)
         self.targets[:n][gone] = 0
         self.weights[:n][gone] = 0.0
+        self.counts[:n] = (self.targets[:n] > 0).sum(1)
 
     def forget_users(self, rows: np.ndarray) -> None:
         n = self.size
@@ -348,6 +352,7 @@ class ReplayBuffer:
             k = min(self.contexts.shape[2], state["contexts"].shape[2])
             self.contexts[:n, -width:, :k] = state["contexts"][:n, -width:, :k]
         self.size = n
+        self.counts[:n] = (self.targets[:n] > 0).sum(1)
         self.offered = int(state["offered"])
 
 
@@ -662,13 +667,17 @@ class Learner:
         # and the trained copy learns in a forward of its own.
         shared = train and not self.averaging
         scored = batch if shared else chunks
+        width = scored.inputs.shape[1]
+        outputs = None  # scoring alone needs the columns from the first target on
+        if not shared and bool((scored.targets > 0).any()):
+            outputs = width - int((scored.targets > 0).any(0).argmax())
         if evaluate or shared:
             with torch.set_grad_enabled(shared):
                 table = model.item_vectors(n_rows)
-                h = self._encode(model, table, scored, torch.from_numpy(scored.inputs))
+                h = self._encode(model, table, scored, torch.from_numpy(scored.inputs), outputs)
         evaluated = 0
         if evaluate:
-            shift = scored.inputs.shape[1] - chunks.inputs.shape[1]
+            shift = width - chunks.inputs.shape[1] - (0 if outputs is None else width - outputs)
             with torch.no_grad():
                 evaluated = self._record(
                     builder,
@@ -832,7 +841,12 @@ class Learner:
         return self._rank(h[targets.chunk, targets.position], table, candidates & known, scored)
 
     def _encode(
-        self, model: TwoTower, table: torch.Tensor, chunks: Chunks, inputs: torch.Tensor
+        self,
+        model: TwoTower,
+        table: torch.Tensor,
+        chunks: Chunks,
+        inputs: torch.Tensor,
+        outputs: int | None = None,
     ) -> torch.Tensor:
         users = torch.from_numpy(chunks.users)
         return model.encode(
@@ -841,6 +855,7 @@ class Learner:
             torch.where(users < model.user_ids.num_embeddings, users, torch.zeros_like(users)),
             torch.from_numpy(chunks.types),
             None if chunks.contexts is None else torch.from_numpy(chunks.contexts),
+            outputs,
         )
 
     # -- gradient steps --------------------------------------------------------------------
@@ -929,11 +944,15 @@ class Learner:
                     sub.users,
                     None if sub.contexts is None else sub.contexts[:, -w:],
                 )
-                mask = torch.from_numpy(sub.targets > 0)
-                h = self._encode(model, table, sub, torch.from_numpy(sub.inputs))
+                # Only the columns from the first target on are computed (a new event's chunk
+                # reads a window of context before its targets).
+                aimed = (sub.targets > 0).any(0)
+                outputs = w - int(aimed.argmax())
+                mask = torch.from_numpy(sub.targets[:, -outputs:] > 0)
+                h = self._encode(model, table, sub, torch.from_numpy(sub.inputs), outputs)
                 hs.append(h[mask])
-                wanted.append(torch.from_numpy(sub.targets)[mask])
-                weights.append(torch.from_numpy(sub.weights)[mask])
+                wanted.append(torch.from_numpy(sub.targets[:, -outputs:])[mask])
+                weights.append(torch.from_numpy(sub.weights[:, -outputs:])[mask])
         loss = self._loss_step(table, torch.cat(hs), torch.cat(wanted), torch.cat(weights)) if hs else 0.0
         model.train()
         return loss

@@ -162,13 +162,17 @@ class Block(nn.Module):
         self.ff = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """x [B, S, D], bias [B, H, Q, S] -> [B, Q, D]: the outputs of the last Q = ``queries``
+        positions (all S by default), each attending over all S."""
         b, length, dim = x.shape
         h = self.heads
         q, k, v = self.qkv(self.ln1(x)).reshape(b, length, 3, h, dim // h).permute(2, 0, 3, 1, 4)
+        if queries is not None and queries < length:
+            q, x = q[:, :, -queries:], x[:, -queries:]
         scores = q @ k.transpose(-1, -2) * (1.0 / math.sqrt(dim // h)) + bias
         attention = torch.softmax(scores, dim=-1)
-        y = (attention @ v).transpose(1, 2).reshape(b, length, dim)
+        y = (attention @ v).transpose(1, 2).reshape(b, x.shape[1], dim)
         x = x + self.drop(self.proj(y))
         return x + self.drop(self.ff(self.ln2(x)))
 
@@ -367,15 +371,28 @@ class TwoTower(nn.Module):
         user: torch.Tensor,
         history_types: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
+        outputs: int | None = None,
     ) -> torch.Tensor:
         """User vectors at every position: history [B, S] rows into ``item_table`` (0 = padding,
         oldest first; S <= 2L), user [B], history_types [B, S], context [B, S, K] or [B, K]
-        -> [B, S, D]. The vector at position p reads the (at most L) items up to p."""
+        -> [B, S, D]. The vector at position p reads the (at most L) items up to p.
+
+        With ``outputs``, only the last that many positions' vectors are returned -> [B, outputs, D],
+        and each block computes only the positions the blocks above it read (training on a new
+        event's chunk, whose targets are its newest positions, skips most of its context).
+        """
         x = F.embedding(history, item_table)
         if history_types is not None and self.config.event_types:
             x = x + self.event_types(history_types)
         x = self.drop(x)
         length = history.shape[1]
+        # Positions each block outputs: the last block what is asked; a block below it that plus
+        # the window the block above reads back.
+        rows = [length] * len(self.blocks)
+        if outputs is not None:
+            rows[-1] = min(length, outputs)
+            for b in range(len(self.blocks) - 2, -1, -1):
+                rows[b] = min(length, rows[b + 1] + self.windows[b + 1] - 1)
         present = history != PAD
         bias = self.distance_bias[self.distance[:length, :length]].permute(2, 0, 1)[None]  # [1, H, L, L]
         masked = torch.full_like(bias, MASKED)
@@ -383,11 +400,21 @@ class TwoTower(nn.Module):
         for b, block in enumerate(self.blocks):
             window: torch.Tensor = getattr(self, f"window{b}")[:length, :length]
             allowed = (window & present[:, None, :]) | diagonal
-            x = block(x, torch.where(allowed[:, None, :, :], bias, masked))
+            keys, queries = x.shape[1], rows[b]
+            if queries < length or keys < length:
+                allowed = allowed[:, length - queries :, length - keys :]
+                block_bias = bias[:, :, length - queries :, length - keys :]
+                x = block(
+                    x, torch.where(allowed[:, None, :, :], block_bias, masked[..., :queries, :keys]), queries
+                )
+            else:
+                x = block(x, torch.where(allowed[:, None, :, :], bias, masked))
         out = self.norm(x) + self.user_ids(user)[:, None, :]
         if context is not None and self.config.max_context:
             if context.dim() == 2:
                 context = context[:, None, :]
+            elif outputs is not None:
+                context = context[:, -x.shape[1] :]
             out = out + _masked_mean(self.contexts(context), context != PAD)
         return out
 

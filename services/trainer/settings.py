@@ -110,12 +110,15 @@ class TrainerSettings(ServiceSettings):
     learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
     batch_size: int = Field(128, gt=0, description="Sequences per step when training on whole histories.")
     replay_size: int = Field(20_000, ge=0, description="Past events kept in the replay buffer.")
-    replay_ratio: float = Field(1.0, ge=0, description="Replayed events per new event in each update.")
+    replay_ratio: float = Field(2.5, ge=0, description="Replayed events per new event in each update.")
     replay_weight: float = Field(
-        1.0,
+        0.4,
         ge=0,
         description="Loss weight of a replayed event relative to a new one (more, lighter replayed "
         "events anchor the model with less noise, at more CPU per event).",
+    )
+    online_learning_rate: float = Field(
+        1.5e-3, gt=0, description="Adam learning rate of online steps (--learning-rate: every other fit)."
     )
     online_steps: int = Field(1, gt=0, le=16, description="Gradient steps per micro-batch (online).")
     online_momentum: float = Field(
@@ -190,6 +193,7 @@ class TrainerSettings(ServiceSettings):
             replay_size=self.replay_size,
             replay_ratio=self.replay_ratio,
             replay_weight=self.replay_weight,
+            online_learning_rate=self.online_learning_rate,
             online_steps=self.online_steps,
             online_momentum=self.online_momentum,
             average_decay=self.average_decay,

@@ -18,6 +18,8 @@ from services.trainer.export import (
     ITEM_TOWER,
     USER_IDS,
     USER_TOWER,
+    ExportError,
+    _check,
     export_learner,
 )
 from services.trainer.learner import Learner, LearnerConfig
@@ -137,3 +139,32 @@ def test_the_default_model_exports_and_validates_at_movielens_size() -> None:
     torch.set_num_threads(1)
     exported = export_learner(learner, parent_version=None)
     assert exported.seconds > 0 and exported.manifest["model"]["item_rows"] == 1683
+
+
+def test_the_export_gate_measures_errors_against_the_outputs_scale() -> None:
+    from onnx import TensorProto, helper
+
+    doubled = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Add", ["x", "x"], ["y"])],
+            "double",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    ).SerializeToString()
+
+    class Shifted(torch.nn.Module):
+        def __init__(self, shift: float) -> None:
+            super().__init__()
+            self.shift = shift
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * x + self.shift
+
+    small, large = (torch.full((2, 4), 0.5),), (torch.full((2, 4), 5000.0),)
+    with pytest.raises(ExportError, match="differs from torch"):
+        _check(doubled, Shifted(1e-3), ["x"], [small], 1e-4)  # 1e-3 on outputs of 1
+    _check(doubled, Shifted(1e-3), ["x"], [large], 1e-4)  # 1e-3 on outputs of 10,000: rounding
+    with pytest.raises(ExportError):
+        _check(doubled, Shifted(5.0), ["x"], [large], 1e-4)

@@ -130,3 +130,28 @@ def test_training_and_exported_content_means_agree_in_value_and_gradient() -> No
     for fast, plain in zip(results[0], results[1], strict=True):
         assert torch.allclose(fast, plain, atol=1e-6)
     assert results[0][0][2].abs().sum() > 0  # an item with a category and no tag still has a vector
+
+
+def test_asking_for_the_last_positions_only_gives_the_same_vectors_and_gradients() -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(dim=8, max_history=6, blocks=3, heads=2, dropout=0.0, max_context=2)
+    model = TwoTower(config, item_capacity=32).eval()
+    model.item_learned[:] = 1
+    history = torch.randint(1, 32, (3, 12))
+    history[0, :5] = 0  # left padding
+    context = torch.randint(0, 4, (3, 12, 2))
+    users = torch.tensor([1, 2, 3])
+    weights = torch.arange(8.0)
+    results = []
+    for outputs in (None, 4):
+        model.zero_grad()
+        h = model.encode(model.item_vectors(32), history, users, None, context, outputs)
+        assert h.shape == ((3, 12, 8) if outputs is None else (3, 4, 8))
+        (h[:, -4:] * weights).sum().backward()
+        assert model.item_ids.weight.grad is not None
+        results.append((h[:, -4:].detach(), model.item_ids.weight.grad.clone()))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-4)  # sums in another order
+    with torch.no_grad():
+        last = model.encode(model.item_vectors(32), history, users, None, context, 1)
+    assert torch.allclose(last[:, 0], results[0][0][:, -1], atol=1e-5)
