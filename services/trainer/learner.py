@@ -120,6 +120,11 @@ class Chunks:
         newest = (self.sequences >= cutoff) & (self.targets > 0)
         return self.with_targets((self.targets > 0) & ~newest), self.with_targets(newest)
 
+    def target_span(self) -> int:
+        """Trailing columns that hold every target (0: none): what a step has to compute."""
+        aimed = (self.targets > 0).any(0)
+        return int(self.targets.shape[1] - aimed.argmax()) if aimed.any() else 0
+
     @property
     def n_targets(self) -> int:
         return int((self.targets > 0).sum())
@@ -668,9 +673,7 @@ class Learner:
         shared = train and not self.averaging
         scored = batch if shared else chunks
         width = scored.inputs.shape[1]
-        outputs = None  # scoring alone needs the columns from the first target on
-        if not shared and bool((scored.targets > 0).any()):
-            outputs = width - int((scored.targets > 0).any(0).argmax())
+        outputs = None if shared else scored.target_span() or None  # scoring reads targets only
         if evaluate or shared:
             with torch.set_grad_enabled(shared):
                 table = model.item_vectors(n_rows)
@@ -946,8 +949,7 @@ class Learner:
                 )
                 # Only the columns from the first target on are computed (a new event's chunk
                 # reads a window of context before its targets).
-                aimed = (sub.targets > 0).any(0)
-                outputs = w - int(aimed.argmax())
+                outputs = sub.target_span() or w
                 mask = torch.from_numpy(sub.targets[:, -outputs:] > 0)
                 h = self._encode(model, table, sub, torch.from_numpy(sub.inputs), outputs)
                 hs.append(h[mask])

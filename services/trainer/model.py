@@ -401,14 +401,12 @@ class TwoTower(nn.Module):
             window: torch.Tensor = getattr(self, f"window{b}")[:length, :length]
             allowed = (window & present[:, None, :]) | diagonal
             keys, queries = x.shape[1], rows[b]
-            if queries < length or keys < length:
+            block_bias, block_masked = bias, masked
+            if queries < length or keys < length:  # only with ``outputs``: exported graphs unchanged
                 allowed = allowed[:, length - queries :, length - keys :]
                 block_bias = bias[:, :, length - queries :, length - keys :]
-                x = block(
-                    x, torch.where(allowed[:, None, :, :], block_bias, masked[..., :queries, :keys]), queries
-                )
-            else:
-                x = block(x, torch.where(allowed[:, None, :, :], bias, masked))
+                block_masked = masked[:, :, :queries, :keys]
+            x = block(x, torch.where(allowed[:, None, :, :], block_bias, block_masked), queries)
         out = self.norm(x) + self.user_ids(user)[:, None, :]
         if context is not None and self.config.max_context:
             if context.dim() == 2:
