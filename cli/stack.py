@@ -79,12 +79,13 @@ class NatsServer:
         return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 20.0, attempts: int = 3) -> None:
-        for attempt in range(attempts if self._may_move else 1):
+        tries = attempts if self._may_move else 1
+        for attempt in range(tries):
             try:
                 self._start(timeout_s)
                 break
             except PortTakenError:
-                if attempt == attempts - 1 or not self._may_move:
+                if attempt == tries - 1:
                     raise
                 logger.warning(
                     "nats-server could not bind port %d or %d; trying others", self.port, self.monitor_port
