@@ -25,7 +25,8 @@ Use
 Rules, applied to each event in stream order (every one counted in ``counts``):
 
 1. **Likely bot** (``bot_max_events`` within ``bot_window_s``): a leaky bucket per user on event
-   time. Each event (repeats included) adds 1; the bucket drains ``bot_max_events /
+   time. Each event (repeats included) adds 1, except one at the very event time of the user's
+   newest (a coarse clock, such as dates only, says nothing of speed); the bucket drains ``bot_max_events /
    bot_window_s`` per second of event time. When it overflows, the user is flagged until
    ``occurred_at + bot_quarantine_s``; every event of a flagged user has ``likely_bot=True``
    and ``signal=False``: it stays in the user's own features but is kept out of popularity
@@ -260,12 +261,16 @@ class Preprocessor:
         if user is None:
             user = self.users[user_id] = UserPreprocessing()
 
-        # 1. Likely bot: leaky bucket on event time.
+        # 1. Likely bot: leaky bucket on event time. Events at the very time of the user's newest one
+        # count once: a clock that only tells the day or the month (dated history backfilled) is
+        # no evidence of speed, and would otherwise flag every active user of that day.
+        same_moment = t == user.bucket_t
         if t > user.bucket_t:
             if user.bucket_t > -math.inf:
                 user.bucket = max(0.0, user.bucket - (t - user.bucket_t) * self._drain_per_s)
             user.bucket_t = t
-        user.bucket += 1.0
+        if not same_moment:
+            user.bucket += 1.0
         if user.bucket > s.bot_max_events:
             if not t < user.flagged_until:
                 counts["bot_flags"] += 1

@@ -30,7 +30,7 @@ async def test_answers_carry_the_watermark_and_show_the_preprocessed_numbers(
             event("ann", "alien", type=event_pb2.EVENT_TYPE_RATE, value=5.0, at=now - 20),
             event("ann", "up", type=event_pb2.EVENT_TYPE_VIEW, at=now - 10),
         ]
-        events += [event("bot", f"spam{n}", at=now - 5) for n in range(12)]
+        events += [event("bot", f"spam{n}", at=now - 5 + n * 0.001) for n in range(12)]
         await publish(nats_client, events)
         await caught_up(app, len(events))
 
@@ -44,7 +44,7 @@ async def test_answers_carry_the_watermark_and_show_the_preprocessed_numbers(
         assert f.rating_mean == pytest.approx((5 * 3.0 + 5.0) / 6)
         assert set(f.category_affinity) == {"crime"} and f.category_affinity["crime"] > 0
         assert ann.watermark.stream_sequence == len(events)
-        assert ann.watermark.event_time.ToNanoseconds() == pytest.approx((now - 5) * 1e9, abs=1e3)
+        assert ann.watermark.event_time.ToNanoseconds() == pytest.approx((now - 5 + 0.011) * 1e9, abs=1e3)
         assert 4.0 < ann.watermark.lag.ToTimedelta().total_seconds() < 600
 
         bot = await feature.GetUserFeatures(feature_pb2.GetUserFeaturesRequest(user_id="bot"))

@@ -83,8 +83,8 @@ def test_likely_bot_flag_follows_the_rate_bound_and_expires() -> None:
     pre = Preprocessor(s)
     # Exactly at the bound (1 event/s for a long time) is fine.
     assert not any(pre.process("steady", "i", VIEW, 0, T0 + n).likely_bot for n in range(100))
-    # A burst: the 11th event within an instant overflows.
-    outs = [pre.process("bot", f"i{n}", VIEW, 0, T0) for n in range(12)]
+    # A burst: the 11th event within a few milliseconds overflows.
+    outs = [pre.process("bot", f"i{n}", VIEW, 0, T0 + n * 0.001) for n in range(12)]
     assert [o.likely_bot for o in outs] == [False] * 10 + [True, True]
     assert not outs[11].signal and outs[11].kept
     assert pre.is_likely_bot("bot")
@@ -93,6 +93,16 @@ def test_likely_bot_flag_follows_the_rate_bound_and_expires() -> None:
     assert not pre.process("bot", "z2", VIEW, 0, T0 + 101).likely_bot
     assert pre.counts["bot_flags"] == 1
     assert pre.counts["bot_events"] == 3
+
+
+def test_events_at_one_instant_are_no_evidence_of_speed() -> None:
+    """A clock that only tells the day (dated history backfilled): a user's 500 events of one day
+    share a timestamp, which says nothing of how fast they came."""
+    pre = Preprocessor(PreprocessingSettings(bot_max_events=10, bot_window_s=10, repeat_window_s=0))
+    day = T0 - T0 % 86_400
+    assert not any(pre.process("fan", f"i{n}", VIEW, 0, day).likely_bot for n in range(500))
+    assert not any(pre.process("fan", f"j{n}", VIEW, 0, day + 86_400).likely_bot for n in range(500))
+    assert pre.counts["bot_flags"] == 0
 
 
 def _stream(n: int, seed: int = 0) -> list[event_pb2.Event]:
