@@ -268,7 +268,10 @@ class FeatureConsumer:
         """Memory got ahead of SQL (a commit failed): reload it from SQL, retrying until it works."""
         while True:
             fresh = FeatureState(
-                self.state.max_recent, self.state.preprocessor.settings, self.state.popularity_settings
+                self.state.max_recent,
+                self.state.preprocessor.settings,
+                self.state.popularity_settings,
+                self.state.max_seen,
             )
             try:
                 await asyncio.to_thread(self.store.load, fresh)

@@ -63,7 +63,9 @@ async def rebuild(settings: FeatureSettings, batch: int = 5000, force: bool = Fa
     try:
         await asyncio.to_thread(upgrade_schema, engine, MIGRATIONS, VERSION_TABLE)
         store = FeatureStore(make_sessionmaker(engine), settings.replica_name)
-        state = FeatureState(settings.recent_items, settings.preprocessing, settings.popularity)
+        state = FeatureState(
+            settings.recent_items, settings.preprocessing, settings.popularity, settings.seen_items
+        )
         await asyncio.to_thread(store.load, state, features=False)
 
         nc = await fnats.connect(settings.nats, name="freshrec-feature-rebuild")

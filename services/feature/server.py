@@ -49,7 +49,7 @@ class FeatureApp:
         engine = make_engine(s.database)
         await asyncio.to_thread(upgrade_schema, engine, MIGRATIONS, VERSION_TABLE)
         store = FeatureStore(make_sessionmaker(engine), s.replica_name)
-        state = self.state = FeatureState(s.recent_items, s.preprocessing, s.popularity)
+        state = self.state = FeatureState(s.recent_items, s.preprocessing, s.popularity, s.seen_items)
         await asyncio.to_thread(store.load, state)
         # Under live load at 5,000 events/s this took full collections from one every few
         # seconds (50-250 ms each) to none in a 30 s benchmark run.

@@ -68,7 +68,9 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
                 f"not this one ({partition.replica})",
             )
 
-    def _features(self, user_id: str, max_recent: int, features: feature_pb2.UserFeatures) -> None:
+    def _features(
+        self, user_id: str, max_recent: int, features: feature_pb2.UserFeatures, seen: bool = False
+    ) -> None:
         """Fills ``features`` (user_id set) from memory; left as unknown for an unknown user."""
         state = self.state
         user = state.users.get(user_id)
@@ -83,6 +85,8 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
             if normalized_rating is not None:
                 entry.normalized_rating = normalized_rating
             _set_time(entry.occurred_at, occurred_at)
+        if seen:
+            features.seen_item_ids.extend(user.seen)
         features.event_counts.update(user.counts)
         _set_time(features.last_event_at, user.last_event_at)
         features.category_affinity.update(state.affinities(user))
@@ -102,7 +106,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
             await _invalid(context, f"user_id longer than {self.settings.limits.max_id_length}")
         await self._check_owned(context, user_id)
         features = feature_pb2.UserFeatures(user_id=user_id)
-        self._features(user_id, request.max_recent, features)
+        self._features(user_id, request.max_recent, features, request.include_seen_items)
         return feature_pb2.GetUserFeaturesResponse(features=features, watermark=self._watermark())
 
     async def BatchGetUserFeatures(
@@ -116,7 +120,12 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
             await self._check_owned(context, user_id)
         response = feature_pb2.BatchGetUserFeaturesResponse(watermark=self._watermark())
         for user_id in user_ids:
-            self._features(user_id, request.max_recent, response.features.add(user_id=user_id))
+            self._features(
+                user_id,
+                request.max_recent,
+                response.features.add(user_id=user_id),
+                request.include_seen_items,
+            )
         return response
 
     async def GetItemFeatures(

@@ -79,6 +79,12 @@ class FeatureSettings(ServiceSettings):
         description="Durable JetStream consumer name (with partitions: <name>-<replica>-of-<replicas>).",
     )
     recent_items: int = Field(50, gt=0, le=1000, description="Recent interactions kept per user.")
+    seen_items: int = Field(
+        10_000,
+        ge=0,
+        description="Distinct items remembered per user as seen (oldest forgotten first; what "
+        "recommendations leave out).",
+    )
     fetch_batch: int = Field(2000, gt=0, le=100_000, description="Most events fetched and applied at once.")
     fetch_wait_s: float = Field(1.0, gt=0, description="Longest wait of one fetch when the stream is idle.")
     commit_interval_s: float = Field(

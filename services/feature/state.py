@@ -9,6 +9,7 @@ of the stream reaches the same state as living through it.
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,13 +32,15 @@ Interaction = tuple[str, int, float, float, float | None]
 
 
 class UserState:
-    __slots__ = ("recent", "counts", "last_event_at", "affinity")
+    __slots__ = ("recent", "counts", "last_event_at", "affinity", "seen")
 
     def __init__(self, max_recent: int) -> None:
         self.recent: deque[Interaction] = deque(maxlen=max_recent)
         self.counts: dict[str, int] = {}
         self.last_event_at = 0.0
         self.affinity: dict[str, float] = {}  # category -> decay key
+        #: Every item touched, oldest first (a dict as an ordered set), capped at ``max_seen``.
+        self.seen: dict[str, None] = {}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -45,12 +48,22 @@ class UserState:
             "counts": dict(self.counts),
             "last_event_at": self.last_event_at,
             "affinity": dict(self.affinity),
+            "seen": tuple(self.seen),
         }
+
+    def touch(self, item_id: str, max_seen: int) -> None:
+        if item_id in self.seen or not max_seen:
+            return
+        self.seen[sys.intern(item_id)] = None
+        if len(self.seen) > max_seen:
+            del self.seen[next(iter(self.seen))]
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], max_recent: int) -> UserState:
         user = cls(max_recent)
         user.recent.extend(tuple(r) for r in doc["recent"])
+        # Rows written before seen items were kept: what the recent history holds.
+        user.seen = dict.fromkeys(sys.intern(str(i)) for i in doc.get("seen", [r[0] for r in doc["recent"]]))
         user.counts = {str(k): int(v) for k, v in doc["counts"].items()}
         user.last_event_at = float(doc["last_event_at"])
         user.affinity = {str(k): float(v) for k, v in doc.get("affinity", {}).items()}
@@ -111,8 +124,10 @@ class FeatureState:
         max_recent: int,
         preprocessing: PreprocessingSettings | None = None,
         popularity: PopularitySettings | None = None,
+        max_seen: int = 10_000,
     ) -> None:
         self.max_recent = max_recent
+        self.max_seen = max_seen
         self.popularity_settings = popularity or PopularitySettings()
         self.preprocessor = Preprocessor(preprocessing)
         self.users: dict[str, UserState] = {}
@@ -178,6 +193,7 @@ class FeatureState:
         weight = out.weight
         type_name = _TYPE_NAMES.get(event.type, str(event.type))
         user.recent.append((item_id, event.type, ts, weight, out.normalized_rating))
+        user.touch(item_id, self.max_seen)
         user.counts[type_name] = user.counts.get(type_name, 0) + 1
         if ts > user.last_event_at:
             user.last_event_at = ts

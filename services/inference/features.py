@@ -43,6 +43,9 @@ class UserView:
     known: bool
     recent: list[tuple[str, int]]  # (item id, EventType), oldest first
     fresh: bool  # False when served from the cache after a failed lookup
+    #: Every item the user touched (what answers leave out); the recent items when the feature
+    #: service keeps no more.
+    seen: tuple[str, ...] = ()
 
     @property
     def recent_items(self) -> list[str]:
@@ -96,7 +99,8 @@ class FeatureClient:
         try:
             LOOKUP_BATCH.observe(len(batch))
             response = await self.stub.BatchGetUserFeatures(
-                feature_pb2.BatchGetUserFeaturesRequest(user_ids=list(batch)), timeout=self.deadline_s
+                feature_pb2.BatchGetUserFeaturesRequest(user_ids=list(batch), include_seen_items=True),
+                timeout=self.deadline_s,
             )
             for features in response.features:
                 views[features.user_id] = self._fresh(features)
@@ -125,7 +129,8 @@ class FeatureClient:
     async def _one(self, user_id: str) -> UserView:
         try:
             response = await self.stub.GetUserFeatures(
-                feature_pb2.GetUserFeaturesRequest(user_id=user_id), timeout=self.deadline_s
+                feature_pb2.GetUserFeaturesRequest(user_id=user_id, include_seen_items=True),
+                timeout=self.deadline_s,
             )
         except grpc.aio.AioRpcError as exc:
             return self._fallback(user_id, exc)
@@ -136,15 +141,17 @@ class FeatureClient:
         USER_LOOKUPS.labels("cached" if cached is not None else "failed").inc()
         logger.debug("feature lookup for %s failed (%s); cached=%s", user_id, exc.code(), cached is not None)
         if cached is not None:
-            return UserView(cached.known, cached.recent, fresh=False)
+            return UserView(cached.known, cached.recent, fresh=False, seen=cached.seen)
         return UserView(known=False, recent=[], fresh=False)
 
     def _fresh(self, features: feature_pb2.UserFeatures) -> UserView:
         USER_LOOKUPS.labels("fresh").inc()
+        recent = [(i.item_id, int(i.type)) for i in reversed(features.recent)]
         view = UserView(
             known=features.known,
-            recent=[(i.item_id, int(i.type)) for i in reversed(features.recent)],
+            recent=recent,
             fresh=True,
+            seen=tuple(features.seen_item_ids) or tuple(item for item, _ in recent),
         )
         user_id = features.user_id
         self.cache[user_id] = view

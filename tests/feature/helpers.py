@@ -106,7 +106,9 @@ def stored_state(settings: FeatureSettings) -> dict[str, Any]:
     """The state a fresh start would load from SQL, dumped."""
     engine = make_engine(settings.database)
     try:
-        state = FeatureState(settings.recent_items, settings.preprocessing, settings.popularity)
+        state = FeatureState(
+            settings.recent_items, settings.preprocessing, settings.popularity, settings.seen_items
+        )
         FeatureStore(make_sessionmaker(engine), settings.replica_name).load(state)
         return state.dump()
     finally:

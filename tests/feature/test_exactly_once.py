@@ -39,7 +39,9 @@ from tests.feature.helpers import (
 
 def reference(settings, events: list[event_pb2.Event]) -> dict:  # type: ignore[no-untyped-def]
     """The state one uninterrupted pass over the stream produces (stream sequences from 1)."""
-    state = FeatureState(settings.recent_items, settings.preprocessing, settings.popularity)
+    state = FeatureState(
+        settings.recent_items, settings.preprocessing, settings.popularity, settings.seen_items
+    )
     for seq, e in enumerate(events, 1):
         state.apply(e, seq)
     return state.dump()
@@ -71,7 +73,9 @@ async def test_forced_redelivery_is_skipped(nats_server, nats_client, tmp_path: 
     engine = make_engine(settings.database)
     upgrade_schema(engine, MIGRATIONS, VERSION_TABLE)
     store = FeatureStore(make_sessionmaker(engine), settings.replica_name)
-    state = FeatureState(settings.recent_items, settings.preprocessing, settings.popularity)
+    state = FeatureState(
+        settings.recent_items, settings.preprocessing, settings.popularity, settings.seen_items
+    )
     js = nats_client.jetstream()
     await ensure_durable(js, settings, 0)
     puller = await Puller(nats_client, EVENTS_STREAM, settings.replica_name).start()
