@@ -55,6 +55,10 @@ CATALOG_ACCEPTED_SUBJECT = "freshrec.catalog.accepted"
 
 #: The header carrying a message's idempotency key; JetStream drops repeats within its window.
 MSG_ID_HEADER = "Nats-Msg-Id"
+#: On every accepted event: when ingestion received the call (RPC or NATS message) that carried it,
+#: in microseconds since the epoch. Events a producer sent in one call share it, which tells
+#: consumers (the trainer's prequential scoring) that one answer preceded all of them.
+RECEIVED_HEADER = "Freshrec-Received-Us"
 
 
 def user_partition(user_id: str) -> int:

@@ -52,8 +52,15 @@ class Ingestor:
         *,
         payloads: Sequence[bytes | None] | None = None,
         first_index: int = 0,
+        calls: Sequence[int] | None = None,
     ) -> Summary:
-        """Ingests a batch; ``payloads`` may carry each event's wire bytes, reused when unchanged."""
+        """Ingests a batch; ``payloads`` may carry each event's wire bytes, reused when unchanged.
+
+        Events sent in one call (one RPC, one NATS message) share their receive time, which travels
+        with them (``RECEIVED_HEADER``): consumers learn which events a producer sent together.
+        ``calls`` numbers the producer calls of a batch that several of them were gathered into
+        (NATS intake); each call's receive time is then one microsecond after the previous one's.
+        """
         summary = Summary()
         rows: list[NewEvent] = []
         seen: set[str] = set()
@@ -88,6 +95,7 @@ class Ingestor:
                 continue
             seen.add(event_id)
             occurred = event.occurred_at
+            received = received_us if calls is None else received_us + calls[offset]
             rows.append(
                 (
                     event_id,
@@ -96,7 +104,7 @@ class Ingestor:
                     event.type,
                     event.value,
                     occurred.seconds * 1_000_000 + occurred.nanos // 1000,
-                    received_us,
+                    received,
                     payload,
                     owner,
                 )

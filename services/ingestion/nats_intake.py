@@ -256,8 +256,9 @@ class RawIntake:
         events: list[event_pb2.Event] = []
         payloads: list[bytes | None] = []
         origins: list[tuple[Msg, int | None, bool]] = []
+        calls: list[int] = []
         dead: list[DeadLetter] = []
-        for msg in msgs:
+        for call, msg in enumerate(msgs):
             try:
                 decoded, as_json, payload = decode(msg, self.max_batch)
             except _Undecodable as exc:
@@ -268,8 +269,9 @@ class RawIntake:
                 events.append(event)
                 payloads.append(payload)
                 origins.append((msg, None if single else index, as_json))
+                calls.append(call)
         if events:
-            summary = await self.ingestor.ingest(events, "nats", payloads=payloads)
+            summary = await self.ingestor.ingest(events, "nats", payloads=payloads, calls=calls)
             for error, rejection in zip(summary.errors, summary.rejections, strict=True):
                 msg, position, as_json = origins[error.index]
                 event = events[error.index]

@@ -29,7 +29,7 @@ from services.ingestion import metrics
 from services.ingestion.reconcile import RangeSet
 from services.ingestion.store import OutboxEvent
 from services.ingestion.writer import GroupCommitter
-from shared.nats import EVENT_PARTITIONS, EVENTS_STREAM, MSG_ID_HEADER, accepted_subject
+from shared.nats import EVENT_PARTITIONS, EVENTS_STREAM, MSG_ID_HEADER, RECEIVED_HEADER, accepted_subject
 
 logger = logging.getLogger(__name__)
 
@@ -259,17 +259,28 @@ class Publisher:
                     subject_for(event),
                     event.payload,
                     reply=f"{self._prefix}.{token}",
-                    headers={MSG_ID_HEADER: event.event_id, EXPECTED_STREAM_HEADER: self.stream},
+                    headers={
+                        MSG_ID_HEADER: event.event_id,
+                        EXPECTED_STREAM_HEADER: self.stream,
+                        RECEIVED_HEADER: str(event.received_at_us),
+                    },
                 )
             return
         reply = self._prefix.encode() + b"."
-        stream_header = b"\r\n" + EXPECTED_STREAM_HEADER.encode() + b": " + self.stream.encode() + b"\r\n\r\n"
+        stream_header = b"\r\n" + EXPECTED_STREAM_HEADER.encode() + b": " + self.stream.encode() + b"\r\n"
+        received_header = RECEIVED_HEADER.encode() + b": "
         subjects = SUBJECT_BYTES
         crc32 = zlib.crc32
         parts: list[bytes] = []
         append = parts.append
         for token, event in enumerate(events, first_token):
-            header = b"NATS/1.0\r\nNats-Msg-Id: " + event.event_id.encode() + stream_header
+            header = (
+                b"NATS/1.0\r\nNats-Msg-Id: "
+                + event.event_id.encode()
+                + stream_header
+                + received_header
+                + b"%d\r\n\r\n" % event.received_at_us
+            )
             payload = event.payload
             user = event.user_id.encode()
             append(
