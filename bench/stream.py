@@ -114,7 +114,6 @@ def main() -> None:
     learner.fit(learner.sequence_chunks(sequences, context=settings.pretrain_context), args.warmup_epochs)
     warmup_seconds = time.perf_counter() - t0
     checkpoint = learner.checkpoint_bytes()
-    learner.config = type(learner.config)(**{**learner.config.__dict__, "shadow_sample": 10**9})
     learner.shadows = {"live": learner.make_shadow("warm-up", learner.snapshot())}
 
     history: dict[int, list[int]] = {}

@@ -157,6 +157,25 @@ class ServingState:
         scores[:, 0] = -np.inf
         return scores
 
+    def popular(
+        self, column: int, k: int, banned: np.ndarray, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The k most popular positions by one of the model's popularity columns (items newer than
+        the model have none yet), best first, and their scores."""
+        popularity = self.model.popularity
+        assert popularity is not None
+        scores = np.full(self.total, -np.inf)
+        scores[: len(popularity)] = popularity[:, column]
+        scores[0] = -np.inf
+        if allowed is not None:
+            keep = np.full(self.total, -np.inf)
+            keep[allowed] = scores[allowed]
+            scores = keep
+        if len(banned):
+            scores[banned] = -np.inf
+        best = top_k(scores, k)
+        return best, scores[best]
+
     def score_positions(self, positions: np.ndarray, vector: np.ndarray) -> np.ndarray:
         return self.embeddings(positions) @ vector
 

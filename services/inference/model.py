@@ -95,6 +95,18 @@ class LoadedModel:
     item_tower: ItemTower | None = None
     ann: AnnIndex | None = None
     loaded_at: float = field(default_factory=time.time)
+    #: Which ranker answers a request (``serving.policy``): by segment, the lower bound of items the
+    #: user touched before, highest first; and the popularity columns a policy may pick [rows, H].
+    policy: tuple[tuple[int, str], ...] = ()
+    popularity: np.ndarray | None = None
+    popularity_columns: tuple[str, ...] = ()
+
+    def ranker_for(self, touched: int) -> str:
+        """``model`` or ``popular:<half-life>`` for a user who touched ``touched`` items."""
+        for bound, ranker in self.policy:
+            if touched >= bound:
+                return ranker if ranker == "model" or ranker in self.popularity_columns else "model"
+        return "model"
 
     @property
     def dim(self) -> int:
@@ -292,6 +304,7 @@ def load_model(
     norms[norms == 0] = 1.0
 
     tower = _load_item_tower(stored.path, manifest, info, dim, threads, version)
+    policy, popularity, columns = _load_serving(stored.path, manifest, len(item_ids), version)
     model = LoadedModel(
         version=version,
         manifest=manifest,
@@ -306,11 +319,57 @@ def load_model(
         max_context=max_context,
         context_rows=context_rows,
         item_tower=tower,
+        policy=policy,
+        popularity=popularity,
+        popularity_columns=columns,
     )
     _smoke_test(model)
     if ann is not None and len(item_ids) - 1 > ann.exact_limit:
         model.ann = AnnIndex.build(matrix, ann)
     return model
+
+
+def _load_serving(
+    path: Any, manifest: dict[str, Any], rows: int, version: str
+) -> tuple[tuple[tuple[int, str], ...], np.ndarray | None, tuple[str, ...]]:
+    """The serving policy and popularity columns (optional: a version without them is served by
+    its model alone)."""
+    serving = manifest.get("serving")
+    if not isinstance(serving, dict):
+        return (), None, ()
+    segments, chosen = serving.get("segments", {}), serving.get("policy", {})
+    spec = serving.get("popularity", {})
+    if not (isinstance(segments, dict) and isinstance(chosen, dict) and isinstance(spec, dict)):
+        raise RejectedArtifact("manifest", f"version {version}: manifest 'serving' is malformed")
+    columns = tuple(str(c) for c in spec.get("columns", []))
+    popularity = None
+    if spec.get("file"):
+        if spec["file"] not in manifest["files"]:
+            raise RejectedArtifact(
+                "manifest", f"version {version}: serving names {spec['file']}, not in files"
+            )
+        try:
+            popularity = np.load(io.BytesIO((path / spec["file"]).read_bytes()), allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise RejectedArtifact("data", f"version {version}: cannot read {spec['file']} ({exc})") from exc
+        if popularity.shape != (rows, len(columns)) or not np.all(np.isfinite(popularity)):
+            raise RejectedArtifact(
+                "data",
+                f"version {version}: {spec['file']} is {popularity.shape}, expected {rows} x {len(columns)} "
+                "finite values",
+            )
+    try:
+        policy = tuple(
+            sorted(
+                ((int(bound), str(chosen.get(name, "model"))) for name, bound in segments.items()),
+                reverse=True,
+            )
+        )
+    except (TypeError, ValueError) as exc:
+        raise RejectedArtifact(
+            "manifest", f"version {version}: serving segments are malformed ({exc})"
+        ) from exc
+    return policy, popularity, columns
 
 
 def _load_item_tower(

@@ -143,7 +143,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         response = inference_pb2.RecommendResponse(model_version=version, trained_through=trained_through)
         excluded = set(request.exclude_item_ids)
         if not request.include_seen:
-            excluded.update(user.recent_items)
+            excluded.update(user.seen)
         categories = list(request.categories)
 
         if state is None:
@@ -152,6 +152,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         model = state.model
         personal = request.user_id in model.user_rows or any(i in model.item_rows for i in user.recent_items)
         allowed = state.allowed(categories)
+        # The version's policy picks the ranker for users with this much history (``serving`` in
+        # its manifest); a version without one answers newcomers from the feature service's lists.
+        ranker = model.ranker_for(len(user.seen))
+        if ranker != "model":
+            await self._popular_ranker_into(response, state, ranker, k, excluded, allowed)
+            return response
         # With an exact catalogue, the batch also scores every item off the loop (one product).
         exact = personal and allowed is None and model.ann is None
         found = await self.tower.vector(
@@ -161,6 +167,27 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         banned = state.positions(excluded)
         n_explore = exploration_slots(k, request.exploration)
 
+        if not personal and model.policy:  # the policy found the model best for newcomers
+            main, main_scores = self._retrieve(state, vector, k - n_explore, banned, allowed, categories)
+            for position, score in zip(main, main_scores, strict=True):
+                response.items.add(
+                    item_id=state.item_id(int(position)),
+                    score=float(score),
+                    reason=f"suggested for newcomers by model {model.version}",
+                    source=COLD_START,
+                )
+            explore = choose_exploration(
+                state,
+                vector,
+                n_explore,
+                np.concatenate([banned, main]),
+                allowed,
+                self.rng,
+                self.ranking.exploration_sample,
+            )
+            self._add_exploration(response, state, explore, vector)
+            state.record_impressions(state.positions([i.item_id for i in response.items]))
+            return response
         if not personal:
             await self._popular_into(
                 response, request, categories, excluded, k - n_explore, COLD_START, context
@@ -235,6 +262,28 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             shown.append(position)
         state.record_impressions(np.array(shown, dtype=np.int64))
         return response
+
+    async def _popular_ranker_into(
+        self,
+        response: inference_pb2.RecommendResponse,
+        state: ServingState,
+        ranker: str,
+        k: int,
+        excluded: set[str],
+        allowed: np.ndarray | None,
+    ) -> None:
+        """Items by one of the model's popularity columns (``popular:<half-life in events>``)."""
+        column = state.model.popularity_columns.index(ranker)
+        half_life = ranker.partition(":")[2]
+        positions, scores = state.popular(column, k, state.positions(excluded), allowed)
+        for position, score in zip(positions, scores, strict=True):
+            response.items.add(
+                item_id=state.item_id(int(position)),
+                score=float(score),
+                reason=f"popular over the last {half_life} events",
+                source=POPULAR,
+            )
+        state.record_impressions(positions)
 
     def _retrieve(
         self,

@@ -99,16 +99,16 @@ class Running:
         self.recent_hr = (self.recent_hr + hr.tolist())[-self.window :]
         self.recent_ndcg = (self.recent_ndcg + ndcg.tolist())[-self.window :]
 
-    def as_metrics(self) -> dict[str, float]:
+    def as_metrics(self, prefix: str = "prequential") -> dict[str, float]:
         if not self.evaluated:
-            return {"prequential_evaluated": 0.0}
+            return {f"{prefix}_evaluated": 0.0}
         n = len(self.recent_hr)
         return {
-            "prequential_evaluated": float(self.evaluated),
-            "prequential_hr@10": self.hr / self.evaluated,
-            "prequential_ndcg@10": self.ndcg / self.evaluated,
-            "prequential_hr@10_recent": sum(self.recent_hr) / n,
-            "prequential_ndcg@10_recent": sum(self.recent_ndcg) / n,
+            f"{prefix}_evaluated": float(self.evaluated),
+            f"{prefix}_hr@10": self.hr / self.evaluated,
+            f"{prefix}_ndcg@10": self.ndcg / self.evaluated,
+            f"{prefix}_hr@10_recent": sum(self.recent_hr) / n,
+            f"{prefix}_ndcg@10_recent": sum(self.recent_ndcg) / n,
         }
 
     def state(self) -> dict[str, object]:

@@ -29,6 +29,7 @@ from torch import nn
 
 from services.trainer.learner import Learner
 from services.trainer.model import PAD, TwoTower
+from services.trainer.policy import HALF_LIVES, POPULAR, SEGMENT_NAMES, SEGMENTS
 
 USER_TOWER = "user_tower.onnx"
 ITEM_TOWER = "item_tower.onnx"
@@ -37,6 +38,7 @@ ITEM_IDS = "item_ids.json"
 USER_IDS = "user_ids.json"
 CONTEXT_VOCAB = "context_vocab.json"
 CONTENT_VOCAB = "content_vocab.json"
+POPULARITY = "popularity.npy"
 FORMAT = "freshrec.two_tower.v1"
 OPSET = 17
 
@@ -220,6 +222,18 @@ def export_learner(
             "vocab": CONTENT_VOCAB,
             "note": "content-only vectors; text-derived parts arrive with the next export",
         }
+    # Which ranker answers which requests (``policy.py``), and the popularity columns it may pick.
+    columns = learner.popularity.columns(learner.items.capacity_needed)[c.item_rows].astype(np.float32)
+    columns[0] = 0.0
+    npy = io.BytesIO()
+    np.save(npy, columns, allow_pickle=False)
+    files[POPULARITY] = npy.getvalue()
+    serving = {
+        "segments": {name: bound for name, bound in zip(SEGMENT_NAMES, SEGMENTS, strict=True)},
+        "segment_by": "items the user touched before the request",
+        "policy": learner.policy.choice(),
+        "popularity": {"file": POPULARITY, "columns": list(POPULAR), "half_lives_events": list(HALF_LIVES)},
+    }
     p = learner.position
     manifest = {
         "format": FORMAT,
@@ -228,7 +242,8 @@ def export_learner(
         "model": model_info,
         "trained_through": {"stream_sequence": p.stream_sequence, "event_time": p.event_time},
         "events_learned": p.events_learned,
-        "metrics": learner.prequential.as_metrics(),
+        "metrics": {**learner.prequential.as_metrics(), **learner.policy.figures()},
+        "serving": serving,
     }
     return Export(files=files, manifest=manifest, seconds=time.perf_counter() - start)
 

@@ -31,14 +31,23 @@ import torch.nn.functional as F
 from freshrec.v1 import event_pb2, item_pb2
 from services.trainer.evaluation import Paired, Running, rank_metrics
 from services.trainer.model import PAD, IdMap, ModelConfig, TwoTower
+from services.trainer.policy import MODEL, POPULAR, Policy, Popularity, ranker_of, segment_of
+from services.trainer.scoring import (
+    Entry,
+    Queries,
+    QueryBuilder,
+    compact,
+    rank_scores,
+    rank_targets,
+    subset,
+    user_vectors,
+)
 from services.trainer.signals import Interaction, Signals
 from services.trainer.softmax import IGNORED, softmax_losses
 from shared.preprocessing import PreprocessingSettings
 
 logger = logging.getLogger(__name__)
 
-#: A history entry: item row, event type, context rows.
-Entry = tuple[int, int, tuple[int, ...]]
 Progress = Callable[[int, int, float], None]
 
 
@@ -72,8 +81,6 @@ class LearnerConfig:
     id_dropout: float = 0.0
     recent_window: int = 2000
     max_grad_norm: float = 5.0
-    #: Targets per micro-batch the shadows (live version, its parent) score for the gate.
-    shadow_sample: int = 64
     preprocessing: PreprocessingSettings = field(default_factory=PreprocessingSettings)
     seed: int = 0
 
@@ -119,6 +126,25 @@ class Chunks:
         cutoff = np.sort(numbered)[-min(count, len(numbered))]
         newest = (self.sequences >= cutoff) & (self.targets > 0)
         return self.with_targets((self.targets > 0) & ~newest), self.with_targets(newest)
+
+    def split_last_of_users(self, count: int, rng: np.random.Generator) -> tuple[Chunks, Chunks]:
+        """(every other target, about ``count`` held-out targets: the last few of every user, as
+        many per user as it takes): a held-out set that speaks for all users, where the newest
+        events of a log may come from a few of them."""
+        assert self.sequences is not None
+        held = np.zeros_like(self.targets, dtype=bool)
+        last = self.sequences[:, -1] * (self.targets[:, -1] > 0)
+        if not count or not last.any():
+            return self, self.with_targets(held)
+        # Per user, the chunk ending with the user's newest target (chunks end with a target).
+        order = np.lexsort((last, self.users))
+        ends = order[np.r_[self.users[order][1:] != self.users[order][:-1], True]]
+        ends = ends[last[ends] > 0]
+        per_user = max(1, -(-count // len(ends)))
+        for k in range(1, min(per_user, self.targets.shape[1] - 1) + 1):
+            held[ends, -k] = self.targets[ends, -k] > 0
+        # Keep every user's first target to learn from: a user whose whole chunk would be held out.
+        return self.with_targets((self.targets > 0) & ~held), self.with_targets(held)
 
     def target_span(self) -> int:
         """Trailing columns that hold every target (0: none): what a step has to compute."""
@@ -379,6 +405,9 @@ class Shadow:
     model: TwoTower
     table: torch.Tensor  # item vectors of the rows it knows (zero elsewhere)
     known: torch.Tensor  # bool per row
+    #: The popularity columns it was exported with (in the current rows) and its serving policy.
+    popularity: np.ndarray | None = None
+    policy: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -389,37 +418,6 @@ class UserSequence:
     weights: list[float]
     first: int
     numbers: list[int] = field(default_factory=list)  # stream sequences of entries[first:]
-
-
-@dataclass
-class ScoredTargets:
-    """The events of a micro-batch as scoring sees them (tensors aligned by target)."""
-
-    chunk: torch.Tensor  # chunk of each target
-    position: torch.Tensor  # position in the chunk whose vector predicts it
-    target: torch.Tensor  # item row (0 when the item was not known before the batch: a miss)
-    seen_rows: list[np.ndarray]  # per user: items touched before the batch
-    seen_of: torch.Tensor  # which seen_rows entry applies to each target
-    earlier: torch.Tensor  # [E, 2] (target, item) touched earlier in the same batch
-
-    def subset(self, chunks: np.ndarray) -> ScoredTargets:
-        """The targets of the given chunks (sorted), renumbered as in ``Chunks.select(chunks)``."""
-        keep = torch.from_numpy(np.isin(self.chunk.numpy(), chunks))
-        renumber = torch.full((int(self.chunk.max()) + 1,), -1, dtype=torch.long)
-        renumber[torch.from_numpy(chunks)] = torch.arange(len(chunks))
-        new_index = torch.cumsum(keep.long(), 0) - 1
-        earlier = self.earlier
-        if len(earlier):
-            earlier = earlier[keep[earlier[:, 0]]]
-            earlier = torch.stack([new_index[earlier[:, 0]], earlier[:, 1]], 1)
-        return ScoredTargets(
-            renumber[self.chunk[keep]],
-            self.position[keep],
-            self.target[keep],
-            self.seen_rows,
-            self.seen_of[keep],
-            earlier,
-        )
 
 
 @dataclass
@@ -459,6 +457,12 @@ class Learner:
         self.signals = Signals(config.preprocessing, m.max_context)
         self.position = Position()
         self.prequential = Running(window=config.recent_window)
+        #: What inference answered: the live version's figures on every event since it was first
+        #: scored (across versions), as its export serves them.
+        self.served = Running(window=config.recent_window)
+        #: Item popularity decayed over events, and which ranker wins per segment (``policy.py``).
+        self.popularity = Popularity()
+        self.policy = Policy(window=config.recent_window)
         #: The learner against the live version, on events since the last export (the gate).
         self.gate = Paired()
         #: The live version against its parent, on events since it went live (rollback watch).
@@ -537,13 +541,25 @@ class Learner:
         return self.observe(batch, train=True).events
 
     def observe(
-        self, batch: Sequence[tuple[int, event_pb2.Event]], evaluate: bool = True, train: bool = False
+        self,
+        batch: Sequence[tuple[int, event_pb2.Event]],
+        evaluate: bool = True,
+        train: bool = False,
+        calls: Sequence[int] | None = None,
     ) -> Observation:
-        """Scores the events after the current position, folds them in, optionally learns them."""
+        """Scores the events after the current position, folds them in, optionally learns them.
+
+        ``calls`` (aligned with ``batch``) marks the producer call each event came in (its
+        ``Freshrec-Received-Us``; 0 unknown): a user's events of one call are scored against one
+        answer, as inference gave it before the call (``scoring.py``)."""
         fresh = [(seq, e) for seq, e in batch if seq > self.position.stream_sequence]
         if not fresh:
             return Observation(None, 0)
-        observation = self.observe_interactions(self.signals.interactions(fresh), evaluate, train)
+        interactions = self.signals.interactions(fresh)
+        if calls is not None:
+            call_of = {seq: call for (seq, _), call in zip(batch, calls, strict=True) if call}
+            interactions = [replace(it, call=call_of.get(it.sequence, 0)) for it in interactions]
+        observation = self.observe_interactions(interactions, evaluate, train)
         p = self.position
         p.stream_sequence = fresh[-1][0]
         p.events_learned += len(fresh) - observation.events  # repeats and bots count as consumed
@@ -581,6 +597,8 @@ class Learner:
             entry = (row, it.type, tuple(self.contexts.add(c) for c in it.context))
             by_user.setdefault(it.user_id, []).append((it, entry))
         self._ensure_capacity()
+        # Inference knows a user's id row only if the user was learned before this batch.
+        users_before = {u for u in by_user if u in self.users.rows}
         # Counts (frequency filter) and user admission come first: a new item learns at once.
         learned: list[int] = []
         for user_id, new in by_user.items():
@@ -600,29 +618,27 @@ class Learner:
 
         builder = ChunkBuilder(self.max_history, self.config.model.max_context)
         sequences: dict[str, list[Entry]] = {}
-        chunk_users: list[str] = []
         for user_id, new in by_user.items():
             old = list(self.histories.get(user_id, ()))
             seq = old + [entry for _, entry in new]
             sequences[user_id] = seq
-            made = builder.add(
+            builder.add(
                 seq,
                 len(old),
                 [it.weight for it, _ in new],
                 self.users.get(user_id),
                 [it.sequence for it, _ in new],
             )
-            chunk_users += [user_id] * len(made)
         chunks = builder.build() if builder.rows else None
         evaluated = 0
-        if chunks is not None and (evaluate or train):
+        if chunks is not None and evaluate:
             candidates = torch.zeros(self.items.capacity_needed, dtype=torch.bool)
             candidates[1:rows_before] = True
             gone = [r for r in free_before if r < rows_before] + [r for r in new_rows if r < rows_before]
             candidates[gone] = False
-            evaluated = self._score_and_step(
-                builder, chunks, chunk_users, sequences, candidates, evaluate, train
-            )
+            evaluated = self._record(self._queries(by_user, sequences, candidates, users_before), candidates)
+        if chunks is not None and train:
+            self.train_step(chunks)
         # A user's items join the replay reservoir half a window at a time, as pre-training chunks
         # (each position a target): a replayed target then costs about one position, where the
         # micro-batch's own chunks (a full window of context for a few targets) cost a window.
@@ -640,208 +656,145 @@ class Learner:
                 del self.replay_waiting[user_id]
         if dense.rows:
             self.replay.offer(self.rng, dense.build())
+        self._count_popularity(it for new in by_user.values() for it, _ in new)
         self._note_negatives(negatives)
         p.events_learned += len(interactions)
         return Observation(chunks, len(interactions), evaluated)
+
+    def _count_popularity(self, interactions: Iterable[Interaction]) -> None:
+        """Positive interactions into the decayed popularity, in stream order."""
+        positive = sorted((it for it in interactions if it.positive), key=lambda it: it.sequence)
+        if positive:
+            rows = np.array([self.items.rows[it.item_id] for it in positive], dtype=np.int64)
+            self.popularity.add(rows, np.array([it.weight for it in positive], dtype=np.float64))
 
     def _note_negatives(self, negatives: list[tuple[str, int]]) -> None:
         """A disliked item is never recommended back, but it is not learned as a positive."""
         for user_id, row in negatives:
             self.seen.setdefault(user_id, set()).add(row)
 
-    def _score_and_step(
+    def _queries(
         self,
-        builder: ChunkBuilder,
-        chunks: Chunks,
-        chunk_users: list[str],
+        by_user: dict[str, list[tuple[Interaction, Entry]]],
         sequences: dict[str, list[Entry]],
         candidates: torch.Tensor,
-        evaluate: bool,
-        train: bool,
-    ) -> int:
-        model = self.model
-        model.eval()  # no dropout: scores are what the export would serve
-        batch = chunks
-        replayed = None
-        if train:
-            replayed = self._replayed(chunks.n_targets, self.config.replay_ratio)
-            if replayed is not None and (not self.averaging or self.config.online_steps > 1):
-                batch = Chunks.concat([chunks, replayed])
-        n_rows = self.items.capacity_needed
-        # Unaveraged weights score and learn in one forward; averaged ones score without gradients
-        # and the trained copy learns in a forward of its own.
-        shared = train and not self.averaging
-        scored = batch if shared else chunks
-        width = scored.inputs.shape[1]
-        outputs = None if shared else scored.target_span() or None  # scoring reads targets only
-        if evaluate or shared:
-            with torch.set_grad_enabled(shared):
-                table = model.item_vectors(n_rows)
-                h = self._encode(model, table, scored, torch.from_numpy(scored.inputs), outputs)
-        evaluated = 0
-        if evaluate:
-            shift = width - chunks.inputs.shape[1] - (0 if outputs is None else width - outputs)
-            with torch.no_grad():
-                evaluated = self._record(
-                    builder,
-                    chunks,
-                    chunk_users,
-                    sequences,
-                    candidates,
-                    h[: len(chunks)].detach(),
-                    table.detach(),
-                    shift,
+        users_before: set[str],
+    ) -> Queries:
+        """The requests the micro-batch's events answer (see ``scoring.py``): per user, one per run of
+        events from one producer call, reading the history before the run."""
+        builder = QueryBuilder(self.max_history, self.config.model.max_context)
+        candidate = candidates.numpy()
+        for user_id, new in by_user.items():
+            seq = sequences[user_id]
+            first = len(seq) - len(new)
+            before = self.seen.get(user_id, set())
+            user_row = self.users.get(user_id) if user_id in users_before else 0
+            j = 0
+            while j < len(new):
+                call = new[j][0].call
+                end = j + 1
+                while end < len(new) and call and new[end][0].call == call:
+                    end += 1
+                cut = first + j
+                excluded = before.union(e[0] for e in seq[first:cut]) if j else before
+                targets = [row if candidate[row] else PAD for row in (e[0] for _, e in new[j:end])]
+                context = new[j][1][2]
+                builder.add(
+                    seq[max(0, cut - self.max_history) : cut], user_row, context, targets, excluded, cut
                 )
-        if train:
-            c = self.config
-            self._set_learning_rate(
-                c.online_learning_rate or c.learning_rate, c.online_dense_scale, c.online_momentum
-            )
-            try:
-                if shared:
-                    self._apply_loss(h, table, batch)
-                else:
-                    self._step_parts([chunks] if replayed is None else [chunks, replayed])
-                for _ in range(c.online_steps - 1):
-                    self._step(batch, dropout=False)
-            finally:
-                self._set_learning_rate(c.learning_rate)
-            if self.averaging:
-                self._update_average()
-        model.train()
-        return evaluated
+                j = end
+        return builder.build()
 
     @torch.no_grad()
-    def _record(
-        self,
-        builder: ChunkBuilder,
-        chunks: Chunks,
-        chunk_users: list[str],
-        sequences: dict[str, list[Entry]],
-        candidates: torch.Tensor,
-        h: torch.Tensor,
-        table: torch.Tensor,
-        shift: int,
-    ) -> int:
-        """Prequential HR@10/NDCG@10 of the scored targets; the shadows on a sample of chunks."""
-        targets = self._targets(builder, chunks, chunk_users, sequences, candidates)
-        if not len(targets.target):
+    def _record(self, queries: Queries, candidates: torch.Tensor) -> int:
+        """Prequential HR@10/NDCG@10 of the learner and of the shadows on the same requests; the
+        popularity rankers on a sample of them (for the policy); what the live version served."""
+        if not queries.n_targets:
             return 0
-        hr, ndcg = self._rank(h[targets.chunk, targets.position + shift], table, candidates, targets)
+        table = self.item_table()
+        hr, ndcg = rank_targets(user_vectors(self.model, table, queries), table, candidates, queries)
         self.prequential.add(hr, ndcg)
+        segments = segment_of(queries.history)
+        self.policy.record(segments, MODEL, hr.numpy())
+        self._record_popularity(queries, candidates, segments)
         live = self.shadows.get("live")
         if live is None:
-            return len(targets.target)
-        # The shadows score a sample of whole chunks (enough for the gate, cheaper than all).
-        order = self.rng.permutation(len(chunks))
-        per_chunk = np.bincount(targets.chunk.numpy(), minlength=len(chunks))
-        chosen = np.sort(
-            order[: int(np.searchsorted(np.cumsum(per_chunk[order]), self.config.shadow_sample)) + 1]
-        )
-        sub = targets.subset(chosen)
-        picked = torch.from_numpy(np.isin(targets.chunk.numpy(), chosen))
-        sub_chunks = chunks.select(chosen)
-        live_hr, live_ndcg = self._shadow_scores(live, sub_chunks, candidates, sub)
-        self.gate.add(hr[picked], live_hr)
+            return queries.n_targets
+        live_hr, live_ndcg = self._shadow_scores(live, queries, candidates)
+        self.gate.add(hr, live_hr)
         self.shadow_figures.setdefault("live", Running(self.config.recent_window)).add(live_hr, live_ndcg)
+        served_hr, served_ndcg = self._served(live, queries, candidates, live_hr, live_ndcg)
+        self.served.add(served_hr, served_ndcg)
         parent = self.shadows.get("parent")
         if parent is not None:
-            parent_hr, parent_ndcg = self._shadow_scores(parent, sub_chunks, candidates, sub)
+            parent_hr, parent_ndcg = self._shadow_scores(parent, queries, candidates)
             self.watch.add(live_hr, parent_hr)
             self.shadow_figures.setdefault("parent", Running(self.config.recent_window)).add(
                 parent_hr, parent_ndcg
             )
-        return len(targets.target)
+        return queries.n_targets
 
-    def _targets(
+    #: Scores the popularity rankers compute per micro-batch and column (targets x items).
+    POPULARITY_BUDGET = 1 << 20
+
+    def _record_popularity(self, queries: Queries, candidates: torch.Tensor, segments: np.ndarray) -> None:
+        n = candidates.shape[0]
+        size = max(8, self.POPULARITY_BUDGET // max(n, 1))
+        picked = np.arange(queries.n_targets)
+        if len(picked) > size:
+            picked = np.sort(self.rng.choice(len(picked), size=size, replace=False))
+        sub = subset(queries, picked)
+        columns = self.popularity.columns(n)
+        for h, ranker in enumerate(POPULAR):
+            hr, _ = rank_scores(torch.from_numpy(columns[:, h]), candidates, sub)
+            self.policy.record(segments[picked], ranker, hr.numpy())
+
+    def _served(
         self,
-        builder: ChunkBuilder,
-        chunks: Chunks,
-        chunk_users: list[str],
-        sequences: dict[str, list[Entry]],
+        live: Shadow,
+        queries: Queries,
         candidates: torch.Tensor,
-    ) -> ScoredTargets:
-        """Where each new event is predicted in the chunks, and what its user touched before it."""
-        width = chunks.inputs.shape[1]
-        where_chunk: list[int] = []
-        where_pos: list[int] = []
-        target_rows: list[int] = []
-        seen_rows: list[np.ndarray] = []
-        seen_of: list[int] = []
-        per_user: dict[str, tuple[list[int], list[int]]] = {}  # target indices, their items
-        candidate = candidates.numpy()
-        users_done: dict[str, int] = {}
-        for c, positions in enumerate(builder.positions):
-            user_id = chunk_users[c]
-            seq = sequences[user_id]
-            off = builder.offset(c, width)
-            if user_id not in users_done:
-                before = self.seen.get(user_id, set())
-                users_done[user_id] = len(seen_rows)
-                seen_rows.append(np.fromiter(before, dtype=np.int64, count=len(before)))
-            mine = per_user.setdefault(user_id, ([], []))
-            for pos, t in positions:
-                mine[0].append(len(target_rows))
-                mine[1].append(seq[t][0])
-                where_chunk.append(c)
-                where_pos.append(off + pos)
-                target = seq[t][0]
-                target_rows.append(target if candidate[target] else PAD)
-                seen_of.append(users_done[user_id])
-        # Items a user touched earlier in this same batch: pairs (later target, earlier item).
-        pairs = []
-        for indices, items in per_user.values():
-            if len(indices) > 1:
-                later, sooner = np.tril_indices(len(indices), -1)
-                pairs.append(np.stack([np.asarray(indices)[later], np.asarray(items)[sooner]], 1))
-        earlier = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
-        return ScoredTargets(
-            torch.tensor(where_chunk),
-            torch.tensor(where_pos),
-            torch.tensor(target_rows),
-            seen_rows,
-            torch.tensor(seen_of),
-            torch.from_numpy(earlier.astype(np.int64)),
-        )
-
-    def _rank(
-        self, vectors: torch.Tensor, table: torch.Tensor, candidates: torch.Tensor, targets: ScoredTargets
+        model_hr: torch.Tensor,
+        model_ndcg: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ranks every target among the candidates, excluding what its user touched before it
-        (a repeat of a touched item is a miss, as served)."""
-        scores = vectors @ table.T
-        scores.masked_fill_(~candidates, -math.inf)
-        scores[:, PAD] = -math.inf
-        # Each target's user's items, as one flat (target, item) index.
-        seen_of = targets.seen_of.numpy()
-        sizes = np.array([len(rows) for rows in targets.seen_rows], dtype=np.int64)[seen_of]
-        if sizes.sum():
-            which = np.repeat(np.arange(len(seen_of)), sizes)
-            rows = np.concatenate([targets.seen_rows[k] for k in seen_of])
-            scores[torch.from_numpy(which), torch.from_numpy(rows)] = -math.inf
-        if len(targets.earlier):
-            scores[targets.earlier[:, 0], targets.earlier[:, 1]] = -math.inf
-        return rank_metrics(scores, targets.target)
+        """What inference answered with the live version: its policy picks, per request, the model
+        or one of the popularity columns it was exported with."""
+        if live.popularity is None or not live.policy:
+            return model_hr, model_ndcg
+        hr, ndcg = model_hr.clone(), model_ndcg.clone()
+        rankers = np.asarray(ranker_of(live.policy, queries.history))
+        n = candidates.shape[0]
+        known = torch.zeros(n, dtype=torch.bool)
+        m = min(n, len(live.known))
+        known[:m] = live.known[:m]
+        columns = np.zeros((n, live.popularity.shape[1]))
+        columns[: min(n, len(live.popularity))] = live.popularity[:n]
+        for h, ranker in enumerate(POPULAR):
+            picked = np.flatnonzero(rankers == ranker)
+            if not len(picked):
+                continue
+            sub = subset(queries, picked)
+            sub = replace(sub, target=np.where(known.numpy()[sub.target], sub.target, PAD))
+            p_hr, p_ndcg = rank_scores(torch.from_numpy(columns[:, h]), candidates & known, sub)
+            hr[torch.from_numpy(picked)] = p_hr
+            ndcg[torch.from_numpy(picked)] = p_ndcg
+        return hr, ndcg
 
     def _shadow_scores(
-        self, shadow: Shadow, chunks: Chunks, candidates: torch.Tensor, targets: ScoredTargets
+        self, shadow: Shadow, queries: Queries, candidates: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A shadow's HR@10 and NDCG@10 as its export would serve: items it never knew are not
-        candidates, and in histories they are skipped."""
+        """A shadow's HR@10 and NDCG@10 as its export serves: items it never knew are no
+        candidates, and histories skip them."""
         n = candidates.shape[0]
         known = torch.zeros(n, dtype=torch.bool)
         table = torch.zeros(n, shadow.table.shape[1])
         m = min(n, shadow.table.shape[0])
         known[:m] = shadow.known[:m]
         table[:m] = shadow.table[:m]
-        inputs = torch.from_numpy(chunks.inputs)
-        inputs = torch.where(known[inputs], inputs, torch.zeros_like(inputs))
-        h = self._encode(shadow.model, table, chunks, inputs)
-        target_known = known[targets.target]
-        scored = replace(
-            targets, target=torch.where(target_known, targets.target, torch.zeros_like(targets.target))
-        )
-        return self._rank(h[targets.chunk, targets.position], table, candidates & known, scored)
+        inputs = compact(queries.inputs, known.numpy())
+        target = np.where(known.numpy()[queries.target], queries.target, PAD)
+        mine = replace(queries, target=target)
+        return rank_targets(user_vectors(shadow.model, table, mine, inputs), table, candidates & known, mine)
 
     def _encode(
         self,
@@ -863,11 +816,20 @@ class Learner:
 
     # -- gradient steps --------------------------------------------------------------------
     def train_step(self, chunks: Chunks) -> None:
-        """An update on already-observed chunks, mixed with replayed ones (no scoring)."""
-        replayed = self._replayed(chunks.n_targets, self.config.replay_ratio)
-        batch = chunks if replayed is None else Chunks.concat([chunks, replayed])
-        for _ in range(self.config.online_steps):
-            self._step(batch, dropout=False)
+        """One online update on observed chunks mixed with replayed ones (at the online learning
+        rate and momentum), then one step of the served weights' moving average."""
+        c = self.config
+        replayed = self._replayed(chunks.n_targets, c.replay_ratio)
+        self._set_learning_rate(
+            c.online_learning_rate or c.learning_rate, c.online_dense_scale, c.online_momentum
+        )
+        try:
+            self._step_parts([chunks] if replayed is None else [chunks, replayed])
+            batch = chunks if replayed is None else Chunks.concat([chunks, replayed])
+            for _ in range(c.online_steps - 1):
+                self._step(batch, dropout=False)
+        finally:
+            self._set_learning_rate(c.learning_rate)
         if self.averaging:
             self._update_average()
 
@@ -907,6 +869,52 @@ class Learner:
         finally:
             self._set_learning_rate(self.config.learning_rate)
             self._reset_average()  # epochs end where they end: no average across them
+
+    def fit_until_stale(
+        self,
+        chunks: Chunks,
+        max_epochs: int,
+        holdout: int,
+        check_every: int = 2,
+        patience: int = 3,
+        progress: Progress | None = None,
+    ) -> tuple[int, float, Paired | None]:
+        """Epochs over all but ``holdout`` held-out targets (the last event of as many users) while
+        their HR@10 keeps improving (at most ``max_epochs``, checked every ``check_every``); the best
+        weights are kept, compared with the live version on the held-out targets, then those are
+        learned once too.
+
+        Returns (epochs kept, held-out HR@10 then, the comparison or None). How many epochs a log
+        needs depends on the log, so the held-out newest events decide it, never a fixed count.
+        """
+        if holdout <= 0 or chunks.sequences is None:
+            self.fit(chunks, max_epochs, progress=progress)
+            return max_epochs, float("nan"), None
+        older, newest = chunks.split_last_of_users(holdout, self.rng)
+        best_hr, best_epoch, stale, done = -1.0, 0, 0, 0
+        best: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+        while done < max_epochs and stale < patience:
+            n = min(check_every, max_epochs - done)
+            self.fit(older, n)
+            done += n
+            hr = float(self.window_scores(self.model, self.item_table(), newest)[0].mean())
+            if progress is not None:
+                progress(done, max_epochs, hr)
+            if hr > best_hr:
+                best_hr, best_epoch, stale = hr, done, 0
+                best = (
+                    {k: v.clone() for k, v in self.trained.state_dict().items()},
+                    copy.deepcopy(self.optimizer.state_dict()),
+                )
+            else:
+                stale += 1
+        if best is not None and best_epoch != done:
+            self.trained.load_state_dict(best[0])
+            self.optimizer.load_state_dict(best[1])
+            self._reset_average()
+        paired = self.compare_with_live(newest)
+        self.fit(newest, 1)
+        return best_epoch, best_hr, paired
 
     def _step(self, chunks: Chunks, dropout: bool = True) -> float:
         model = self.trained
@@ -1097,6 +1105,7 @@ class Learner:
     # -- growing, expiring -----------------------------------------------------------------
     def _ensure_capacity(self) -> None:
         rows = self.items.capacity_needed
+        self.popularity.ensure(rows)
         if rows > len(self.item_counts):
             grown = np.zeros(max(rows, 2 * len(self.item_counts)), dtype=np.int64)
             grown[: len(self.item_counts)] = self.item_counts
@@ -1208,8 +1217,10 @@ class Learner:
         sequences: dict[str, UserSequence] = {}
         counted = 0
         p = self.position
+        interactions_seen: list[Interaction] = []
         for it in interactions:
             counted += 1
+            interactions_seen.append(it)
             p.event_time = max(p.event_time, it.time)
             p.stream_sequence = max(p.stream_sequence, it.sequence)
             self.user_seen_at[it.user_id] = max(self.user_seen_at.get(it.user_id, 0.0), it.time)
@@ -1243,6 +1254,7 @@ class Learner:
         learned = learned[(learned > PAD) & (learned < self.model.item_learned.shape[0])]
         self.model.item_learned[torch.from_numpy(learned)] = 1.0
         self.replay.offer(self.rng, self.sequence_chunks(sequences, context=1))  # dense windows
+        self._count_popularity(interactions_seen)
         p.events_learned += counted
         return sequences
 
@@ -1325,6 +1337,8 @@ class Learner:
             "categories": list(self.categories.ids),
             "tags": list(self.tags.ids),
             "contexts": list(self.contexts.ids),
+            "popularity": self.popularity.columns(self.items.capacity_needed).astype(np.float32),
+            "policy": self.policy.choice(),
         }
 
     def _mapped(self, snapshot: dict[str, Any], into: TwoTower) -> torch.Tensor:
@@ -1365,7 +1379,18 @@ class Learner:
         model.eval()
         with torch.no_grad():
             table = model.item_vectors(len(known)) * known[:, None]
-        return Shadow(version, model, table, known)
+        popularity = None
+        if snapshot.get("popularity") is not None:  # in the current rows, by item id
+            old = np.asarray(snapshot["popularity"])
+            popularity = np.zeros((len(known), old.shape[1]), dtype=np.float32)
+            pairs = [
+                (self.items.rows[i], r) for r, i in enumerate(snapshot["items"]) if r and i in self.items.rows
+            ]
+            if pairs:
+                new_rows, old_rows = (np.array(x, dtype=np.int64) for x in zip(*pairs, strict=True))
+                keep = (new_rows < len(known)) & (old_rows < len(old))
+                popularity[new_rows[keep]] = old[old_rows[keep]]
+        return Shadow(version, model, table, known, popularity, dict(snapshot.get("policy", {})))
 
     def rebase(self, snapshot: dict[str, Any]) -> None:
         """Continues from an exported version's weights (rollback, rejection); moments restart."""
@@ -1396,6 +1421,9 @@ class Learner:
             "replay": self.replay.state(),
             "position": self.position.__dict__.copy(),
             "prequential": self.prequential.state(),
+            "served": self.served.state(),
+            "popularity": self.popularity.state(),
+            "policy": self.policy.state(),
             "gate": self.gate.state(),
             "watch": self.watch.state(),
             "signals": self.signals.state(),
@@ -1446,6 +1474,11 @@ class Learner:
         self.replay.load(doc["replay"])
         self.position = Position(**doc["position"])
         self.prequential = Running.from_state(doc["prequential"], self.config.recent_window)
+        if "served" in doc:
+            self.served = Running.from_state(doc["served"], self.config.recent_window)
+        if "popularity" in doc:
+            self.popularity.load(doc["popularity"])
+            self.policy.load(doc["policy"])
         self.gate = Paired.from_state(doc["gate"])
         self.watch = Paired.from_state(doc["watch"])
         self.signals = Signals(self.config.preprocessing, stored.max_context)

@@ -67,6 +67,7 @@ from shared.nats import (
     CATALOG_STREAM,
     EVENTS_STREAM,
     MODELS_PUBLISHED_SUBJECT,
+    RECEIVED_HEADER,
     StreamReader,
     ensure_catalog_stream,
     fetch_batch,
@@ -170,6 +171,10 @@ class TrainerLoop:
         self.unacked_events: Msg | None = None
         self.unacked_catalog: Msg | None = None
         self.catalog_following = False
+        #: The last bootstrap fit (for GetTrainerStatus); ``running`` while one is in progress.
+        self.bootstrap_state: dict[str, float] = {}
+        self.bootstrapping = False
+        self._next_backlog_check = 0.0
         self.signing_key = load_private_key(settings.signing_key_file) if settings.signing_key_file else None
 
     # -- start -----------------------------------------------------------------------------
@@ -225,6 +230,13 @@ class TrainerLoop:
                         position = self.learner.position.stream_sequence
                     await reader.seat(position)
                     pending, reseat = [], False
+                up_to = await self._backlog_to_fit()
+                if up_to:
+                    await self.bootstrap(up_to)
+                    since_export = since_checkpoint = 0
+                    last_tick = time.monotonic()
+                    reseat = True
+                    continue
                 msgs = await reader.fetch(s.micro_batch, timeout_s=s.micro_batch_wait_s)
             except asyncio.CancelledError:
                 raise
@@ -237,8 +249,9 @@ class TrainerLoop:
             batches, pending = aligned_batches(pending + msgs, s.micro_batch, flush=not msgs)
             for part in batches:
                 batch = [(m.metadata.sequence.stream, event_pb2.Event.FromString(m.data)) for m in part]
+                calls = [int((m.headers or {}).get(RECEIVED_HEADER, 0) or 0) for m in part]
                 async with self.lock:
-                    learned = await asyncio.to_thread(self._learn, batch)
+                    learned = await asyncio.to_thread(self._learn, batch, calls)
                     self.unacked_events = part[-1]
                 since_export += learned
                 since_checkpoint += learned
@@ -290,11 +303,11 @@ class TrainerLoop:
                     request.done.set_exception(exc)
                 last_tick = time.monotonic()
 
-    def _learn(self, batch: list[tuple[int, event_pb2.Event]]) -> int:
+    def _learn(self, batch: list[tuple[int, event_pb2.Event]], calls: list[int] | None = None) -> int:
         """Scores and learns one micro-batch (in a worker thread, under the lock)."""
         start = time.perf_counter()
         learner = self.learner
-        observation = learner.observe(batch)
+        observation = learner.observe(batch, calls=calls)
         if observation.chunks is not None:
             if self.settings.strategy == "online":
                 learner.train_step(observation.chunks)
@@ -314,6 +327,74 @@ class TrainerLoop:
             metrics.TABLE_ROWS.labels("users").set(len(learner.users))
             metrics.SKIPPED_STEPS.set(learner.skipped_steps)
         return observation.events
+
+    async def _backlog_to_fit(self) -> int:
+        """The stream's last sequence when the model is young relative to the retained log (the
+        events waiting outnumber those it has learned, and there are enough of them); else 0."""
+        s = self.settings
+        now = time.monotonic()
+        if not s.bootstrap or now < self._next_backlog_check:
+            return 0
+        self._next_backlog_check = now + 2.0
+        info = await self.js.stream_info(EVENTS_STREAM)
+        last = int(info.state.last_seq)
+        position = self.learner.position
+        backlog = last - position.stream_sequence
+        if backlog >= s.bootstrap_min_events and backlog >= position.events_learned:
+            return last
+        return 0
+
+    async def bootstrap(self, up_to: int) -> ModelRow:
+        """Fits the retained log through ``up_to`` in epochs (warm-started from the current weights),
+        the newest events held out to decide when to stop, then exports; online learning goes on
+        from there. The events after the learner's position are folded in without being scored."""
+        s = self.settings
+        self.bootstrapping = True
+        start = time.perf_counter()
+        try:
+            events = await read_event_log(self.js, up_to)
+            known = self.learner.position.events_learned
+            logger.info(
+                "bootstrapping: the model has learned %d events and %d more wait in the log; fitting "
+                "all %d in epochs (at most %d) before learning online",
+                known,
+                up_to - self.learner.position.stream_sequence,
+                len(events),
+                s.bootstrap_max_epochs,
+            )
+
+            def progress(epoch: int, epochs: int, hr: float) -> None:
+                logger.info("bootstrap epoch %d/%d: held-out HR@10 %.4f", epoch, epochs, hr)
+
+            def work() -> tuple[int, float, Paired | None]:
+                learner = self.learner
+                learner.absorb_events(
+                    [(seq, e) for seq, e in events if seq > learner.position.stream_sequence]
+                )
+                chunks = learner.sequence_chunks(learner.log_sequences(events), context=s.pretrain_context)
+                holdout = min(5_000, chunks.n_targets // 10)
+                return learner.fit_until_stale(chunks, s.bootstrap_max_epochs, holdout, progress=progress)
+
+            async with self.lock:
+                epochs, hr, paired = await asyncio.to_thread(work)
+            seconds = time.perf_counter() - start
+            self.bootstrap_state = {
+                "bootstrap_events": float(len(events)),
+                "bootstrap_epochs": float(epochs),
+                "bootstrap_holdout_hr@10": hr,
+                "bootstrap_seconds": seconds,
+            }
+            metrics.RETRAIN_SECONDS.observe(seconds)
+            logger.info(
+                "bootstrap done: %d events, %d epochs kept (held-out HR@10 %.4f), %.1fs",
+                len(events),
+                epochs,
+                hr,
+                seconds,
+            )
+            return await self.export(paired, reason="bootstrapped")
+        finally:
+            self.bootstrapping = False
 
     async def fit_window(self) -> Paired | None:
         """Incremental: fits the collected window, its newest events held out to judge it."""

@@ -29,6 +29,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         p = learner.position
         live = await asyncio.to_thread(self.registry.live)
         figures = learner.prequential.as_metrics()
+        figures.update(learner.served.as_metrics("served"))
         figures.update(
             {
                 "items": float(len(learner.items)),
@@ -37,6 +38,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 "skipped_steps": float(learner.skipped_steps),
             }
         )
+        figures.update(self.loop.bootstrap_state)
+        figures["bootstrapping"] = float(self.loop.bootstrapping)
         gate = learner.gate
         if gate.n:
             figures.update(

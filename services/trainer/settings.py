@@ -74,6 +74,20 @@ class TrainerSettings(ServiceSettings):
     periodic_interval_s: float = Field(3600.0, gt=0, description="Time between periodic retrains.")
     retrain_epochs: int = Field(10, gt=0, description="Epochs of a retrain from the event log.")
     pretrain_epochs: int = Field(40, gt=0, description="Epochs of `pretrain`.")
+    bootstrap: bool = Field(
+        True,
+        description="When the events waiting in the stream outnumber those the model has learned (a new "
+        "stack fed a backlog, a large backfill), fit the retained log in epochs before going on online.",
+    )
+    bootstrap_min_events: int = Field(
+        1_000, gt=0, description="Smallest backlog (events) that triggers a bootstrap fit."
+    )
+    bootstrap_max_epochs: int = Field(
+        40,
+        gt=0,
+        description="Most epochs of a bootstrap fit; it stops earlier once the newest held-out events "
+        "stop improving.",
+    )
     pretrain_context: int = Field(
         1,
         gt=0,

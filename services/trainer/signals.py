@@ -26,6 +26,8 @@ class Interaction:
     weight: float
     time: float
     context: tuple[str, ...] = ()
+    #: The producer call it came in (``Freshrec-Received-Us``; 0 unknown): see ``scoring.py``.
+    call: int = 0
 
     @property
     def positive(self) -> bool:

@@ -39,6 +39,7 @@ def start_trainer(nats_url: str, folder: Path, consumer: str, port: int) -> subp
             "FRESHREC_MAX_HISTORY": "10",
             "FRESHREC_BLOCKS": "1",
             "FRESHREC_LEARNING_RATE": "0.01",
+            "FRESHREC_ONLINE_LEARNING_RATE": "0.01",
             "FRESHREC_MICRO_BATCH": "50",
             "FRESHREC_EXPORT_EVERY_EVENTS": "200",
             "FRESHREC_EXPORT_INTERVAL_S": "3600",

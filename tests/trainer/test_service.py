@@ -26,6 +26,7 @@ SMALL: dict[str, Any] = {
     "max_history": 10,
     "blocks": 1,
     "learning_rate": 0.01,
+    "online_learning_rate": 0.01,
     "micro_batch": 50,
     "micro_batch_wait_s": 0.2,
     "text_features": "off",
