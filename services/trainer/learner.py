@@ -463,6 +463,9 @@ class Learner:
         #: Item popularity decayed over events, and which ranker wins per segment (``policy.py``).
         self.popularity = Popularity()
         self.policy = Policy(window=config.recent_window)
+        #: (stream sequence, HR@10, NDCG@10) of the recent events as the live version served them
+        #: (NDCG@10 tells the rank): what a client's own measurement can be held against.
+        self.served_events: deque[tuple[int, float, float]] = deque(maxlen=config.recent_window)
         #: The learner against the live version, on events since the last export (the gate).
         self.gate = Paired()
         #: The live version against its parent, on events since it went live (rollback watch).
@@ -700,7 +703,13 @@ class Learner:
                 targets = [row if candidate[row] else PAD for row in (e[0] for _, e in new[j:end])]
                 context = new[j][1][2]
                 builder.add(
-                    seq[max(0, cut - self.max_history) : cut], user_row, context, targets, excluded, cut
+                    seq[max(0, cut - self.max_history) : cut],
+                    user_row,
+                    context,
+                    targets,
+                    excluded,
+                    cut,
+                    [it.sequence for it, _ in new[j:end]],
                 )
                 j = end
         return builder.build()
@@ -725,6 +734,9 @@ class Learner:
         self.shadow_figures.setdefault("live", Running(self.config.recent_window)).add(live_hr, live_ndcg)
         served_hr, served_ndcg = self._served(live, queries, candidates, live_hr, live_ndcg)
         self.served.add(served_hr, served_ndcg)
+        self.served_events.extend(
+            zip(queries.sequence.tolist(), served_hr.tolist(), served_ndcg.tolist(), strict=True)
+        )
         parent = self.shadows.get("parent")
         if parent is not None:
             parent_hr, parent_ndcg = self._shadow_scores(parent, queries, candidates)
@@ -869,6 +881,7 @@ class Learner:
         finally:
             self._set_learning_rate(self.config.learning_rate)
             self._reset_average()  # epochs end where they end: no average across them
+            self.policy.forget(MODEL)  # another model now: its figures start again
 
     def fit_until_stale(
         self,
@@ -1395,6 +1408,7 @@ class Learner:
     def rebase(self, snapshot: dict[str, Any]) -> None:
         """Continues from an exported version's weights (rollback, rejection); moments restart."""
         self._mapped(snapshot, self.model)
+        self.policy.forget(MODEL)
         if self.averaging:
             self.trained.load_state_dict(self.model.state_dict())
         self.optimizer = self._new_optimizer()

@@ -94,16 +94,23 @@ class Policy:
             recent = self.hits.setdefault((int(s), ranker), deque(maxlen=self.window))
             recent.extend(float(h) for h in hits[segments == s])
 
+    def forget(self, ranker: str) -> None:
+        """Drops a ranker's figures (the model's, after a fit made it another model)."""
+        self.hits = {key: v for key, v in self.hits.items() if key[1] != ranker}
+
     def figure(self, segment: int, ranker: str) -> tuple[float, int]:
         recent = self.hits.get((segment, ranker))
         return (sum(recent) / len(recent), len(recent)) if recent else (0.0, 0)
 
     def choice(self) -> dict[str, str]:
         """Per segment (by name): the ranker with the best recent HR@10 among those measured on
-        enough requests; the model when nothing is."""
+        enough requests; the model until it is measured itself (after a fit, say)."""
         out = {}
         for s, name in enumerate(SEGMENT_NAMES):
             best, best_hr = MODEL, -1.0
+            if self.figure(s, MODEL)[1] < self.min_events:
+                out[name] = MODEL
+                continue
             for ranker in RANKERS:
                 hr, n = self.figure(s, ranker)
                 if n >= self.min_events and hr > best_hr:

@@ -41,6 +41,7 @@ class Queries:
     target: np.ndarray  # [T] item row, PAD where the item was no candidate (a miss)
     excluded: np.ndarray  # [E, 2] (request, item row) pairs its answer leaves out
     history: np.ndarray  # [T] items the user had touched before the request
+    sequence: np.ndarray  # [T] the stream sequence of each target's event (0: unknown)
 
     @property
     def n_targets(self) -> int:
@@ -55,6 +56,7 @@ class QueryBuilder:
     query: list[int] = field(default_factory=list)
     target: list[int] = field(default_factory=list)
     history: list[int] = field(default_factory=list)
+    sequence: list[int] = field(default_factory=list)
     excluded: list[np.ndarray] = field(default_factory=list)
 
     def add(
@@ -65,6 +67,7 @@ class QueryBuilder:
         targets: Sequence[int],
         excluded: Iterable[int],
         touched: int,
+        sequences: Sequence[int] = (),
     ) -> None:
         """One request: the history window before it, and the item rows it is judged on."""
         q = len(self.rows)
@@ -73,6 +76,7 @@ class QueryBuilder:
         self.query += [q] * len(targets)
         self.target += list(targets)
         self.history += [touched] * len(targets)
+        self.sequence += list(sequences) if sequences else [0] * len(targets)
         rows = np.fromiter(excluded, dtype=np.int64)
         if len(rows):
             self.excluded.append(np.stack([np.full(len(rows), q, dtype=np.int64), rows], 1))
@@ -100,6 +104,7 @@ class QueryBuilder:
             np.asarray(self.target, dtype=np.int64),
             excluded,
             np.asarray(self.history, dtype=np.int64),
+            np.asarray(self.sequence, dtype=np.int64),
         )
 
 
@@ -164,6 +169,7 @@ def subset(queries: Queries, targets: np.ndarray) -> Queries:
         queries.target[targets],
         excluded,
         queries.history[targets],
+        queries.sequence[targets],
     )
 
 
