@@ -46,9 +46,11 @@ from recsys.baselines import BPR, OnlineCooccurrence  # noqa: E402
 from recsys.metrics import rank  # noqa: E402
 
 from services.trainer import datasets  # noqa: E402
+from services.trainer.checkpoint import restore, to_bytes  # noqa: E402
 from services.trainer.export import export_learner  # noqa: E402
 from services.trainer.learner import Learner  # noqa: E402
 from services.trainer.settings import TrainerSettings  # noqa: E402
+from services.trainer.versions import make_shadow, snapshot  # noqa: E402
 
 BATCH = 100
 
@@ -113,8 +115,8 @@ def main() -> None:
     sequences = learner.absorb_events(events[:half])
     learner.fit(learner.sequence_chunks(sequences, context=settings.pretrain_context), args.warmup_epochs)
     warmup_seconds = time.perf_counter() - t0
-    checkpoint = learner.checkpoint_bytes()
-    learner.shadows = {"live": learner.make_shadow("warm-up", learner.snapshot())}
+    checkpoint = to_bytes(learner)
+    learner.shadows = {"live": make_shadow(learner, "warm-up", snapshot(learner))}
 
     history: dict[int, list[int]] = {}
     counts = np.zeros(n_items + 1)
@@ -207,7 +209,7 @@ def main() -> None:
 
     # -- learning throughput with the service's defaults --------------------------------------------
     fresh, _ = make_learner(args.seed)
-    fresh.restore(checkpoint)
+    restore(fresh, checkpoint)
     rest = events[half:end]
     wall, cpu = time.perf_counter(), time.process_time()
     for s in range(0, len(rest), settings.micro_batch):

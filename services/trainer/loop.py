@@ -44,10 +44,11 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from freshrec.v1 import event_pb2, item_pb2, trainer_pb2
 from services.trainer import metrics
+from services.trainer.checkpoint import to_bytes
 from services.trainer.datasets import item_text
 from services.trainer.evaluation import Paired
 from services.trainer.export import export_learner
-from services.trainer.learner import Chunks, Learner
+from services.trainer.learner import Learner
 from services.trainer.registry import (
     LIVE,
     REJECTED,
@@ -58,8 +59,10 @@ from services.trainer.registry import (
     WeightSnapshots,
     next_version,
 )
+from services.trainer.replay import Chunks
 from services.trainer.settings import TrainerSettings
 from services.trainer.text import TextEncoder
+from services.trainer.versions import make_shadow, rebase, snapshot
 from shared.model_store import ModelStore
 from shared.nats import (
     ACCEPTED_SUBJECTS,
@@ -190,9 +193,9 @@ class TrainerLoop:
         self.learner.shadows = {}
         self.learner.shadow_figures = {}
         for role, version in (("live", live), ("parent", parent)):
-            snapshot = self.snapshots.load(version)
-            if snapshot is not None:
-                self.learner.shadows[role] = self.learner.make_shadow(version, snapshot)
+            weights = self.snapshots.load(version)
+            if weights is not None:
+                self.learner.shadows[role] = make_shadow(self.learner, version, weights)
 
     def _ack_wait_s(self) -> float:
         s = self.settings
@@ -490,12 +493,12 @@ class TrainerLoop:
             stored = await asyncio.to_thread(
                 self.store.write_version, version, exported.files, manifest, self.signing_key
             )
-            snapshot = await asyncio.to_thread(learner.snapshot)
-            await asyncio.to_thread(self.snapshots.save, version, snapshot)
+            weights = await asyncio.to_thread(snapshot, learner)
+            await asyncio.to_thread(self.snapshots.save, version, weights)
             if rejected and live is not None:
                 live_weights = await asyncio.to_thread(self.snapshots.load, live.version)
                 if live_weights is not None:
-                    await asyncio.to_thread(learner.rebase, live_weights)
+                    await asyncio.to_thread(rebase, learner, live_weights)
             learner.gate = Paired()
             ackable = await self._save_checkpoint()
             trained = manifest["trained_through"]
@@ -522,7 +525,7 @@ class TrainerLoop:
                 row = await asyncio.to_thread(self.registry.add, new, LIVE)
                 await asyncio.to_thread(self.store.set_live, version)
                 previous_live = learner.shadows.get("live")
-                shadow = await asyncio.to_thread(learner.make_shadow, version, snapshot)
+                shadow = await asyncio.to_thread(make_shadow, learner, version, weights)
                 learner.shadows = {"live": shadow, **({"parent": previous_live} if previous_live else {})}
                 learner.shadow_figures = {}
                 self._reset_watch()
@@ -546,7 +549,7 @@ class TrainerLoop:
 
     async def _save_checkpoint(self) -> tuple[Msg | None, Msg | None]:
         """Writes the checkpoint (lock held); returns the messages it covers, to ack afterwards."""
-        data = await asyncio.to_thread(self.learner.checkpoint_bytes)
+        data = await asyncio.to_thread(to_bytes, self.learner)
         ackable = (self.unacked_events, self.unacked_catalog)
         self.unacked_events = self.unacked_catalog = None
         await asyncio.to_thread(self.checkpoint.save, data)
@@ -599,9 +602,9 @@ class TrainerLoop:
             row, previous = await asyncio.to_thread(self.registry.make_live, version)
             await asyncio.to_thread(self.store.set_live, version)
             await self.announce(row, reason)
-            snapshot = await asyncio.to_thread(self.snapshots.load, version)
-            if snapshot is not None:
-                await asyncio.to_thread(self.learner.rebase, snapshot)
+            weights = await asyncio.to_thread(self.snapshots.load, version)
+            if weights is not None:
+                await asyncio.to_thread(rebase, self.learner, weights)
                 await asyncio.to_thread(self._load_shadows, version, row.parent_version)
             else:
                 logger.warning(

@@ -19,6 +19,7 @@ import torch
 
 from freshrec.v1 import event_pb2, item_pb2
 from services.trainer import datasets
+from services.trainer.checkpoint import to_bytes
 from services.trainer.export import export_learner
 from services.trainer.learner import Learner
 from services.trainer.loop import read_event_log
@@ -33,6 +34,7 @@ from services.trainer.registry import (
 from services.trainer.server import MIGRATIONS, VERSION_TABLE, CheckpointLock, build_learner
 from services.trainer.settings import PretrainCommand, TrainerSettings
 from services.trainer.text import TextEncoder
+from services.trainer.versions import snapshot
 from shared import nats as fnats
 from shared.db import make_engine, make_sessionmaker, upgrade_schema
 from shared.model_store import ModelStore
@@ -146,7 +148,7 @@ async def run_pretrain(settings: TrainerSettings, command: PretrainCommand) -> i
             say(f"replacing the existing checkpoint in {settings.checkpoint_dir}")
         if command.publish:
             await _publish(settings, learner, nc)
-        checkpoint.save(learner.checkpoint_bytes())
+        checkpoint.save(to_bytes(learner))
         say(f"checkpoint written to {checkpoint.path}; start the trainer service to learn online from here")
         return 0
     finally:
@@ -165,7 +167,7 @@ async def _publish(settings: TrainerSettings, learner: Learner, nc: Any) -> None
         version = next_version([*registry.versions(), *store.list_versions()])
         key = load_private_key(settings.signing_key_file) if settings.signing_key_file else None
         stored = store.write_version(version, exported.files, exported.manifest, key)
-        WeightSnapshots(settings.checkpoint_dir).save(version, learner.snapshot())
+        WeightSnapshots(settings.checkpoint_dir).save(version, snapshot(learner))
         trained = exported.manifest["trained_through"]
         row = registry.add(
             NewVersion(

@@ -14,6 +14,7 @@ import grpc
 import torch
 
 from freshrec.v1 import trainer_pb2, trainer_pb2_grpc
+from services.trainer.checkpoint import restore
 from services.trainer.learner import Learner
 from services.trainer.loop import TrainerLoop
 from services.trainer.registry import CheckpointFile, Registry, WeightSnapshots
@@ -105,7 +106,7 @@ class TrainerApp:
         checkpoint = CheckpointFile(s.checkpoint_dir)
         saved = await asyncio.to_thread(checkpoint.load)
         if saved is not None:
-            await asyncio.to_thread(learner.restore, saved)
+            await asyncio.to_thread(restore, learner, saved)
             logger.info(
                 "resumed from checkpoint: %d events learned, stream position %d",
                 learner.position.events_learned,

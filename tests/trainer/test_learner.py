@@ -6,8 +6,10 @@ import numpy as np
 import torch
 
 from freshrec.v1 import event_pb2
+from services.trainer.checkpoint import restore, to_bytes
 from services.trainer.evaluation import Paired
 from services.trainer.learner import Learner
+from services.trainer.versions import make_shadow, rebase, snapshot
 from tests.factories import event
 from tests.trainer.streams import T0, catalog_item, small_learner, taste_stream
 
@@ -51,7 +53,7 @@ def test_a_restored_checkpoint_continues_exactly_like_the_original() -> None:
     a = small_learner()
     feed(a, stream[:200])
     b = small_learner(seed=7)
-    b.restore(a.checkpoint_bytes())
+    restore(b, to_bytes(a))
     feed(a, stream[200:])
     b.learn(stream[150:264])  # a redelivery overlapping what the checkpoint holds
     feed(b, stream[264:])
@@ -139,7 +141,7 @@ def test_shadows_compare_the_learner_with_a_version_on_the_same_events() -> None
     learner = small_learner()
     stream = taste_stream(rounds=30)
     feed(learner, stream[:800])
-    learner.shadows = {"live": learner.make_shadow("v1", learner.snapshot())}
+    learner.shadows = {"live": make_shadow(learner, "v1", snapshot(learner))}
     learner.gate = Paired()
     with torch.no_grad():  # sabotage: the learner forgets what it knew
         for p in learner.model.parameters():
@@ -147,7 +149,7 @@ def test_shadows_compare_the_learner_with_a_version_on_the_same_events() -> None
     learner.observe(stream[800:1000])
     assert learner.gate.n > 0 and learner.gate.mean_a < learner.gate.mean_b
     assert learner.gate.worse(0.02, 50)
-    learner.rebase(learner.shadows["live"].model.state_dict() and snapshot_of(learner, "live"))
+    rebase(learner, snapshot_of(learner, "live"))
     learner.gate = Paired()
     learner.observe(stream[1000:])
     assert not learner.gate.worse(0.0, 10)  # continuing from the version's weights: no worse
@@ -155,9 +157,9 @@ def test_shadows_compare_the_learner_with_a_version_on_the_same_events() -> None
 
 def snapshot_of(learner: Learner, role: str) -> dict:  # type: ignore[type-arg]
     shadow = learner.shadows[role]
-    snapshot = learner.snapshot()
-    snapshot["model"] = {k: v.clone() for k, v in shadow.model.state_dict().items()}
-    return snapshot
+    weights = snapshot(learner)
+    weights["model"] = {k: v.clone() for k, v in shadow.model.state_dict().items()}
+    return weights
 
 
 def test_served_weights_are_a_moving_average_and_new_items_serve_their_trained_rows() -> None:
@@ -189,7 +191,7 @@ def test_a_restored_checkpoint_with_averaged_weights_continues_exactly() -> None
     a = small_learner(average_decay=0.9, online_momentum=0.0)
     feed(a, stream[:192])
     b = small_learner(average_decay=0.9, online_momentum=0.0, seed=7)
-    b.restore(a.checkpoint_bytes())
+    restore(b, to_bytes(a))
     feed(a, stream[192:])
     feed(b, stream[192:])
     assert a.prequential.as_metrics() == b.prequential.as_metrics()

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from services.trainer.evaluation import Paired, rank_metrics
-from services.trainer.learner import ChunkBuilder
 from services.trainer.model import IdMap, ModelConfig, TwoTower
+from services.trainer.replay import ChunkBuilder
 
 
 def test_tables_grow_and_the_optimizer_keeps_its_moments() -> None:
