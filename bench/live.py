@@ -467,7 +467,14 @@ def main() -> None:
     headline += [f"{n}.batch_{batches[0]}.ratio_vs_best_baseline" for n in names][:5]
     print(
         json.dumps(
-            {"summary": summary, **results, "series": series, "headline": headline, "quick": args.quick}
+            {
+                "summary": summary,
+                **results,
+                "series": series,
+                "headline": headline,
+                "quick": args.quick,
+                "env": env,
+            }
         )
     )
 

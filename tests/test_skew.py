@@ -159,7 +159,9 @@ async def test_the_trainer_served_figure_is_what_inference_answered(stack: Stack
     sent = len(warm)
     for call in calls[150:]:
         await stack.visible(sent)
-        answer = await stack.inference.Recommend(inference_pb2.RecommendRequest(user_id=call[0].user_id, k=10))
+        answer = await stack.inference.Recommend(
+            inference_pb2.RecommendRequest(user_id=call[0].user_id, k=10)
+        )
         assert answer.model_version == live.version
         shown = [i.item_id for i in answer.items]
         for e in call:
