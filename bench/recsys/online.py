@@ -250,7 +250,7 @@ class SASRecFrozen(Ranker):
         length: int = 50,
         blocks: int = 2,
         dropout: float = 0.2,
-        max_epochs: int = 100,
+        max_epochs: int = 60,
         negatives: int = 2048,
         seed: int = 0,
         log: object = print,
@@ -281,7 +281,7 @@ class SASRecFrozen(Ranker):
         h = self.model(inputs)[targets > 0]
         t = targets[targets > 0]
         table = self.model.items.weight
-        if self.n <= 20_000:
+        if self.n <= 5_000:
             logits = h @ table[1:].T
             return nn.functional.cross_entropy(logits, t - 1)
         negatives = torch.from_numpy(self.rng.integers(1, self.n + 1, size=self.negatives))

@@ -146,7 +146,8 @@ class FeatureClient:
 
     def _fresh(self, features: feature_pb2.UserFeatures) -> UserView:
         USER_LOOKUPS.labels("fresh").inc()
-        recent = [(i.item_id, int(i.type)) for i in reversed(features.recent)]
+        # What the user tower reads: positive interactions (a dislike is seen, never learned from).
+        recent = [(i.item_id, int(i.type)) for i in reversed(features.recent) if i.weight > 0]
         view = UserView(
             known=features.known,
             recent=recent,

@@ -158,19 +158,25 @@ class ServingState:
         return scores
 
     def popular(
-        self, column: int, k: int, banned: np.ndarray, allowed: np.ndarray | None
+        self, column: int, k: int, banned: np.ndarray, allowed: np.ndarray | None, after: int = 0
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The k most popular positions by one of the model's popularity columns (items newer than
-        the model have none yet), best first, and their scores."""
-        popularity = self.model.popularity
-        assert popularity is not None
+        """The k best positions by one of the model's popularity columns (items newer than the
+        model have none yet), best first, with their scores; with ``after`` (a model row), what
+        most often came right after that item goes first (the follow-up ranker)."""
+        model = self.model
+        assert model.popularity is not None
         scores = np.full(self.total, -np.inf)
-        scores[: len(popularity)] = popularity[:, column]
+        scores[: len(model.popularity)] = model.popularity[:, column]
+        if after and model.follow_ups is not None:
+            scores[: len(model.popularity)] *= 0.5
+            items, counts = model.follow_ups
+            keep = items[after] > 0
+            scores[items[after][keep]] += counts[after][keep]
         scores[0] = -np.inf
         if allowed is not None:
-            keep = np.full(self.total, -np.inf)
-            keep[allowed] = scores[allowed]
-            scores = keep
+            keep_allowed = np.full(self.total, -np.inf)
+            keep_allowed[allowed] = scores[allowed]
+            scores = keep_allowed
         if len(banned):
             scores[banned] = -np.inf
         best = top_k(scores, k)

@@ -100,12 +100,20 @@ class LoadedModel:
     policy: tuple[tuple[int, str], ...] = ()
     popularity: np.ndarray | None = None
     popularity_columns: tuple[str, ...] = ()
+    #: What most often came right after each item (export rows [rows, width], 0: none), their
+    #: counts, and the popularity column below them.
+    follow_ups: tuple[np.ndarray, np.ndarray] | None = None
+    follow_up_backoff: str = ""
 
     def ranker_for(self, touched: int) -> str:
-        """``model`` or ``popular:<half-life>`` for a user who touched ``touched`` items."""
+        """``model``, ``popular:<half-life>`` or ``follow-up`` for a user who touched ``touched`` items."""
         for bound, ranker in self.policy:
             if touched >= bound:
-                return ranker if ranker == "model" or ranker in self.popularity_columns else "model"
+                if ranker in self.popularity_columns or (
+                    ranker == "follow-up" and self.follow_ups is not None
+                ):
+                    return ranker
+                return "model"
         return "model"
 
     @property
@@ -305,6 +313,7 @@ def load_model(
 
     tower = _load_item_tower(stored.path, manifest, info, dim, threads, version)
     policy, popularity, columns = _load_serving(stored.path, manifest, len(item_ids), version)
+    follow_ups, backoff = _load_follow_ups(stored.path, manifest, len(item_ids), columns, version)
     model = LoadedModel(
         version=version,
         manifest=manifest,
@@ -322,6 +331,8 @@ def load_model(
         policy=policy,
         popularity=popularity,
         popularity_columns=columns,
+        follow_ups=follow_ups,
+        follow_up_backoff=backoff,
     )
     _smoke_test(model)
     if ann is not None and len(item_ids) - 1 > ann.exact_limit:
@@ -370,6 +381,39 @@ def _load_serving(
             "manifest", f"version {version}: serving segments are malformed ({exc})"
         ) from exc
     return policy, popularity, columns
+
+
+def _load_follow_ups(
+    path: Any, manifest: dict[str, Any], rows: int, columns: tuple[str, ...], version: str
+) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
+    spec = (manifest.get("serving") or {}).get("follow_ups")
+    if not isinstance(spec, dict):
+        return None, ""
+    arrays = []
+    for key in ("items", "counts"):
+        name = spec.get(key)
+        if name not in manifest["files"]:
+            raise RejectedArtifact("manifest", f"version {version}: serving.follow_ups.{key} is not in files")
+        try:
+            arrays.append(np.load(io.BytesIO((path / name).read_bytes()), allow_pickle=False))
+        except (ValueError, OSError) as exc:
+            raise RejectedArtifact("data", f"version {version}: cannot read {name} ({exc})") from exc
+    items, counts = arrays
+    if (
+        items.ndim != 2
+        or items.shape[0] != rows
+        or counts.shape != items.shape
+        or items.min(initial=0) < 0
+        or items.max(initial=0) >= rows
+        or not np.all(np.isfinite(counts))
+    ):
+        raise RejectedArtifact(
+            "data", f"version {version}: the follow-up table does not fit {rows} item rows"
+        )
+    backoff = str(spec.get("backoff", ""))
+    if backoff not in columns:
+        raise RejectedArtifact("manifest", f"version {version}: follow-ups fall back to unknown {backoff!r}")
+    return (items.astype(np.int64), counts.astype(np.float64)), backoff
 
 
 def _load_item_tower(

@@ -36,6 +36,7 @@ DEFAULT_K = 10
 MODEL = inference_pb2.RECOMMENDATION_SOURCE_MODEL
 POPULAR = inference_pb2.RECOMMENDATION_SOURCE_POPULAR
 COLD_START = inference_pb2.RECOMMENDATION_SOURCE_COLD_START
+FOLLOW_UP = inference_pb2.RECOMMENDATION_SOURCE_FOLLOW_UP
 EXPLORATION = inference_pb2.RECOMMENDATION_SOURCE_EXPLORATION
 
 
@@ -156,7 +157,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         # its manifest); a version without one answers newcomers from the feature service's lists.
         ranker = model.ranker_for(len(user.seen))
         if ranker != "model":
-            await self._popular_ranker_into(response, state, ranker, k, excluded, allowed)
+            self._fallback_into(response, state, ranker, user, k, excluded, allowed)
             return response
         # With an exact catalogue, the batch also scores every item off the loop (one product).
         exact = personal and allowed is None and model.ann is None
@@ -263,25 +264,39 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         state.record_impressions(np.array(shown, dtype=np.int64))
         return response
 
-    async def _popular_ranker_into(
+    def _fallback_into(
         self,
         response: inference_pb2.RecommendResponse,
         state: ServingState,
         ranker: str,
+        user: UserView,
         k: int,
         excluded: set[str],
         allowed: np.ndarray | None,
     ) -> None:
-        """Items by one of the model's popularity columns (``popular:<half-life in events>``)."""
-        column = state.model.popularity_columns.index(ranker)
-        half_life = ranker.partition(":")[2]
-        positions, scores = state.popular(column, k, state.positions(excluded), allowed)
+        """Items by one of the model's popularity columns (``popular:<half-life in events>``), or
+        what most often came right after the user's last item (``follow-up``)."""
+        model = state.model
+        after, last = 0, ""
+        if ranker == "follow-up":
+            column = model.popularity_columns.index(model.follow_up_backoff)
+            for item_id, _ in reversed(user.recent):  # the newest item the model knows
+                after = model.item_rows.get(item_id, 0)
+                if after:
+                    last = item_id
+                    break
+        else:
+            column = model.popularity_columns.index(ranker)
+        positions, scores = state.popular(column, k, state.positions(excluded), allowed, after)
+        follow_ups = model.follow_ups[0][after] if after and model.follow_ups is not None else ()
+        half_life = (model.follow_up_backoff if ranker == "follow-up" else ranker).partition(":")[2]
         for position, score in zip(positions, scores, strict=True):
+            if after and int(position) in follow_ups:
+                reason, source = f"often taken right after “{state.title(last)}”", FOLLOW_UP
+            else:
+                reason, source = f"popular over the last {half_life} events", POPULAR
             response.items.add(
-                item_id=state.item_id(int(position)),
-                score=float(score),
-                reason=f"popular over the last {half_life} events",
-                source=POPULAR,
+                item_id=state.item_id(int(position)), score=float(score), reason=reason, source=source
             )
         state.record_impressions(positions)
 

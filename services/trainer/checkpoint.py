@@ -47,6 +47,7 @@ def to_bytes(learner: Learner) -> bytes:
         "served": learner.served.state(),
         "popularity": learner.popularity.state(),
         "policy": learner.policy.state(),
+        "follow_ups": learner.follow_ups.state(),
         "gate": learner.gate.state(),
         "watch": learner.watch.state(),
         "signals": learner.signals.state(),
@@ -103,6 +104,8 @@ def restore(learner: Learner, data: bytes) -> None:
     if "popularity" in doc:
         learner.popularity.load(doc["popularity"])
         learner.policy.load(doc["policy"])
+    if "follow_ups" in doc:
+        learner.follow_ups.load(doc["follow_ups"])
     learner.gate = Paired.from_state(doc["gate"])
     learner.watch = Paired.from_state(doc["watch"])
     learner.signals = Signals(learner.config.preprocessing, stored.max_context)

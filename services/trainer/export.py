@@ -29,7 +29,7 @@ from torch import nn
 
 from services.trainer.learner import Learner
 from services.trainer.model import PAD, TwoTower
-from services.trainer.policy import HALF_LIVES, POPULAR, SEGMENT_NAMES, SEGMENTS
+from services.trainer.policy import FOLLOW_UP_BACKOFF, HALF_LIVES, POPULAR, SEGMENT_NAMES, SEGMENTS
 
 USER_TOWER = "user_tower.onnx"
 ITEM_TOWER = "item_tower.onnx"
@@ -39,6 +39,8 @@ USER_IDS = "user_ids.json"
 CONTEXT_VOCAB = "context_vocab.json"
 CONTENT_VOCAB = "content_vocab.json"
 POPULARITY = "popularity.npy"
+FOLLOW_UP_ITEMS = "follow_up_items.npy"
+FOLLOW_UP_COUNTS = "follow_up_counts.npy"
 FORMAT = "freshrec.two_tower.v1"
 OPSET = 17
 
@@ -228,11 +230,28 @@ def export_learner(
     npy = io.BytesIO()
     np.save(npy, columns, allow_pickle=False)
     files[POPULARITY] = npy.getvalue()
+    # Follow-ups in export rows: row i lists what most often came right after item i.
+    items, counts = learner.follow_ups.table(learner.items.capacity_needed)
+    to_export = np.zeros(max(learner.items.capacity_needed, 1), dtype=np.int64)
+    to_export[np.asarray(c.item_rows)] = np.arange(len(c.item_rows))
+    follow_items = to_export[items[c.item_rows]]
+    follow_items[0] = 0
+    follow_counts = np.where(follow_items > 0, counts[c.item_rows], 0.0).astype(np.float32)
+    for name, array in ((FOLLOW_UP_ITEMS, follow_items), (FOLLOW_UP_COUNTS, follow_counts)):
+        npy = io.BytesIO()
+        np.save(npy, array, allow_pickle=False)
+        files[name] = npy.getvalue()
     serving = {
         "segments": {name: bound for name, bound in zip(SEGMENT_NAMES, SEGMENTS, strict=True)},
         "segment_by": "items the user touched before the request",
         "policy": learner.policy.choice(),
         "popularity": {"file": POPULARITY, "columns": list(POPULAR), "half_lives_events": list(HALF_LIVES)},
+        "follow_ups": {
+            "items": FOLLOW_UP_ITEMS,
+            "counts": FOLLOW_UP_COUNTS,
+            "backoff": POPULAR[FOLLOW_UP_BACKOFF],
+            "score": "count after the user's last item + 0.5 x the back-off popularity column",
+        },
     }
     p = learner.position
     manifest = {

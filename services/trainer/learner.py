@@ -30,7 +30,18 @@ import torch.nn.functional as F
 from freshrec.v1 import event_pb2, item_pb2
 from services.trainer.evaluation import Paired, Running, rank_metrics
 from services.trainer.model import PAD, IdMap, ModelConfig, TwoTower
-from services.trainer.policy import MODEL, POPULAR, Policy, Popularity, ranker_of, segment_of
+from services.trainer.policy import (
+    FOLLOW_UP,
+    FOLLOW_UP_BACKOFF,
+    MODEL,
+    POPULAR,
+    FollowUps,
+    Policy,
+    Popularity,
+    follow_up_scores,
+    ranker_of,
+    segment_of,
+)
 from services.trainer.replay import ChunkBuilder, Chunks, ReplayBuffer, UserSequence
 from services.trainer.scoring import (
     Entry,
@@ -38,6 +49,7 @@ from services.trainer.scoring import (
     QueryBuilder,
     compact,
     rank_scores,
+    rank_table,
     rank_targets,
     subset,
     user_vectors,
@@ -138,6 +150,10 @@ class Learner:
         self.served = Running(window=config.recent_window)
         #: Item popularity decayed over events, and which ranker wins per segment (``policy.py``).
         self.popularity = Popularity()
+        self.follow_ups = FollowUps()
+        #: The follow-up table the policy scores with, and the events learned when it was made.
+        self._follow_table: tuple[np.ndarray, np.ndarray] | None = None
+        self._follow_table_at = -1
         self.policy = Policy(window=config.recent_window)
         #: (stream sequence, HR@10, NDCG@10) of the recent events as the live version served them
         #: (NDCG@10 tells the rank): what a client's own measurement can be held against.
@@ -336,6 +352,11 @@ class Learner:
         if dense.rows:
             self.replay.offer(self.rng, dense.build())
         self._count_popularity(it for new in by_user.values() for it, _ in new)
+        self.follow_ups.add(
+            (sequences[u][k - 1][0], sequences[u][k][0])
+            for u, new in by_user.items()
+            for k in range(max(1, len(sequences[u]) - len(new)), len(sequences[u]))
+        )
         self._note_negatives(negatives)
         p.events_learned += len(interactions)
         return Observation(chunks, len(interactions), evaluated)
@@ -436,6 +457,18 @@ class Learner:
         for h, ranker in enumerate(POPULAR):
             hr, _ = rank_scores(torch.from_numpy(columns[:, h]), candidates, sub)
             self.policy.record(segments[picked], ranker, hr.numpy())
+        items, counts = self.follow_up_table()
+        scores = follow_up_scores(items, counts, sub.inputs[:, -1], columns[:, FOLLOW_UP_BACKOFF])
+        hr, _ = rank_table(torch.from_numpy(scores), candidates, sub)
+        self.policy.record(segments[picked], FOLLOW_UP, hr.numpy())
+
+    def follow_up_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """The follow-up table as an export would hold it (remade every 1,000 learned events)."""
+        learned = self.position.events_learned
+        if self._follow_table is None or learned - self._follow_table_at >= 1_000:
+            self._follow_table = self.follow_ups.table(self.items.capacity_needed)
+            self._follow_table_at = learned
+        return self._follow_table
 
     def _served(
         self,
@@ -457,13 +490,20 @@ class Learner:
         known[:m] = live.known[:m]
         columns = np.zeros((n, live.popularity.shape[1]))
         columns[: min(n, len(live.popularity))] = live.popularity[:n]
-        for h, ranker in enumerate(POPULAR):
+        for ranker in (*POPULAR, FOLLOW_UP):
             picked = np.flatnonzero(rankers == ranker)
             if not len(picked):
                 continue
             sub = subset(queries, picked)
             sub = replace(sub, target=np.where(known.numpy()[sub.target], sub.target, PAD))
-            p_hr, p_ndcg = rank_scores(torch.from_numpy(columns[:, h]), candidates & known, sub)
+            if ranker == FOLLOW_UP and live.follow_ups is not None:
+                last = compact(sub.inputs, known.numpy())[:, -1]
+                items, counts = live.follow_ups
+                scores = follow_up_scores(items, counts, last, columns[:, FOLLOW_UP_BACKOFF])
+                p_hr, p_ndcg = rank_table(torch.from_numpy(scores), candidates & known, sub)
+            else:
+                h = POPULAR.index(ranker) if ranker in POPULAR else FOLLOW_UP_BACKOFF
+                p_hr, p_ndcg = rank_scores(torch.from_numpy(columns[:, h]), candidates & known, sub)
             hr[torch.from_numpy(picked)] = p_hr
             ndcg[torch.from_numpy(picked)] = p_ndcg
         return hr, ndcg
@@ -854,6 +894,8 @@ class Learner:
                 with torch.no_grad():
                     self.model.item_ids.weight[item_rows] = self.trained.item_ids.weight[item_rows]
             self.replay.forget_items(np.array(item_rows))
+            self.follow_ups.forget_rows(item_rows)
+            self.popularity.reset_rows(np.array(item_rows))
         if user_rows:
             self.trained.reset_rows(self.trained.user_ids, user_rows, self.optimizer)
             if self.averaging:
@@ -944,6 +986,11 @@ class Learner:
         self.model.item_learned[torch.from_numpy(learned)] = 1.0
         self.replay.offer(self.rng, self.sequence_chunks(sequences, context=1))  # dense windows
         self._count_popularity(interactions_seen)
+        self.follow_ups.add(
+            (us.entries[k - 1][0], us.entries[k][0])
+            for us in sequences.values()
+            for k in range(max(1, us.first), len(us.entries))
+        )
         p.events_learned += counted
         return sequences
 

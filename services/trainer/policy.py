@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,13 @@ MODEL = "model"
 #: Half-lives of item popularity, in events (interactions) of the stream.
 HALF_LIVES = (1_000, 10_000, 100_000)
 POPULAR = tuple(f"popular:{h}" for h in HALF_LIVES)
-RANKERS = (MODEL, *POPULAR)
+#: What followed the user's last item in others' sequences, the rest by popularity (``FollowUps``).
+FOLLOW_UP = "follow-up"
+#: The popularity column follow-ups fall back to.
+FOLLOW_UP_BACKOFF = 1
+RANKERS = (MODEL, *POPULAR, FOLLOW_UP)
+#: Follow-ups kept per item in an export.
+FOLLOW_UP_WIDTH = 50
 #: Segments by how many items the user touched before the request: their lower bounds.
 SEGMENTS = (0, 1, 5)
 SEGMENT_NAMES = ("new", "short", "long")
@@ -79,6 +86,62 @@ class Popularity:
     def load(self, state: dict[str, Any]) -> None:
         self.counts = np.asarray(state["counts"], dtype=np.float64)
         self.clock = int(state["clock"])
+
+
+class FollowUps:
+    """How often item b came right after item a in a user's sequence of positive interactions.
+
+    Answers "what do people take after this?" from a single co-occurrence, where a model needs
+    many: the fallback that wins on short sessions and long-tail catalogues. Served from a table of
+    each item's most frequent follow-ups (``table``, scored by ``follow_up_scores``)."""
+
+    def __init__(self) -> None:
+        self.next: dict[int, dict[int, float]] = {}
+
+    def add(self, pairs: Iterable[tuple[int, int]]) -> None:
+        for prev, item in pairs:
+            row = self.next.setdefault(prev, {})
+            row[item] = row.get(item, 0.0) + 1.0
+
+    def forget_rows(self, rows: Iterable[int]) -> None:
+        gone = set(int(r) for r in rows)
+        for r in gone:
+            self.next.pop(r, None)
+        for row in self.next.values():
+            for r in gone & row.keys():
+                del row[r]
+
+    def table(self, rows: int, width: int = FOLLOW_UP_WIDTH) -> tuple[np.ndarray, np.ndarray]:
+        """The ``width`` most frequent follow-ups of every row: items [rows, width] (0: none) and
+        their counts, best first."""
+        items = np.zeros((rows, width), dtype=np.int64)
+        counts = np.zeros((rows, width), dtype=np.float32)
+        for prev, row in self.next.items():
+            if prev >= rows or not row:
+                continue
+            best = sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[:width]
+            items[prev, : len(best)] = [i for i, _ in best]
+            counts[prev, : len(best)] = [c for _, c in best]
+        return items, counts
+
+    def state(self) -> dict[int, dict[int, float]]:
+        return {k: dict(v) for k, v in self.next.items()}
+
+    def load(self, state: dict[int, dict[int, float]]) -> None:
+        self.next = {int(k): {int(i): float(c) for i, c in v.items()} for k, v in state.items()}
+
+
+def follow_up_scores(
+    items: np.ndarray, counts: np.ndarray, last: np.ndarray, backoff: np.ndarray
+) -> np.ndarray:
+    """[Q, N] as an export serves them: the follow-up counts of each request's last item over half
+    the back-off popularity column (at most 1, so any follow-up outranks what never followed)."""
+    out = np.tile(0.5 * backoff, (len(last), 1))
+    for q, prev in enumerate(last.tolist()):
+        if 0 < prev < len(items):
+            keep = items[prev] > 0
+            out[q, items[prev][keep]] += counts[prev][keep]
+    return out
 
 
 class Policy:

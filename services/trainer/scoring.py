@@ -151,6 +151,17 @@ def rank_scores(
     return _rank(full.expand(len(queries.users), -1).clone(), candidates, queries)
 
 
+@torch.no_grad()
+def rank_table(
+    scores: torch.Tensor, candidates: torch.Tensor, queries: Queries
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rank_targets`` for given scores per request [Q, N] (follow-ups)."""
+    full = torch.full((len(queries.users), len(candidates)), -math.inf, dtype=torch.float64)
+    n = min(scores.shape[1], len(candidates))
+    full[:, :n] = scores[:, :n].to(torch.float64)
+    return _rank(full, candidates, queries)
+
+
 def subset(queries: Queries, targets: np.ndarray) -> Queries:
     """The given targets (indices) with only the requests they belong to, renumbered."""
     used, query = np.unique(queries.query[targets], return_inverse=True)

@@ -33,6 +33,8 @@ class Shadow:
     #: The popularity columns it was exported with (in the current rows) and its serving policy.
     popularity: np.ndarray | None = None
     policy: dict[str, str] = field(default_factory=dict)
+    #: Its follow-up table (items [rows, width], counts), in the current rows.
+    follow_ups: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def snapshot(learner: Learner) -> dict[str, Any]:
@@ -47,6 +49,7 @@ def snapshot(learner: Learner) -> dict[str, Any]:
         "contexts": list(learner.contexts.ids),
         "popularity": learner.popularity.columns(learner.items.capacity_needed).astype(np.float32),
         "policy": learner.policy.choice(),
+        "follow_ups": learner.follow_ups.table(learner.items.capacity_needed),
     }
 
 
@@ -89,20 +92,29 @@ def make_shadow(learner: Learner, version: str, snapshot: dict[str, Any]) -> Sha
     model.eval()
     with torch.no_grad():
         table = model.item_vectors(len(known)) * known[:, None]
+    # The snapshot's rows in the current ones, by item id (0: an item no longer held).
+    old_ids = snapshot["items"]
+    to_now = np.array(
+        [learner.items.rows.get(i, 0) if r else 0 for r, i in enumerate(old_ids)], dtype=np.int64
+    )
+    held = (to_now > 0) & (to_now < len(known))
     popularity = None
-    if snapshot.get("popularity") is not None:  # in the current rows, by item id
+    if snapshot.get("popularity") is not None:
         old = np.asarray(snapshot["popularity"])
         popularity = np.zeros((len(known), old.shape[1]), dtype=np.float32)
-        pairs = [
-            (learner.items.rows[i], r)
-            for r, i in enumerate(snapshot["items"])
-            if r and i in learner.items.rows
-        ]
-        if pairs:
-            new_rows, old_rows = (np.array(x, dtype=np.int64) for x in zip(*pairs, strict=True))
-            keep = (new_rows < len(known)) & (old_rows < len(old))
-            popularity[new_rows[keep]] = old[old_rows[keep]]
-    return Shadow(version, model, table, known, popularity, dict(snapshot.get("policy", {})))
+        rows = np.flatnonzero(held[: len(old)])
+        popularity[to_now[rows]] = old[rows]
+    follow_ups = None
+    if snapshot.get("follow_ups") is not None:
+        items, counts = (np.asarray(a) for a in snapshot["follow_ups"])
+        mapped = np.where(items < len(to_now), to_now[np.minimum(items, len(to_now) - 1)], 0)
+        new_items = np.zeros((len(known), items.shape[1]), dtype=np.int64)
+        new_counts = np.zeros((len(known), items.shape[1]), dtype=np.float32)
+        rows = np.flatnonzero(held[: len(items)])
+        new_items[to_now[rows]] = mapped[rows]
+        new_counts[to_now[rows]] = np.where(mapped[rows] > 0, counts[rows], 0.0)
+        follow_ups = (new_items, new_counts)
+    return Shadow(version, model, table, known, popularity, dict(snapshot.get("policy", {})), follow_ups)
 
 
 def rebase(learner: Learner, snapshot: dict[str, Any]) -> None:

@@ -72,7 +72,7 @@ class OlderFeatureService(feature_pb2_grpc.FeatureServiceServicer):
     async def GetUserFeatures(self, request: Any, context: Any) -> Any:
         self.asked.append(request.user_id)
         features = feature_pb2.UserFeatures(user_id=request.user_id, known=True)
-        features.recent.add(item_id=f"seen-by-{request.user_id}")
+        features.recent.add(item_id=f"seen-by-{request.user_id}", weight=1.0)
         return feature_pb2.GetUserFeaturesResponse(features=features)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from freshrec.v1 import inference_pb2
 from services.trainer.export import POPULARITY, export_learner
-from services.trainer.policy import MODEL
+from services.trainer.policy import FOLLOW_UP, MODEL
 from shared.model_store import ModelStore
 from tests.conftest import eventually
 from tests.factories import event
@@ -49,18 +49,20 @@ def trained() -> Any:
     return learner, stream
 
 
-async def test_newcomers_get_the_hot_items_and_regulars_the_model(
+async def test_newcomers_get_the_hot_items_and_regulars_what_knows_their_walk(
     start_inference: Starter, store: ModelStore, nats_client: Any, feature: Any
 ) -> None:
     learner, stream = trained()
     choice = learner.policy.choice()
-    assert choice["new"].startswith("popular:") and choice["long"] == MODEL, learner.policy.figures()
-    # The figures behind the choice: for newcomers popularity beats the model, for regulars not.
     figures = learner.policy.figures()
+    # Newcomers: popularity with a short memory; regulars: a ranker that knows their walk (the
+    # model or the follow-ups), each the best of its segment's figures.
+    assert choice["new"].startswith("popular:") and choice["long"] in (MODEL, FOLLOW_UP), figures
+    for segment in ("new", "long"):
+        mine = figures[f"policy_{segment}_{choice[segment]}_hr@10"]
+        assert mine == max(v for k, v in figures.items() if k.startswith(f"policy_{segment}_"))
     assert figures[f"policy_new_{choice['new']}_hr@10"] > figures["policy_new_model_hr@10"]
-    assert figures["policy_long_model_hr@10"] > max(
-        v for k, v in figures.items() if k.startswith("policy_long_popular")
-    )
+    assert figures[f"policy_long_{choice['long']}_hr@10"] > figures["policy_long_popular:1000_hr@10"]
 
     exported = export_learner(learner, parent_version=None)
     assert exported.manifest["serving"]["policy"] == choice
@@ -86,6 +88,10 @@ async def test_newcomers_get_the_hot_items_and_regulars_the_model(
 
     await eventually(history_applied, what="regular0's history in the feature service")
     regular = await stub.Recommend(inference_pb2.RecommendRequest(user_id="regular0", k=10))
-    assert {i.source for i in regular.items} == {inference_pb2.RECOMMENDATION_SOURCE_MODEL}
+    expected = {
+        MODEL: inference_pb2.RECOMMENDATION_SOURCE_MODEL,
+        FOLLOW_UP: inference_pb2.RECOMMENDATION_SOURCE_FOLLOW_UP,
+    }[choice["long"]]
+    assert regular.items[0].source == expected
     following = f"a{(int(last[1:]) + 1) % 200}"  # the next item of regular0's walk
     assert following in [i.item_id for i in regular.items]
