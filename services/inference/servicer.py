@@ -168,34 +168,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         banned = state.positions(excluded)
         n_explore = exploration_slots(k, request.exploration)
 
-        if not personal and model.policy:  # the policy found the model best for newcomers
-            main, main_scores = self._retrieve(state, vector, k - n_explore, banned, allowed, categories)
-            for position, score in zip(main, main_scores, strict=True):
-                response.items.add(
-                    item_id=state.item_id(int(position)),
-                    score=float(score),
-                    reason=f"suggested for newcomers by model {model.version}",
-                    source=COLD_START,
-                )
-            explore = choose_exploration(
-                state,
-                vector,
-                n_explore,
-                np.concatenate([banned, main]),
-                allowed,
-                self.rng,
-                self.ranking.exploration_sample,
-            )
-            self._add_exploration(response, state, explore, vector)
-            state.record_impressions(state.positions([i.item_id for i in response.items]))
-            return response
         if not personal:
-            await self._popular_into(
-                response, request, categories, excluded, k - n_explore, COLD_START, context
-            )
-            taken = state.positions([i.item_id for i in response.items])
+            taken = np.zeros(0, dtype=np.int64)
+            if not model.policy:  # a version without a policy: the feature service's lists first
+                await self._popular_into(
+                    response, request, categories, excluded, k - n_explore, COLD_START, context
+                )
+                taken = state.positions([i.item_id for i in response.items])
             missing = k - n_explore - len(response.items)
-            if missing > 0:  # popularity is short (or unreachable): the model's view of a newcomer fills in
+            if missing > 0:  # the model's view of a newcomer: chosen by the policy, or filling in
                 fill, fill_scores = self._retrieve(
                     state, vector, missing, np.concatenate([banned, taken]), allowed, categories
                 )
