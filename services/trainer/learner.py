@@ -387,16 +387,17 @@ class Learner:
         for user_id, new in by_user.items():
             seq = sequences[user_id]
             first = len(seq) - len(new)
-            before = self.seen.get(user_id, set())
+            seen = self.seen.get(user_id, ())
+            before = np.fromiter(seen, dtype=np.int64, count=len(seen))
             user_row = self.users.get(user_id) if user_id in users_before else 0
-            j = 0
+            j, previous = 0, -1
             while j < len(new):
                 call = new[j][0].call
                 end = j + 1
                 while end < len(new) and call and new[end][0].call == call:
                     end += 1
                 cut = first + j
-                excluded = before.union(e[0] for e in seq[first:cut]) if j else before
+                excluded = np.concatenate([before, [e[0] for e in seq[first:cut]]]) if j else before
                 targets = [row if candidate[row] else PAD for row in (e[0] for _, e in new[j:end])]
                 context = new[j][1][2]
                 builder.add(
@@ -407,7 +408,9 @@ class Learner:
                     excluded,
                     cut,
                     [it.sequence for it, _ in new[j:end]],
+                    after=seq[previous:cut] if previous >= 0 else None,
                 )
+                previous = cut
                 j = end
         return builder.build()
 
@@ -444,7 +447,7 @@ class Learner:
         return queries.n_targets
 
     #: Scores the popularity rankers compute per micro-batch and column (targets x items).
-    POPULARITY_BUDGET = 1 << 20
+    POPULARITY_BUDGET = 1 << 16
 
     def _record_popularity(self, queries: Queries, candidates: torch.Tensor, segments: np.ndarray) -> None:
         n = candidates.shape[0]
@@ -463,9 +466,9 @@ class Learner:
         self.policy.record(segments[picked], FOLLOW_UP, hr.numpy())
 
     def follow_up_table(self) -> tuple[np.ndarray, np.ndarray]:
-        """The follow-up table as an export would hold it (remade every 1,000 learned events)."""
+        """The follow-up table as an export would hold it (remade every 10,000 learned events)."""
         learned = self.position.events_learned
-        if self._follow_table is None or learned - self._follow_table_at >= 1_000:
+        if self._follow_table is None or learned - self._follow_table_at >= 10_000:
             self._follow_table = self.follow_ups.table(self.items.capacity_needed)
             self._follow_table_at = learned
         return self._follow_table
@@ -522,7 +525,9 @@ class Learner:
         inputs = compact(queries.inputs, known.numpy())
         target = np.where(known.numpy()[queries.target], queries.target, PAD)
         mine = replace(queries, target=target)
-        return rank_targets(user_vectors(shadow.model, table, mine, inputs), table, candidates & known, mine)
+        # Windows the shadow knows whole are read from the shared rows (one pass per user).
+        windows = None if np.array_equal(inputs, queries.inputs) else inputs
+        return rank_targets(user_vectors(shadow.model, table, mine, windows), table, candidates & known, mine)
 
     def _encode(
         self,

@@ -16,7 +16,7 @@ score a dot product with the item table, ties at their expected rank.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +42,10 @@ class Queries:
     excluded: np.ndarray  # [E, 2] (request, item row) pairs its answer leaves out
     history: np.ndarray  # [T] items the user had touched before the request
     sequence: np.ndarray  # [T] the stream sequence of each target's event (0: unknown)
+    #: The same requests as positions in shared per-user sequences (one user tower pass gives the
+    #: vectors of all of a user's requests, each reading exactly its window): rows [R, S] with a
+    #: leading PAD, their types and users, and each request's (row, position).
+    shared: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @property
     def n_targets(self) -> int:
@@ -58,6 +62,9 @@ class QueryBuilder:
     history: list[int] = field(default_factory=list)
     sequence: list[int] = field(default_factory=list)
     excluded: list[np.ndarray] = field(default_factory=list)
+    #: Shared rows: (items, types, user, start) per row, and (row, position) per request.
+    chains: list[tuple[list[int], list[int], int]] = field(default_factory=list)
+    places: list[tuple[int, int]] = field(default_factory=list)
 
     def add(
         self,
@@ -65,19 +72,30 @@ class QueryBuilder:
         user: int,
         context: tuple[int, ...],
         targets: Sequence[int],
-        excluded: Iterable[int],
+        excluded: np.ndarray,
         touched: int,
         sequences: Sequence[int] = (),
+        after: Sequence[Entry] | None = None,
     ) -> None:
-        """One request: the history window before it, and the item rows it is judged on."""
+        """One request: the history window before it, and the item rows it is judged on.
+
+        ``after`` continues the user's previous request: the entries between its cut and this one's
+        (so both are positions of one shared row); None starts a new row at this window."""
         q = len(self.rows)
         window = list(window)[-self.max_history :]
+        if after is None or not self.chains or len(self.chains[-1][0]) + len(after) > 2 * self.max_history:
+            self.chains.append(([PAD, *(e[0] for e in window)], [0, *(e[1] for e in window)], user))
+        else:
+            items, kinds, _ = self.chains[-1]
+            items += [e[0] for e in after]
+            kinds += [e[1] for e in after]
+        self.places.append((len(self.chains) - 1, len(self.chains[-1][0]) - 1))
         self.rows.append(([e[0] for e in window], [e[1] for e in window], user, context))
         self.query += [q] * len(targets)
         self.target += list(targets)
         self.history += [touched] * len(targets)
         self.sequence += list(sequences) if sequences else [0] * len(targets)
-        rows = np.fromiter(excluded, dtype=np.int64)
+        rows = np.asarray(excluded, dtype=np.int64)
         if len(rows):
             self.excluded.append(np.stack([np.full(len(rows), q, dtype=np.int64), rows], 1))
 
@@ -95,6 +113,17 @@ class QueryBuilder:
             if contexts is not None and context:
                 contexts[q, : min(k, len(context))] = context[:k]
         excluded = np.concatenate(self.excluded) if self.excluded else np.zeros((0, 2), dtype=np.int64)
+        width = max((len(c[0]) for c in self.chains), default=1)
+        rows = np.zeros((len(self.chains), width), dtype=np.int64)
+        row_types = np.zeros((len(self.chains), width), dtype=np.int64)
+        row_users = np.zeros(len(self.chains), dtype=np.int64)
+        for r, (items, kinds, user) in enumerate(self.chains):
+            rows[r, width - len(items) :] = items
+            row_types[r, width - len(items) :] = kinds
+            row_users[r] = user
+        place = np.asarray(self.places, dtype=np.int64).reshape(-1, 2)
+        offsets = width - np.array([len(c[0]) for c in self.chains], dtype=np.int64)
+        shared = (rows, row_types, row_users, place[:, 0], place[:, 1] + offsets[place[:, 0]])
         return Queries(
             inputs,
             types,
@@ -105,6 +134,7 @@ class QueryBuilder:
             excluded,
             np.asarray(self.history, dtype=np.int64),
             np.asarray(self.sequence, dtype=np.int64),
+            shared if self.max_context == 0 else None,
         )
 
 
@@ -120,8 +150,20 @@ def compact(inputs: np.ndarray, known: np.ndarray) -> np.ndarray:
 def user_vectors(
     model: TwoTower, table: torch.Tensor, queries: Queries, inputs: np.ndarray | None = None
 ) -> torch.Tensor:
-    """The user tower's output for each request: [Q, D] (what the exported graph computes)."""
+    """The user tower's output for each request: [Q, D] (what the exported graph computes).
+
+    Without other ``inputs`` (windows a shadow compacted) the shared per-user rows are encoded:
+    one pass per user, each request read at its position."""
     model.eval()
+    if inputs is None and queries.shared is not None:
+        rows, kinds, row_users, row_of, position = queries.shared
+        width = rows.shape[1]
+        outputs = width - int(position.min()) if len(position) else 1
+        users = torch.from_numpy(row_users)
+        users = torch.where(users < model.user_ids.num_embeddings, users, torch.zeros_like(users))
+        h = model.encode(table, torch.from_numpy(rows), users, torch.from_numpy(kinds), None, outputs=outputs)
+        model.train()
+        return h[torch.from_numpy(row_of), torch.from_numpy(position - (width - outputs))]
     history = torch.from_numpy(queries.inputs if inputs is None else inputs)
     users = torch.from_numpy(queries.users)
     users = torch.where(users < model.user_ids.num_embeddings, users, torch.zeros_like(users))

@@ -88,6 +88,8 @@ def _mapped(learner: Learner, snapshot: dict[str, Any], into: TwoTower) -> torch
 
 def make_shadow(learner: Learner, version: str, snapshot: dict[str, Any]) -> Shadow:
     model = copy.deepcopy(learner.model)
+    with torch.no_grad():  # users the version never knew have no row in its export
+        model.user_ids.weight.zero_()
     known = _mapped(learner, snapshot, model)
     model.eval()
     with torch.no_grad():
