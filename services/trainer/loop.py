@@ -174,7 +174,7 @@ class TrainerLoop:
         self.unacked_events: Msg | None = None
         self.unacked_catalog: Msg | None = None
         self.catalog_following = False
-        #: The last bootstrap fit (for GetTrainerStatus); ``running`` while one is in progress.
+        #: The last bootstrap fit's figures (for GetTrainerStatus); ``bootstrapping`` while one runs.
         self.bootstrap_state: dict[str, float] = {}
         self.bootstrapping = False
         self._next_backlog_check = 0.0
@@ -349,8 +349,8 @@ class TrainerLoop:
 
     async def bootstrap(self, up_to: int) -> ModelRow:
         """Fits the retained log through ``up_to`` in epochs (warm-started from the current weights),
-        the newest events held out to decide when to stop, then exports; online learning goes on
-        from there. The events after the learner's position are folded in without being scored."""
+        the users' last events held out to decide when to stop, then exports; online learning goes
+        on from there. The events after the learner's position are folded in without being scored."""
         s = self.settings
         self.bootstrapping = True
         start = time.perf_counter()
