@@ -597,6 +597,7 @@ class Learner:
                         if replayed is not None:
                             part = Chunks.concat([part, replayed])
                     total += self._step(part)
+                self._reset_average()  # what is scored and served is where the epoch ended
                 if progress is not None:
                     progress(epoch + 1, epochs, total)
         finally:
