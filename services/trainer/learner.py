@@ -648,8 +648,59 @@ class Learner:
             self.optimizer.load_state_dict(best[1])
             self._reset_average()
         paired = self.compare_with_live(newest)
-        self.fit(newest, 1)
+        held_out = self._held_out_figures(newest)
+        self.fit(newest, 1, replay_ratio=self.config.replay_ratio)
+        for ranker, (segments, hits) in held_out.items():  # the new model's first figures
+            self.policy.record(segments, ranker, hits)
         return best_epoch, best_hr, paired
+
+    @torch.no_grad()
+    def _held_out_figures(self, held: Chunks) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Every ranker's hits on held-out targets, by segment: what the policy knows of a model
+        fresh from a fit before the stream measures it. Each target is a request reading the items
+        before it in its chunk (those left out of its answer); follow-ups are counted without the
+        held-out pairs themselves."""
+        c, p = np.nonzero(held.targets > 0)
+        if not len(c):
+            return {}
+        length = self.max_history
+        builder = QueryBuilder(length, 0)
+        pairs = []
+        for chunk, position in zip(c.tolist(), p.tolist(), strict=True):
+            window = [int(r) for r in held.inputs[chunk, max(0, position - length + 1) : position + 1] if r]
+            builder.add(
+                [(r, 0, ()) for r in window],
+                0,
+                (),
+                [int(held.targets[chunk, position])],
+                np.array(window),
+                len(window),
+            )
+            if window:
+                pairs.append((window[-1], int(held.targets[chunk, position])))
+        queries = builder.build()
+        candidates = torch.zeros(self.items.capacity_needed, dtype=torch.bool)
+        candidates[1:] = torch.from_numpy(self.item_counts[1 : self.items.capacity_needed] > 0)
+        segments = segment_of(queries.history)
+        table = self.item_table()
+        out = {
+            MODEL: (
+                segments,
+                rank_targets(user_vectors(self.model, table, queries), table, candidates, queries)[0].numpy(),
+            )
+        }
+        columns = self.popularity.columns(len(candidates))
+        for h, ranker in enumerate(POPULAR):
+            out[ranker] = (
+                segments,
+                rank_scores(torch.from_numpy(columns[:, h]), candidates, queries)[0].numpy(),
+            )
+        self.follow_ups.add(pairs, -1.0)
+        items, counts = self.follow_ups.table(len(candidates))
+        self.follow_ups.add(pairs)
+        scores = follow_up_scores(items, counts, queries.inputs[:, -1], columns[:, FOLLOW_UP_BACKOFF])
+        out[FOLLOW_UP] = (segments, rank_table(torch.from_numpy(scores), candidates, queries)[0].numpy())
+        return out
 
     def _step(self, chunks: Chunks, dropout: bool = True) -> float:
         model = self.trained

@@ -98,10 +98,12 @@ class FollowUps:
     def __init__(self) -> None:
         self.next: dict[int, dict[int, float]] = {}
 
-    def add(self, pairs: Iterable[tuple[int, int]]) -> None:
+    def add(self, pairs: Iterable[tuple[int, int]], count: float = 1.0) -> None:
         for prev, item in pairs:
             row = self.next.setdefault(prev, {})
-            row[item] = row.get(item, 0.0) + 1.0
+            row[item] = row.get(item, 0.0) + count
+            if row[item] <= 0:
+                del row[item]
 
     def forget_rows(self, rows: Iterable[int]) -> None:
         gone = set(int(r) for r in rows)
