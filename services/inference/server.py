@@ -16,8 +16,9 @@ from services.inference.batcher import UserTowerBatcher
 from services.inference.catalogue import Catalogue, CatalogueFollower
 from services.inference.features import FeatureClient, PopularCache
 from services.inference.index import ExplorationSettings
+from services.inference.policy import RankingSettings
 from services.inference.reloader import ModelHolder
-from services.inference.servicer import InferenceServicer, RankingSettings
+from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 from shared import gc_tuning
 from shared import nats as fnats
