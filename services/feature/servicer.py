@@ -7,42 +7,21 @@ from (stream sequence and event time of the last applied event, and the lag to n
 from __future__ import annotations
 
 import asyncio
-from typing import NoReturn
 
 import grpc
 
 from freshrec.v1 import feature_pb2, feature_pb2_grpc, watermark_pb2
+from services.feature import validation
 from services.feature.catalog import Catalog
 from services.feature.settings import FeatureSettings
 from services.feature.state import FeatureState
 from services.feature.store import FeatureStore
-from shared.nats import user_partition
-from shared.settings import RequestLimits
+from shared.validation import RequestError, answers, check_ids
 from shared.watermark import watermark_proto
-
-DEFAULT_K = 10
-DEFAULT_PAGE = 500
 
 
 def _set_time(field, seconds: float) -> None:  # type: ignore[no-untyped-def]
     field.FromNanoseconds(int(round(seconds * 1e9)))
-
-
-async def _invalid(context: grpc.aio.ServicerContext, reason: str) -> NoReturn:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
-    raise AssertionError("unreachable")  # abort raises
-
-
-async def _check_ids(
-    context: grpc.aio.ServicerContext, ids: list[str], what: str, limits: RequestLimits
-) -> None:
-    if len(ids) > limits.max_ids_per_request:
-        await _invalid(context, f"at most {limits.max_ids_per_request} {what} per call")
-    for item_id in ids:
-        if not item_id:
-            await _invalid(context, f"{what} has an empty id")
-        if len(item_id) > limits.max_id_length:
-            await _invalid(context, f"{what} has an id longer than {limits.max_id_length}")
 
 
 class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
@@ -57,16 +36,6 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
     def _watermark(self) -> watermark_pb2.Watermark:
         wm = self.state.watermark
         return watermark_proto(wm.stream_sequence, wm.event_time)
-
-    async def _check_owned(self, context: grpc.aio.ServicerContext, user_id: str) -> None:
-        partition = self.settings.partition
-        if not partition.owns_partition(user_partition(user_id)):
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"user {user_id!r} is in partition {user_partition(user_id)}, owned by replica "
-                f"{user_partition(user_id) % partition.replicas} of {partition.replicas}, "
-                f"not this one ({partition.replica})",
-            )
 
     def _features(
         self, user_id: str, max_recent: int, features: feature_pb2.UserFeatures, seen: bool = False
@@ -96,28 +65,22 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
             features.rating_count = pre.n_ratings
             features.rating_mean, features.rating_std = pre.rating_stats(state.preprocessor.settings)
 
+    @answers
     async def GetUserFeatures(
         self, request: feature_pb2.GetUserFeaturesRequest, context: grpc.aio.ServicerContext
     ) -> feature_pb2.GetUserFeaturesResponse:
+        validation.user_features(request, self.settings)
         user_id = request.user_id
-        if not user_id:
-            await _invalid(context, "user_id is empty")
-        if len(user_id) > self.settings.limits.max_id_length:
-            await _invalid(context, f"user_id longer than {self.settings.limits.max_id_length}")
-        await self._check_owned(context, user_id)
         features = feature_pb2.UserFeatures(user_id=user_id)
         self._features(user_id, request.max_recent, features, request.include_seen_items)
         return feature_pb2.GetUserFeaturesResponse(features=features, watermark=self._watermark())
 
+    @answers
     async def BatchGetUserFeatures(
         self, request: feature_pb2.BatchGetUserFeaturesRequest, context: grpc.aio.ServicerContext
     ) -> feature_pb2.BatchGetUserFeaturesResponse:
+        validation.batch_user_features(request, self.settings)
         user_ids = list(request.user_ids)
-        if not user_ids:
-            await _invalid(context, "user_ids is empty: name at least one user")
-        await _check_ids(context, user_ids, "user_ids", self.settings.limits)
-        for user_id in user_ids:
-            await self._check_owned(context, user_id)
         response = feature_pb2.BatchGetUserFeaturesResponse(watermark=self._watermark())
         for user_id in user_ids:
             self._features(
@@ -128,10 +91,11 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
             )
         return response
 
+    @answers
     async def GetItemFeatures(
         self, request: feature_pb2.GetItemFeaturesRequest, context: grpc.aio.ServicerContext
     ) -> feature_pb2.GetItemFeaturesResponse:
-        await _check_ids(context, list(request.item_ids), "item_ids", self.settings.limits)
+        check_ids(request.item_ids, "item_ids", self.settings.limits)
         state = self.state
         response = feature_pb2.GetItemFeaturesResponse(watermark=self._watermark())
         for item_id in request.item_ids:
@@ -148,27 +112,28 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
                 entry.known = True
         return response
 
+    @answers
     async def UpsertItems(
         self, request: feature_pb2.UpsertItemsRequest, context: grpc.aio.ServicerContext
     ) -> feature_pb2.UpsertItemsResponse:
-        limit = self.settings.catalog.max_items_per_request
-        if len(request.items) > limit:
-            await _invalid(context, f"at most {limit} items per call")
+        validation.upsert_items(request, self.settings)
         try:
             upserted, errors = await self.catalog.upsert(list(request.items), "grpc")
         except Exception as exc:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"the catalogue could not be stored: {type(exc).__name__}"
-            )
+            raise RequestError(
+                f"the catalogue could not be stored: {type(exc).__name__}; retry the batch",
+                grpc.StatusCode.UNAVAILABLE,
+            ) from exc
         response = feature_pb2.UpsertItemsResponse(upserted=upserted)
         for error in errors:
             response.errors.add(index=error.index, item_id=error.item_id, reason=error.reason)
         return response
 
+    @answers
     async def GetItems(
         self, request: feature_pb2.GetItemsRequest, context: grpc.aio.ServicerContext
     ) -> feature_pb2.GetItemsResponse:
-        await _check_ids(context, list(request.item_ids), "item_ids", self.settings.limits)
+        check_ids(request.item_ids, "item_ids", self.settings.limits)
         found = await asyncio.to_thread(self.store.get_items, list(request.item_ids))
         response = feature_pb2.GetItemsResponse()
         for item_id in request.item_ids:
@@ -178,31 +143,24 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
                 response.missing_item_ids.append(item_id)
         return response
 
+    @answers
     async def ListItems(
         self, request: feature_pb2.ListItemsRequest, context: grpc.aio.ServicerContext
     ) -> feature_pb2.ListItemsResponse:
-        if request.page_size > self.settings.limits.max_ids_per_request:
-            await _invalid(context, f"page_size must be at most {self.settings.limits.max_ids_per_request}")
-        if len(request.page_token) > self.settings.limits.max_id_length:
-            await _invalid(context, "page_token is not one this service issued")
-        size = request.page_size or DEFAULT_PAGE
+        size = validation.list_items(request, self.settings)
         items = await asyncio.to_thread(self.store.list_items, request.page_token, size + 1)
         response = feature_pb2.ListItemsResponse(items=items[:size])
         if len(items) > size:
             response.next_page_token = items[size - 1].item_id
         return response
 
+    @answers
     async def GetPopularItems(
         self, request: feature_pb2.GetPopularItemsRequest, context: grpc.aio.ServicerContext
     ) -> feature_pb2.GetPopularItemsResponse:
-        if request.k > self.settings.limits.max_k:
-            await _invalid(context, f"k must be at most {self.settings.limits.max_k}")
-        if len(request.category) > self.settings.catalog.max_label_length:
-            await _invalid(context, f"category longer than {self.settings.catalog.max_label_length}")
-        if request.window not in feature_pb2.PopularityWindow.values():
-            await _invalid(context, f"window {request.window} is not a known PopularityWindow")
+        k = validation.popular_items(request, self.settings)
         trending = request.window == feature_pb2.POPULARITY_WINDOW_TRENDING
-        ranked = self.state.popular(request.k or DEFAULT_K, request.category, trending=trending)
+        ranked = self.state.popular(k, request.category, trending=trending)
         return feature_pb2.GetPopularItemsResponse(
             items=[feature_pb2.PopularItem(item_id=i, score=s) for i, s in ranked],
             watermark=self._watermark(),

@@ -37,7 +37,7 @@ from services.inference.ranking import (
     model_reasons,
 )
 from services.inference.reloader import ModelHolder
-from services.inference.validation import RequestError
+from shared.validation import RequestError
 from shared.watermark import watermark_proto
 
 MODEL = inference_pb2.RECOMMENDATION_SOURCE_MODEL

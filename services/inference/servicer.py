@@ -7,9 +7,6 @@ and turns a ``RequestError`` into the call's status and reason.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
-from functools import wraps
-from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -20,26 +17,8 @@ from services.inference.batcher import UserTowerBatcher
 from services.inference.features import FeatureClient, PopularCache
 from services.inference.policy import RankingSettings, Recommender, freshness
 from services.inference.reloader import ModelHolder
-from services.inference.validation import RequestError
 from shared.settings import RequestLimits
-
-Request = TypeVar("Request")
-Response = TypeVar("Response")
-Method = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
-
-
-def answers(method: Method[Request, Response]) -> Method[Request, Response]:
-    """The RPC, with a ``RequestError`` it raises sent as the call's status and reason."""
-
-    @wraps(method)
-    async def rpc(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
-        try:
-            return await method(self, request, context)
-        except RequestError as error:
-            await context.abort(error.code, error.reason)
-            raise  # abort raises; this line only tells type checkers so
-
-    return rpc
+from shared.validation import answers
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):

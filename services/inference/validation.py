@@ -8,45 +8,11 @@ valid but cannot be answered yet (no model and no popular list: ``UNAVAILABLE``)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-
-import grpc
+from collections.abc import Mapping
 
 from freshrec.v1 import inference_pb2
 from shared.settings import RequestLimits
-
-DEFAULT_K = 10
-
-
-class RequestError(Exception):
-    """A request that gets ``code`` and ``reason`` instead of an answer."""
-
-    def __init__(self, reason: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
-def check_id(value: str, name: str, limits: RequestLimits) -> None:
-    if not value:
-        raise RequestError(f"{name} is empty")
-    if len(value) > limits.max_id_length:
-        raise RequestError(f"{name} is longer than {limits.max_id_length}")
-
-
-def check_ids(values: Iterable[str], name: str, limits: RequestLimits) -> None:
-    values = list(values)
-    if len(values) > limits.max_ids_per_request:
-        raise RequestError(f"{name} has {len(values)} ids; at most {limits.max_ids_per_request}")
-    for value in values:
-        check_id(value, f"an entry of {name}", limits)
-
-
-def check_k(k: int, limits: RequestLimits) -> int:
-    """The number of items to answer with: ``k``, or the default when the client left it 0."""
-    if k > limits.max_k:
-        raise RequestError(f"k is {k}; at most {limits.max_k} items per call")
-    return k or DEFAULT_K
+from shared.validation import RequestError, check_id, check_ids, check_k
 
 
 def check_share(value: float, name: str) -> None:

@@ -85,7 +85,11 @@ async def test_answers_carry_the_watermark_and_show_the_preprocessed_numbers(
     ("method", "request_", "reason"),
     [
         ("GetUserFeatures", feature_pb2.GetUserFeaturesRequest(), "user_id is empty"),
-        ("GetUserFeatures", feature_pb2.GetUserFeaturesRequest(user_id="u" * 129), "user_id longer than 128"),
+        (
+            "GetUserFeatures",
+            feature_pb2.GetUserFeaturesRequest(user_id="u" * 129),
+            "user_id is longer than 128",
+        ),
         ("BatchGetUserFeatures", feature_pb2.BatchGetUserFeaturesRequest(), "user_ids is empty"),
         (
             "BatchGetUserFeatures",
@@ -95,7 +99,7 @@ async def test_answers_carry_the_watermark_and_show_the_preprocessed_numbers(
         (
             "BatchGetUserFeatures",
             feature_pb2.BatchGetUserFeaturesRequest(user_ids=["a"] * 1001),
-            "at most 1000 user_ids",
+            "user_ids has 1001 ids; at most 1000",
         ),
         (
             "GetItemFeatures",
@@ -105,12 +109,16 @@ async def test_answers_carry_the_watermark_and_show_the_preprocessed_numbers(
         (
             "GetItemFeatures",
             feature_pb2.GetItemFeaturesRequest(item_ids=["a"] * 1001),
-            "at most 1000 item_ids",
+            "item_ids has 1001 ids; at most 1000",
         ),
         ("GetItems", feature_pb2.GetItemsRequest(item_ids=["x" * 129]), "item_ids has an id longer than 128"),
         ("ListItems", feature_pb2.ListItemsRequest(page_size=1001), "page_size must be at most 1000"),
-        ("GetPopularItems", feature_pb2.GetPopularItemsRequest(k=1001), "k must be at most 1000"),
-        ("GetPopularItems", feature_pb2.GetPopularItemsRequest(category="c" * 65), "category longer than 64"),
+        ("GetPopularItems", feature_pb2.GetPopularItemsRequest(k=1001), "k is 1001; at most 1000"),
+        (
+            "GetPopularItems",
+            feature_pb2.GetPopularItemsRequest(category="c" * 65),
+            "category is longer than 64",
+        ),
         ("GetPopularItems", feature_pb2.GetPopularItemsRequest(window=7), "window 7 is not a known"),  # type: ignore[arg-type]
     ],
 )

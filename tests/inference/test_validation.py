@@ -7,8 +7,8 @@ import pytest
 
 from freshrec.v1 import inference_pb2
 from services.inference import validation
-from services.inference.validation import RequestError
 from shared.settings import RequestLimits
+from shared.validation import DEFAULT_K, RequestError
 
 LIMITS = RequestLimits(max_id_length=8, max_ids_per_request=3, max_k=50, max_context_entries=2)
 
@@ -26,7 +26,7 @@ def refused(request: object) -> str:
 
 
 def test_a_valid_request_passes_and_k_defaults() -> None:
-    assert validation.recommend(inference_pb2.RecommendRequest(user_id="u1"), LIMITS) == validation.DEFAULT_K
+    assert validation.recommend(inference_pb2.RecommendRequest(user_id="u1"), LIMITS) == DEFAULT_K
     request = inference_pb2.RecommendRequest(
         user_id="u1", k=50, exclude_item_ids=["a", "b", "c"], diversity=1.0, exploration=0.0
     )
@@ -42,8 +42,14 @@ def test_a_valid_request_passes_and_k_defaults() -> None:
         (inference_pb2.RecommendRequest(), "user_id is empty"),
         (inference_pb2.RecommendRequest(user_id="u" * 9), "user_id is longer than 8"),
         (inference_pb2.RecommendRequest(user_id="u", k=51), "k is 51; at most 50"),
-        (inference_pb2.RecommendRequest(user_id="u", exclude_item_ids=list("abcd")), "has 4 ids; at most 3"),
-        (inference_pb2.RecommendRequest(user_id="u", exclude_item_ids=[""]), "an entry of exclude_item_ids"),
+        (
+            inference_pb2.RecommendRequest(user_id="u", exclude_item_ids=list("abcd")),
+            "has 4 ids; at most 3 per call",
+        ),
+        (
+            inference_pb2.RecommendRequest(user_id="u", exclude_item_ids=[""]),
+            "exclude_item_ids has an empty id",
+        ),
         (inference_pb2.RecommendRequest(user_id="u", categories=list("abcd")), "at most 3 categories"),
         (inference_pb2.RecommendRequest(user_id="u", diversity=1.5), "diversity is 1.5"),
         (inference_pb2.RecommendRequest(user_id="u", exploration=float("nan")), "exploration is nan"),
