@@ -1,9 +1,10 @@
-"""The generated configuration reference and metrics list under docs/ are kept current (the
-metrics list is also checked against what each running service exposes, in
-test_verbs_on_a_stack.py)."""
+"""The documentation: the generated configuration reference and metrics list under docs/ are kept
+current (the metrics list is also checked against what each running service exposes, in
+test_verbs_on_a_stack.py), the README stays short, and every relative link leads to a file."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,9 @@ import pytest
 from cli import docs
 
 ROOT = Path(__file__).resolve().parents[2]
+README_MAX_LINES = 200
+#: Markdown links and images: ``[text](target)``; the target ends at a space, ``)`` or ``#``.
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s#]*)[^)]*\)")
 
 
 def test_configuration_reference_is_current() -> None:
@@ -64,3 +68,37 @@ def test_metrics_section_is_parsed_per_service() -> None:
     found = docs.documented_metrics(page)
     assert found["ingestion"] == {"freshrec_a_total"}
     assert found["feature"] == found["trainer"] == {"freshrec_a_total", "freshrec_b"}
+
+
+def test_readme_reads_in_five_minutes() -> None:
+    lines = len((ROOT / "README.md").read_text().splitlines())
+    assert lines <= README_MAX_LINES, f"README.md: {lines} lines, over {README_MAX_LINES}: move depth to docs"
+
+
+def markdown_pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]
+
+
+def relative_links(text: str) -> list[str]:
+    """Targets of links to files of this repository (not web addresses, not anchors on the page)."""
+    targets = [m.group(1) for m in LINK.finditer(text)]
+    return [t for t in targets if t and not re.match(r"[a-z][a-z0-9+.-]*:", t)]
+
+
+def test_links_are_found() -> None:
+    text = "[a](docs/a.md) ![p](p.png) [b](b.md#part) [c](#here) [d](https://x.org/y) [e](mailto:x@y)"
+    assert relative_links(text) == ["docs/a.md", "p.png", "b.md"]
+
+
+@pytest.mark.parametrize("page", markdown_pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_points_to_a_file(page: Path) -> None:
+    links = relative_links(page.read_text())
+    missing = [t for t in links if not (page.parent / t).exists()]
+    assert not missing, f"{page.relative_to(ROOT)} links to missing files: {missing}"
+
+
+def test_every_docs_page_is_linked_from_the_readme() -> None:
+    readme = ROOT / "README.md"
+    linked = {(readme.parent / t).resolve() for t in relative_links(readme.read_text())}
+    pages = [*(ROOT / "docs").glob("*.md"), ROOT / "bench" / "README.md"]
+    assert pages and not [p.relative_to(ROOT) for p in pages if p.resolve() not in linked]
