@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         text = path.read_text()
         new = replace_section(text, begin, end, generated)
         if new == text:
-            continue
-        if args.check:
+            print(f"{path} is up to date")
+        elif args.check:
             print(f"{path} is stale: run `make docs`", file=sys.stderr)
             stale += 1
         else:
