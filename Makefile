@@ -65,8 +65,8 @@ bench: install ## Run every benchmark under bench/ and write bench/results/<date
 	$(BIN)/python bench/report.py
 
 .PHONY: docs
-docs: install ## Regenerate the README's configuration reference and metrics list from the code
-	$(BIN)/python -m cli.docs README.md
+docs: install ## Regenerate docs/configuration.md and docs/metrics.md from the code
+	$(BIN)/python -m cli.docs
 
 .PHONY: clean
 clean: ## Remove generated code and runtime state (keeps .venv)

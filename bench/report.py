@@ -11,8 +11,9 @@ This writes ``bench/results/<date>/``:
 - ``REPORT.md``: a table of every script (ok, failed, timed out, no JSON, missing), the
   figures, the plots;
 
-and rewrites the benchmark table between the markers in the README. A script that is missing,
-fails, hangs or prints no JSON is reported as such; the others still run.
+and rewrites the benchmark table between the markers in ``bench/README.md``. A script that is
+missing, fails, hangs or prints no JSON is reported as such; the others still run. Notes written by
+hand under a last ``## Notes`` heading of ``REPORT.md`` are kept when it is written again.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ EXPECTED = ("accuracy", "stream", "serve", "ingest", "features", "freshness", "l
 LONGER = {"live": 4 * 3600.0}
 README_BEGIN = "<!-- bench:begin (written by bench/report.py) -->"
 README_END = "<!-- bench:end -->"
+#: The heading under which REPORT.md holds hand-written notes about its run (kept on a rewrite).
+NOTES_HEADING = "## Notes"
 #: Headline plots: file name, title, axis labels, and which (script, series name) pairs feed them.
 HEADLINES: tuple[tuple[str, str, tuple[str, str], Callable[[str, str], bool]], ...] = (
     (
@@ -338,16 +341,20 @@ def write_report(outcomes: list[Outcome], plots: dict[str, list[str]], out_dir: 
         if o.name in plots:
             lines += [f"![{o.name}]({o.name}.png)", ""]
     path = out_dir / "REPORT.md"
-    path.write_text("\n".join(lines))
+    text = "\n".join(lines)
+    old = path.read_text() if path.exists() else ""
+    notes = old.find(f"\n{NOTES_HEADING}\n")
+    if notes >= 0:
+        text = text.rstrip("\n") + "\n\n" + old[notes + 1 :]
+    path.write_text(text)
     return path
 
 
-def readme_section(outcomes: list[Outcome], out_dir: Path, command: str) -> str:
-    relative = out_dir.relative_to(ROOT) if out_dir.is_relative_to(ROOT) else out_dir
+def readme_section(outcomes: list[Outcome], out_dir: Path, command: str, readme: Path) -> str:
+    relative = Path(os.path.relpath(out_dir / "REPORT.md", readme.parent)).as_posix()
     lines = [
         README_BEGIN,
-        f"Latest report: [`{relative}/REPORT.md`]({relative}/REPORT.md), "
-        f"produced by {command} on {machine()}.",
+        f"Latest report: [`{relative}`]({relative}), produced by {command} on {machine()}.",
         "",
         "| benchmark | figure | value |",
         "|---|---|---|",
@@ -385,8 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="pass --quick to every script (a smoke run)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one script may run")
     parser.add_argument("--only", nargs="*", default=None, help="run only these scripts (names without .py)")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="README to update")
-    parser.add_argument("--no-readme", action="store_true", help="leave the README alone")
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        default=ROOT / "bench" / "README.md",
+        help="the benchmarks' README whose table to rewrite (default bench/README.md)",
+    )
+    parser.add_argument("--no-readme", action="store_true", help="leave the benchmarks' README alone")
     parser.add_argument(
         "--expect", nargs="*", default=list(EXPECTED), help="scripts reported missing if absent"
     )
@@ -439,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         + "\n"
     )
     if not args.no_readme:
-        if update_readme(args.readme, readme_section(outcomes, out_dir, command)):
+        if update_readme(args.readme, readme_section(outcomes, out_dir, command, args.readme)):
             print(f"updated the benchmark table in {args.readme}")
         else:
             print(f"{args.readme} has no {README_BEGIN!r} marker; left it alone")

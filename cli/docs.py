@@ -1,15 +1,18 @@
-"""``python -m cli.docs --write README.md``: the README's configuration reference and metrics list,
-generated from the code so they cannot drift (``make docs``; a test compares them).
+"""``python -m cli.docs``: the configuration reference and the metrics list under ``docs/``,
+generated from the code so they cannot drift (``make docs``; ``--check`` and the tests compare them).
 
-- configuration: every service's settings class, walked field by field, as the environment
-  variables it reads, with defaults and descriptions;
-- metrics: every Prometheus metric a service process registers (each service is imported in its
-  own interpreter, so a metric is listed under exactly the services that expose it).
+- ``docs/configuration.md``: every service's settings class, walked field by field, as the
+  environment variables it reads, with defaults and descriptions;
+- ``docs/metrics.md``: every Prometheus metric a service process registers (each service is
+  imported in its own interpreter, so a metric is listed under exactly the services that expose it).
+
+Each page is hand-written prose around a marked section; only the marked section is rewritten.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import subprocess
@@ -20,6 +23,8 @@ from typing import Any
 from pydantic import BaseModel, SecretStr
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+CONFIGURATION_PAGE, METRICS_PAGE = "configuration.md", "metrics.md"
 SETTINGS = {
     "ingestion": "services.ingestion.settings:IngestionSettings",
     "feature": "services.feature.settings:FeatureSettings",
@@ -93,6 +98,7 @@ def config_markdown() -> str:
     return "\n".join(parts)
 
 
+@functools.cache  # a fresh interpreter per service: the answer cannot change while this one runs
 def service_metrics(service: str) -> list[dict[str, Any]]:
     result = subprocess.run(
         [sys.executable, "-c", _DUMP_METRICS, f"services.{service}.server"],
@@ -124,9 +130,9 @@ def metrics_markdown() -> str:
     return "\n".join(parts)
 
 
-def documented_metrics(readme: str) -> dict[str, set[str]]:
-    """Per service, the metric names the README's metrics section lists."""
-    section = _section(readme, METRICS_BEGIN, METRICS_END)
+def documented_metrics(page: str) -> dict[str, set[str]]:
+    """Per service, the metric names the marked section of ``docs/metrics.md`` lists."""
+    section = _section(page, METRICS_BEGIN, METRICS_END)
     out: dict[str, set[str]] = {s: set() for s in SETTINGS}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -152,20 +158,28 @@ def replace_section(text: str, begin: str, end: str, new: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cli.docs", description=__doc__.split("\n\n")[0])
-    parser.add_argument("readme", type=Path, nargs="?", default=ROOT / "README.md")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the README's sections are stale")
+    parser.add_argument(
+        "--docs-dir", type=Path, default=DOCS, help=f"folder of {CONFIGURATION_PAGE} and {METRICS_PAGE}"
+    )
+    parser.add_argument("--check", action="store_true", help="exit 1 if a page's generated section is stale")
     args = parser.parse_args(argv)
-    text = args.readme.read_text()
-    new = replace_section(text, CONFIG_BEGIN, CONFIG_END, config_markdown())
-    new = replace_section(new, METRICS_BEGIN, METRICS_END, metrics_markdown())
-    if args.check:
-        if new != text:
-            print(f"{args.readme} is stale: run `make docs`", file=sys.stderr)
-            return 1
-        return 0
-    args.readme.write_text(new)
-    print(f"wrote the configuration reference and the metrics list into {args.readme}")
-    return 0
+    pages = {
+        args.docs_dir / CONFIGURATION_PAGE: (CONFIG_BEGIN, CONFIG_END, config_markdown()),
+        args.docs_dir / METRICS_PAGE: (METRICS_BEGIN, METRICS_END, metrics_markdown()),
+    }
+    stale = 0
+    for path, (begin, end, generated) in pages.items():
+        text = path.read_text()
+        new = replace_section(text, begin, end, generated)
+        if new == text:
+            print(f"{path} is up to date")
+        elif args.check:
+            print(f"{path} is stale: run `make docs`", file=sys.stderr)
+            stale += 1
+        else:
+            path.write_text(new)
+            print(f"wrote {path}")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """`make bench`'s harness on fake benchmark scripts: a good one with series, one that fails, one
 that prints no JSON, one that hangs, one expected but missing. The report says which is which,
-keeps each script's JSON and log, draws the plots, and rewrites the README's marked table."""
+keeps each script's JSON and log, draws the plots, and rewrites the marked table of the benchmarks'
+README (bench/README.md)."""
 
 from __future__ import annotations
 
@@ -102,13 +103,13 @@ def test_report_on_good_failing_silent_hanging_and_missing_scripts(bench: Path, 
     assert "| hr@10.online | 0.25 |" in text and "| note | fake |" in text
     assert "_No script reported a series for this plot in this run._" in text
 
-    # The README's marked table is replaced, everything around it kept.
+    # The README's marked table is replaced, everything around it kept; the link is relative to it.
     new = readme.read_text()
     assert "old table" not in new
     assert new.startswith("# project\n\nintro\n\n") and new.endswith("\n\n## after\n")
     assert "| `bench/good.py` | ratio | 1.25 |" in new
     assert "| `bench/hangs.py` | (timeout) |" in new
-    assert "2026-01-02/REPORT.md" in new
+    assert "](results/2026-01-02/REPORT.md)" in new
 
 
 def test_readme_without_markers_is_left_alone(bench: Path, tmp_path: Path) -> None:
@@ -130,6 +131,11 @@ def test_readme_without_markers_is_left_alone(bench: Path, tmp_path: Path) -> No
     )
     assert code == 0
     assert readme.read_text() == "# untouched\n"
+
+
+def test_the_benchmarks_readme_has_the_table_to_rewrite() -> None:
+    text = (ROOT / "bench" / "README.md").read_text()
+    assert report.README_BEGIN in text and report.README_END in text
 
 
 def test_series_are_cleaned_and_figures_flattened() -> None:
@@ -158,11 +164,14 @@ def test_rerender_redraws_a_report_without_running_anything(bench: Path, tmp_pat
     report.main([*args, "--only", "good", "nojson", "--expect", "--quiet"])
     out = tmp_path / "r" / "d"
     first = (out / "REPORT.md").read_text()
+    notes = "## Notes\n\nA note written by hand about this run.\n"
+    (out / "REPORT.md").write_text(first + "\n" + notes)
     (out / "good.png").unlink()
     (bench / "good.py").write_text("raise SystemExit(9)\n")  # would fail if it ran again
     assert report.main([*args, "--rerender"]) == 1  # nojson is still not ok
     again = (out / "REPORT.md").read_text()
-    assert again.split("\n", 3)[3] == first.split("\n", 3)[3]  # same but for the timestamp line
+    # The same but for the timestamp line, and the hand-written notes are kept.
+    assert again.split("\n", 3)[3] == first.rstrip("\n").split("\n", 3)[3] + "\n\n" + notes
     assert (out / "good.png").is_file()
 
 

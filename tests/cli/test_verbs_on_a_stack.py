@@ -246,12 +246,13 @@ def exposed_freshrec_metrics(text: str) -> set[str]:
 def test_every_instance_exposes_exactly_the_documented_metrics(stack: Stack) -> None:
     from cli.docs import documented_metrics
 
-    documented = documented_metrics((ROOT / "README.md").read_text())
+    documented = documented_metrics((ROOT / "docs" / "metrics.md").read_text())
     for instance, service in stack.services.items():
         exposed = exposed_freshrec_metrics(scrape(stack, instance))
-        assert exposed == documented[service.name], (
-            f"{instance}: exposed but not in the README: {sorted(exposed - documented[service.name])}; "
-            f"in the README but not exposed: {sorted(documented[service.name] - exposed)} (run `make docs`)"
+        listed = documented[service.name]
+        assert exposed == listed, (
+            f"{instance}: exposed but not in docs/metrics.md: {sorted(exposed - listed)}; "
+            f"in docs/metrics.md but not exposed: {sorted(listed - exposed)} (run `make docs`)"
         )
 
 
