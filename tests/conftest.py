@@ -1,5 +1,6 @@
-"""Fixtures on real parts: a private nats-server with JetStream per test, SQLite in tmp folders,
-in-process gRPC servers on ephemeral ports. Nothing of freshrec's own is mocked."""
+"""Fixtures on real parts: a private nats-server with JetStream per test (from tests.harness),
+SQLite in tmp folders, in-process gRPC servers on ephemeral ports. Nothing of freshrec's own is
+mocked."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cli.stack import NatsServer
+from tests.harness import NatsServer
 
 ML100K = Path(os.environ.get("FRESHREC_ML100K", Path(__file__).resolve().parents[2] / "shared/data/ml-100k"))
 

@@ -151,3 +151,14 @@ def test_every_service_has_help() -> None:
         )
         assert result.returncode == 0, result.stderr
         assert "FRESHREC_" in result.stdout and "--grpc.port" in result.stdout
+
+
+def test_tests_mirror_the_tree() -> None:
+    """A service's, a shared module's or a test folder's tests live in its folder under tests/, not
+    also in a tests/test_<name>.py beside it; only tests across several parts stay at the top."""
+    tests = ROOT / "tests"
+    subjects = {p.name for p in tests.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    subjects |= {p.name for p in (ROOT / "services").iterdir() if p.is_dir()}
+    subjects |= {p.stem for p in (ROOT / "shared").glob("*.py")}
+    beside = sorted(p.name for p in tests.glob("test_*.py") if p.stem.removeprefix("test_") in subjects)
+    assert beside == [], f"move these into the folders of their subjects: {beside}"

@@ -13,10 +13,10 @@ from pathlib import Path
 import nats
 import pytest
 
-from cli.stack import free_port, nats_server_binary
 from shared.nats import EVENTS_STREAM, StreamReader, ensure_events_stream
 from tests.conftest import eventually
 from tests.deploy.test_compose import NATS_NODES, compose
+from tests.harness import NATS_SERVER, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def local_command(command: list[str], ports: dict[str, dict[str, int]], node: st
     routes = args[args.index("--routes") + 1].split(",")
     assert routes == [f"nats://{n}:6222" for n in NATS_NODES], routes
     replace_value("--routes", ",".join(f"nats://127.0.0.1:{ports[n]['cluster']}" for n in NATS_NODES))
-    return [nats_server_binary(), *args, "-a", "127.0.0.1", "-p", str(ports[node]["client"])]
+    return [str(NATS_SERVER), *args, "-a", "127.0.0.1", "-p", str(ports[node]["client"])]
 
 
 @pytest.fixture

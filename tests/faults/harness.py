@@ -24,7 +24,7 @@ import nats
 import sqlalchemy
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from cli.stack import Stack, wait_healthy
+from cli.stack import Stack
 from freshrec.v1 import (
     event_pb2,
     feature_pb2,
@@ -35,6 +35,7 @@ from freshrec.v1 import (
     trainer_pb2_grpc,
 )
 from shared.nats import EVENTS_STREAM, MSG_ID_HEADER
+from tests.harness import wait_serving
 
 logger = logging.getLogger(__name__)
 
@@ -354,4 +355,4 @@ async def restart(stack: Stack, name: str, timeout_s: float = 60.0) -> None:
     service = stack.services[name]
     log = stack.log_dir / f"{name}.log" if stack.log_dir else None
     service.start(log)
-    await asyncio.to_thread(wait_healthy, service.address, timeout_s, service.process)
+    await asyncio.to_thread(wait_serving, service.address, timeout_s, service.process)

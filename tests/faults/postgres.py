@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.stack import free_port
+from tests.harness import free_port
 
 BIN = Path("/usr/lib/postgresql/15/bin")
 

@@ -1,4 +1,5 @@
-"""FeatureService over gRPC: freshness on every answer, cold-start users, input validation."""
+"""FeatureService over gRPC: freshness on every answer, cold-start users, input validation, and the
+same answers after a restart."""
 
 from __future__ import annotations
 
@@ -8,9 +9,18 @@ from pathlib import Path
 import grpc
 import pytest
 
-from freshrec.v1 import event_pb2, feature_pb2, item_pb2
+from freshrec.v1 import event_pb2, feature_pb2, feature_pb2_grpc, item_pb2
+from services.feature.server import FeatureApp
+from tests.conftest import eventually
 from tests.factories import event
 from tests.feature.helpers import caught_up, publish, settings_for, started, stub
+
+
+async def user_features(port: int, user: str) -> feature_pb2.GetUserFeaturesResponse:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return await feature_pb2_grpc.FeatureServiceStub(channel).GetUserFeatures(
+            feature_pb2.GetUserFeaturesRequest(user_id=user)
+        )
 
 
 async def test_answers_carry_the_watermark_and_show_the_preprocessed_numbers(
@@ -139,3 +149,56 @@ async def test_invalid_requests_are_refused_with_a_reason(
     finally:
         await channel.close()
         await app.stop()
+
+
+async def test_features_follow_the_stream_and_survive_restart(
+    nats_server, nats_client, tmp_path: Path
+) -> None:
+    events = [event("u1", f"i{n}", event_id=f"e{n}", at=1_700_000_000 + n) for n in range(5)]
+    events.append(event("u2", "i4", event_id="p1", type=event_pb2.EVENT_TYPE_PURCHASE, at=1_700_000_010))
+    await publish(nats_client, events)
+
+    settings = settings_for(nats_server, tmp_path, recent_items=3)
+    app = FeatureApp(settings)
+    await app.start()
+
+    async def applied():  # type: ignore[no-untyped-def]
+        r = await user_features(app.port, "u2")
+        return r if r.watermark.stream_sequence == len(events) else None
+
+    response = await eventually(applied, what="all events applied")
+    assert response.features.known
+    assert response.watermark.event_time.seconds == 1_700_000_010
+    assert response.watermark.lag.seconds > 0
+
+    u1 = (await user_features(app.port, "u1")).features
+    assert [i.item_id for i in u1.recent] == ["i4", "i3", "i2"]  # newest first, capped at 3
+    assert u1.event_counts["EVENT_TYPE_CLICK"] == 5
+
+    channel, feature = stub(app)
+    try:
+        popular = await feature.GetPopularItems(feature_pb2.GetPopularItemsRequest(k=2))
+        # i4 has a click (weight 2) and a purchase (weight 5).
+        assert [p.item_id for p in popular.items][0] == "i4"
+        unknown = await feature.GetUserFeatures(feature_pb2.GetUserFeaturesRequest(user_id="nobody"))
+        assert not unknown.features.known and not unknown.features.recent
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await feature.GetUserFeatures(feature_pb2.GetUserFeaturesRequest(user_id=""))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await channel.close()
+    await app.stop()
+
+    # A restart resumes from SQL and the durable consumer: same state, nothing applied twice.
+    await publish(nats_client, [event("u1", "i9", event_id="late", at=1_700_000_020)])
+    app = FeatureApp(settings)
+    await app.start()
+
+    async def late_applied():  # type: ignore[no-untyped-def]
+        r = await user_features(app.port, "u1")
+        return r if r.watermark.stream_sequence == len(events) + 1 else None
+
+    restarted = (await eventually(late_applied, what="the late event applied")).features
+    assert [i.item_id for i in restarted.recent] == ["i9", "i4", "i3"]
+    assert restarted.event_counts["EVENT_TYPE_CLICK"] == 6
+    await app.stop()

@@ -299,3 +299,29 @@ async def test_items_stored_while_nats_is_down_are_published_when_it_returns(
     finally:
         await channel.close()
         await app.stop()
+
+
+async def test_catalogue_upsert_validation_and_listing(nats_server, tmp_path: Path) -> None:
+    app = await started(settings_for(nats_server, tmp_path))
+    channel, feature = stub(app)
+    try:
+        items = [item_pb2.Item(item_id=f"m{n}", title=f"Movie {n}", categories=["drama"]) for n in range(5)]
+        items.append(item_pb2.Item(item_id="", title="nameless"))
+        response = await feature.UpsertItems(feature_pb2.UpsertItemsRequest(items=items))
+        assert response.upserted == 5
+        assert [(e.index, e.reason) for e in response.errors] == [(5, "item_id is empty")]
+
+        got = await feature.GetItems(feature_pb2.GetItemsRequest(item_ids=["m1", "zz"]))
+        assert [i.title for i in got.items] == ["Movie 1"] and list(got.missing_item_ids) == ["zz"]
+
+        page = await feature.ListItems(feature_pb2.ListItemsRequest(page_size=3))
+        rest = await feature.ListItems(
+            feature_pb2.ListItemsRequest(page_size=3, page_token=page.next_page_token)
+        )
+        assert [i.item_id for i in page.items] + [i.item_id for i in rest.items] == [
+            f"m{n}" for n in range(5)
+        ]
+        assert rest.next_page_token == ""
+    finally:
+        await channel.close()
+        await app.stop()

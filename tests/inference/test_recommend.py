@@ -212,6 +212,23 @@ async def test_cold_start_gets_popular_items_per_category(served, nats_client, f
     assert [i.source for i in explored.items].count(EXPLORATION) == 2
 
 
+async def test_without_a_model_popular_items_answer(start_inference, nats_client) -> None:
+    await publish_events(
+        nats_client,
+        [event("a", "hit", event_id="1"), event("b", "hit", event_id="2"), event("c", "other", event_id="3")],
+    )
+    _app, stub = await start_inference()
+
+    async def popular() -> Any:
+        r = await stub.Recommend(inference_pb2.RecommendRequest(user_id="new", k=2))
+        return r if len(r.items) == 2 else None
+
+    response = await eventually(popular, what="popular items")
+    assert [i.item_id for i in response.items] == ["hit", "other"]
+    assert response.model_version == ""
+    assert all(i.source == inference_pb2.RECOMMENDATION_SOURCE_POPULAR for i in response.items)
+
+
 async def test_scores_and_neighbours_come_from_the_same_model(served) -> None:
     app, stub = served
     ranked = await stub.Recommend(inference_pb2.RecommendRequest(user_id="u1", k=5))

@@ -27,7 +27,7 @@ from tests.inference.conftest import (
     publish_events,
     wait_serving,
 )
-from tests.test_trainer import taste_stream
+from tests.trainer.streams import taste_stream
 
 
 async def test_reloads_under_concurrent_load_fail_no_request(start_inference, store, nats_client) -> None:

@@ -9,11 +9,11 @@ from typing import Any
 import grpc
 import pytest
 
-from cli.stack import NatsServer
 from freshrec.v1 import ingestion_pb2_grpc
 from services.ingestion.server import IngestionApp
 from services.ingestion.settings import IngestionSettings
 from tests.conftest import service_settings
+from tests.harness import NatsServer
 
 AppFactory = Callable[..., Awaitable[IngestionApp]]
 

@@ -18,9 +18,9 @@ import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from cli.stack import NatsServer, free_port, wait_healthy
 from freshrec.v1 import event_pb2
 from shared.nats import ACCEPTED_SUBJECTS, EVENTS_STREAM, MSG_ID_HEADER
+from tests.harness import NatsServer, free_port, wait_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -149,7 +149,7 @@ class IngestionProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_healthy(self.address, timeout_s, self.process)
+        wait_serving(self.address, timeout_s, self.process)
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

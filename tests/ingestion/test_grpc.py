@@ -9,13 +9,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cli.stack import NatsServer
 from freshrec.v1 import event_pb2, ingestion_pb2
 from services.ingestion.publisher import PUBLISHER_HEALTH
 from services.ingestion.validation import derive_event_id
 from shared.nats import MSG_ID_HEADER, user_partition
 from tests.conftest import eventually
 from tests.factories import event
+from tests.harness import NatsServer
 from tests.ingestion.conftest import AppFactory, stub_for
 from tests.ingestion.helpers import duplicated, stream_events, stream_ids
 

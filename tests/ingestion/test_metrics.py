@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from cli.stack import NatsServer
 from freshrec.v1 import event_pb2, ingestion_pb2
 from shared.nats import RAW_SUBJECT
 from tests.conftest import eventually
 from tests.factories import event
+from tests.harness import NatsServer
 from tests.ingestion.conftest import AppFactory, stub_for
 from tests.ingestion.helpers import metric, scrape, stream_ids
 

@@ -11,7 +11,6 @@ import nats
 from google.protobuf import json_format
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from cli.stack import NatsServer
 from freshrec.v1 import event_pb2, ingestion_pb2
 from services.ingestion.nats_intake import (
     CODE_HEADER,
@@ -26,6 +25,7 @@ from services.ingestion.nats_intake import (
 from shared.nats import DLQ_SUBJECT, MSG_ID_HEADER, RAW_SUBJECT
 from tests.conftest import eventually
 from tests.factories import event
+from tests.harness import NatsServer
 from tests.ingestion.conftest import AppFactory
 from tests.ingestion.helpers import stream_events, stream_ids
 

@@ -11,11 +11,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from cli.stack import NatsServer
 from freshrec.v1 import ingestion_pb2
 from services.ingestion.publisher import PUBLISHER_HEALTH
 from tests.conftest import eventually
 from tests.factories import event
+from tests.harness import NatsServer
 from tests.ingestion.conftest import AppFactory, stub_for
 from tests.ingestion.helpers import duplicated, stream_ids
 

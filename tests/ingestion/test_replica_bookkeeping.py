@@ -7,7 +7,6 @@ from pathlib import Path
 
 from sqlalchemy import delete, select
 
-from cli.stack import NatsServer
 from services.ingestion.server import MIGRATIONS, VERSION_TABLE
 from services.ingestion.store import EventLog, EventRow, ReplicaRow
 from services.ingestion.writer import GroupCommitter, Heartbeat
@@ -15,6 +14,7 @@ from shared.db import make_engine, upgrade_schema
 from shared.settings import DatabaseSettings
 from tests.conftest import eventually
 from tests.factories import event
+from tests.harness import NatsServer
 from tests.ingestion.conftest import AppFactory
 from tests.ingestion.helpers import duplicated, stream_ids
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cli.stack import NatsServer
 from freshrec.v1 import ingestion_pb2, ingestion_pb2_grpc
 from tests.conftest import eventually
 from tests.factories import event
+from tests.harness import NatsServer
 from tests.ingestion.conftest import AppFactory, stub_for
 from tests.ingestion.helpers import (
     IngestionProcess,

@@ -8,13 +8,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cli.stack import NatsServer
 from freshrec.v1 import ingestion_pb2, ingestion_pb2_grpc
 from services.ingestion.server import IngestionApp
 from services.ingestion.settings import IngestionSettings
 from shared.nats import EVENTS_STREAM, connect
 from shared.settings import NatsSettings, TlsSettings
 from tests.factories import event
+from tests.harness import NatsServer
 from tests.security.certs import make_pki
 
 PASSWORD = "n4ts-pa55word"

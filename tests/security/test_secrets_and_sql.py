@@ -12,12 +12,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cli.stack import NatsServer, free_port, wait_healthy
 from freshrec.v1 import ingestion_pb2, ingestion_pb2_grpc
 from services.ingestion.settings import IngestionSettings
 from shared.security import make_channel
 from shared.settings import PeerSettings
 from tests.factories import event
+from tests.harness import NatsServer, free_port, wait_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "tok-8c1f0e5b-never-log-me"
@@ -56,7 +56,7 @@ def test_a_service_at_debug_level_logs_no_secret(tmp_path: Path) -> None:
             stderr=subprocess.STDOUT,
         )
     try:
-        wait_healthy(f"127.0.0.1:{port}", 60, process)
+        wait_serving(f"127.0.0.1:{port}", 60, process)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # no token: refused, and logged
             with pytest.raises(grpc.RpcError):
                 ingestion_pb2_grpc.IngestionServiceStub(channel).IngestEvents(

@@ -13,7 +13,7 @@ from services.trainer.export import export_learner
 from services.trainer.learner import OnlineLearner
 from shared.model_store import ArtifactError, ModelStore
 from shared.signing import generate_keypair, load_private_key, load_public_key
-from tests.test_trainer import taste_stream
+from tests.trainer.streams import taste_stream
 
 
 @pytest.fixture

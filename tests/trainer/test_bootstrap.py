@@ -11,7 +11,7 @@ import pytest
 
 from freshrec.v1 import trainer_pb2
 from tests.conftest import eventually
-from tests.test_feature import publish
+from tests.feature.helpers import publish
 from tests.trainer.streams import taste_stream
 from tests.trainer.test_service import Running, trainer  # noqa: F401  (the fixture)
 

@@ -13,10 +13,10 @@ import grpc
 import pytest
 import torch
 
-from cli.stack import free_port, wait_healthy
 from freshrec.v1 import trainer_pb2, trainer_pb2_grpc
 from tests.conftest import eventually
-from tests.test_feature import publish
+from tests.feature.helpers import publish
+from tests.harness import free_port, wait_serving
 from tests.trainer.streams import taste_stream
 
 pytestmark = pytest.mark.slow
@@ -53,7 +53,7 @@ def start_trainer(nats_url: str, folder: Path, consumer: str, port: int) -> subp
     process = subprocess.Popen(
         [sys.executable, "-m", "services.trainer"], env=env, stdout=log, stderr=subprocess.STDOUT
     )
-    wait_healthy(f"127.0.0.1:{port}", 120, process)
+    wait_serving(f"127.0.0.1:{port}", 120, process)
     return process
 
 

@@ -18,7 +18,7 @@ from services.trainer.server import TrainerApp
 from services.trainer.settings import TrainerSettings
 from shared.model_store import ModelStore
 from tests.conftest import eventually, service_settings
-from tests.test_feature import publish
+from tests.feature.helpers import publish
 from tests.trainer.streams import T0, taste_stream
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ from services.trainer.settings import TrainerSettings
 from shared.model_store import ModelStore
 from shared.nats import CATALOG_ACCEPTED_SUBJECT, MODELS_PUBLISHED_SUBJECT, ensure_catalog_stream
 from tests.conftest import eventually, service_settings
-from tests.test_feature import publish
+from tests.feature.helpers import publish
 from tests.trainer.streams import catalog_item, taste_stream
 
 SMALL: dict[str, Any] = {

@@ -1,27 +1,23 @@
-"""Inference on real parts: ONNX versions made by the trainer's exporter, onnxruntime sessions,
-announcements over NATS, the feature service over gRPC."""
+"""Inference serving versions that the trainer's own exporter made (the other inference tests
+build theirs with tests.inference.artifacts): every RPC, the hot swap on an announcement, bad
+artifacts and digests refused while the old version serves, and invalid requests."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
-from freshrec.v1 import feature_pb2, feature_pb2_grpc, inference_pb2, inference_pb2_grpc, trainer_pb2
-from services.feature.server import FeatureApp
-from services.feature.settings import FeatureSettings
-from services.inference.server import InferenceApp
-from services.inference.settings import InferenceSettings
+from freshrec.v1 import inference_pb2, trainer_pb2
 from services.trainer.export import export_learner
 from services.trainer.learner import OnlineLearner
 from shared.model_store import ModelStore
 from shared.nats import MODELS_PUBLISHED_SUBJECT
-from tests.conftest import eventually, service_settings
-from tests.test_feature import publish
-from tests.test_trainer import taste_stream
+from tests.conftest import eventually
+from tests.inference.conftest import Starter, publish_events, recent_items
+from tests.trainer.streams import taste_stream
 
 
 def write_model(store: ModelStore, version: str, rounds: int = 4) -> str:
@@ -32,50 +28,25 @@ def write_model(store: ModelStore, version: str, rounds: int = 4) -> str:
     return str(stored.manifest["sha256"])
 
 
-async def announce(nats_client, version: str, sha256: str = "") -> None:  # type: ignore[no-untyped-def]
+async def announce_only(nats_client: Any, version: str, sha256: str = "") -> None:
+    """Announces a version without moving LIVE, so only the announcement (with its digest), never
+    the store poll, can bring it in."""
     msg = trainer_pb2.ModelAnnouncement(version=version, sha256=sha256, reason="published")
     await nats_client.publish(MODELS_PUBLISHED_SUBJECT, msg.SerializeToString())
     await nats_client.flush()
 
 
-async def applied(feature_port: int, user: str, n: int) -> bool:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{feature_port}") as channel:
-        response = await feature_pb2_grpc.FeatureServiceStub(channel).GetUserFeatures(
-            feature_pb2.GetUserFeaturesRequest(user_id=user)
-        )
-    return len(response.features.recent) == n
+async def has_recent(feature_port: int, user: str, n: int) -> bool:
+    return len(await recent_items(feature_port, user)) == n
 
 
 @pytest.fixture
-async def feature(nats_server, tmp_path: Path) -> AsyncIterator[FeatureApp]:
-    app = FeatureApp(service_settings(FeatureSettings, nats_server, tmp_path))
-    await app.start()
-    yield app
-    await app.stop()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> ModelStore:
-    return ModelStore(tmp_path / "models")
-
-
-@pytest.fixture
-async def inference(nats_server, tmp_path: Path, feature: FeatureApp, store: ModelStore):  # type: ignore[no-untyped-def]
+async def inference(start_inference: Starter, store: ModelStore) -> Any:
+    """Inference on v000001, written by the exporter and live from the start: (app, stub, digest)."""
     sha = write_model(store, "v000001")
     store.set_live("v000001")
-    app = InferenceApp(
-        service_settings(
-            InferenceSettings,
-            nats_server,
-            tmp_path,
-            feature_addr=f"127.0.0.1:{feature.port}",
-            feature_deadline_s=1.0,
-        )
-    )
-    await app.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-        yield app, inference_pb2_grpc.InferenceServiceStub(channel), sha
-    await app.stop()
+    app, stub = await start_inference(feature_deadline_s=1.0)
+    return app, stub, sha
 
 
 async def test_serves_the_live_model_from_start_and_excludes_seen_items(
@@ -90,9 +61,9 @@ async def test_serves_the_live_model_from_start_and_excludes_seen_items(
     history = [e for _, e in taste_stream(n_users=1, rounds=3)]
     for n, e in enumerate(history):
         e.event_id = f"h{n}"
-    await publish(nats_client, history)
+    await publish_events(nats_client, history)
     seen = {e.item_id for e in history}
-    await eventually(lambda: applied(feature.port, "u0", 3), what="u0's history in the feature service")
+    await eventually(lambda: has_recent(feature.port, "u0", 3), what="u0's history in the feature service")
 
     response = await stub.Recommend(inference_pb2.RecommendRequest(user_id="u0", k=10))
     assert response.items[0].source == inference_pb2.RECOMMENDATION_SOURCE_MODEL
@@ -117,7 +88,7 @@ async def test_hot_swap_on_announcement_and_bad_artifacts_keep_the_old_model(
 ) -> None:
     app, stub, _ = inference
     sha2 = write_model(store, "v000002", rounds=5)
-    await announce(nats_client, "v000002", sha2)
+    await announce_only(nats_client, "v000002", sha2)
 
     async def serving(version: str):  # type: ignore[no-untyped-def]
         info = await stub.GetModelInfo(inference_pb2.GetModelInfoRequest())
@@ -131,8 +102,8 @@ async def test_hot_swap_on_announcement_and_bad_artifacts_keep_the_old_model(
     graph.write_bytes(graph.read_bytes()[:100])
     # The wrong digest announced for an intact version: rejected too.
     sha4 = write_model(store, "v000004")
-    await announce(nats_client, "v000003")
-    await announce(nats_client, "v000004", "f" * 64)
+    await announce_only(nats_client, "v000003")
+    await announce_only(nats_client, "v000004", "f" * 64)
 
     async def both_rejected() -> bool:
         return {"v000003", "v000004"} <= set(app.holder.failed)
@@ -145,7 +116,7 @@ async def test_hot_swap_on_announcement_and_bad_artifacts_keep_the_old_model(
     assert response.model_version == "v000002"
 
     # The right digest for v000004 swaps it in.
-    await announce(nats_client, "v000004", sha4)
+    await announce_only(nats_client, "v000004", sha4)
     await eventually(lambda: serving("v000004"), what="v000004 served")
 
 
@@ -162,28 +133,3 @@ async def test_invalid_requests_get_invalid_argument(inference, request_, code) 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Recommend(request_)
     assert caught.value.code() == code and caught.value.details()
-
-
-async def test_without_a_model_popular_items_answer(nats_server, tmp_path, feature, nats_client) -> None:
-    from tests.factories import event
-
-    await publish(
-        nats_client,
-        [event("a", "hit", event_id="1"), event("b", "hit", event_id="2"), event("c", "other", event_id="3")],
-    )
-    app = InferenceApp(
-        service_settings(InferenceSettings, nats_server, tmp_path, feature_addr=f"127.0.0.1:{feature.port}")
-    )
-    await app.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-
-        async def popular():  # type: ignore[no-untyped-def]
-            r = await stub.Recommend(inference_pb2.RecommendRequest(user_id="new", k=2))
-            return r if len(r.items) == 2 else None
-
-        response = await eventually(popular, what="popular items")
-        assert [i.item_id for i in response.items] == ["hit", "other"]
-        assert response.model_version == ""
-        assert all(i.source == inference_pb2.RECOMMENDATION_SOURCE_POPULAR for i in response.items)
-    await app.stop()
