@@ -11,6 +11,9 @@ INSTALLED := $(VENV)/.installed
 PROTOS := $(wildcard protos/freshrec/v1/*.proto)
 GENERATED := freshrec/v1/.generated
 PYTEST_ARGS ?=
+# `buf breaking` compares protos/ with those on branch main: the local branch where there is one,
+# origin/main in a clone without it (a CI checkout of one commit).
+PROTOS_BASE = $(shell git rev-parse --verify --quiet main >/dev/null && echo main || echo origin/main)
 
 .PHONY: help
 help: ## List the targets
@@ -55,10 +58,12 @@ faults: install ## Fault-injection suite: NATS, service and database faults unde
 	$(BIN)/python -m pytest -m faults tests/faults -q $(PYTEST_ARGS)
 
 .PHONY: lint
-lint: install ## Ruff and mypy on hand-written code
+lint: install ## Ruff and mypy on hand-written code; buf lint, and buf breaking against main's protos
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy shared services cli
+	$(BIN)/buf lint
+	$(BIN)/buf breaking protos --against '.git#ref=$(PROTOS_BASE),subdir=protos'
 
 .PHONY: bench
 bench: install ## Run every benchmark under bench/ and write bench/results/<date>/REPORT.md with plots
