@@ -22,11 +22,21 @@ help: ## List the targets
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 
-$(INSTALLED): pyproject.toml | $(BIN)/python
+$(INSTALLED): pyproject.toml requirements.lock | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
-	@# torch is pinned to 2.13.0 in pyproject.toml: any other spec pulls a multi-GB CUDA build.
-	$(BIN)/pip install --quiet --config-settings editable_mode=compat -e '.[dev,text]'
+	@# pyproject.toml says which versions work, requirements.lock which ones are installed (`make lock`).
+	@# torch is pinned to 2.13.0 in both: any other spec pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet --config-settings editable_mode=compat -c requirements.lock -e '.[dev,text]'
 	touch $@
+
+.PHONY: lock
+lock: | $(BIN)/python ## Pin the versions installed in .venv in requirements.lock (after editing pyproject.toml)
+	@# Without the old pins: installs what pyproject.toml now asks for, keeps what already fits.
+	$(BIN)/pip install --quiet --config-settings editable_mode=compat -e '.[dev,text]'
+	@# A local version label (torch's +cpu) names a build PyPI does not carry: pin the public version.
+	{ echo '# Versions `make install` installs; pyproject.toml has the ranges. Regenerate: make lock.'; \
+	  $(BIN)/pip freeze --exclude-editable | sed -E 's/^([^=]+==[^+]+)\+.*/\1/'; } > requirements.lock
+	@if grep -n ' @ ' requirements.lock; then echo 'requirements.lock: not from PyPI (above)' >&2; exit 1; fi
 
 .PHONY: install
 install: $(INSTALLED) $(GENERATED) ## Create .venv, install everything, generate protobuf code
