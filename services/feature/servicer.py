@@ -7,9 +7,10 @@ from (stream sequence and event time of the last applied event, and the lag to n
 from __future__ import annotations
 
 import asyncio
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from freshrec.v1 import feature_pb2, feature_pb2_grpc, watermark_pb2
 from services.feature.catalog import Catalog
@@ -24,17 +25,17 @@ DEFAULT_K = 10
 DEFAULT_PAGE = 500
 
 
-def _set_time(field, seconds: float) -> None:  # type: ignore[no-untyped-def]
+def _set_time(field: Timestamp, seconds: float) -> None:
     field.FromNanoseconds(int(round(seconds * 1e9)))
 
 
-async def _invalid(context: grpc.aio.ServicerContext, reason: str) -> NoReturn:
+async def _invalid(context: grpc.aio.ServicerContext[Any, Any], reason: str) -> NoReturn:
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
     raise AssertionError("unreachable")  # abort raises
 
 
 async def _check_ids(
-    context: grpc.aio.ServicerContext, ids: list[str], what: str, limits: RequestLimits
+    context: grpc.aio.ServicerContext[Any, Any], ids: list[str], what: str, limits: RequestLimits
 ) -> None:
     if len(ids) > limits.max_ids_per_request:
         await _invalid(context, f"at most {limits.max_ids_per_request} {what} per call")
@@ -58,7 +59,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
         wm = self.state.watermark
         return watermark_proto(wm.stream_sequence, wm.event_time)
 
-    async def _check_owned(self, context: grpc.aio.ServicerContext, user_id: str) -> None:
+    async def _check_owned(self, context: grpc.aio.ServicerContext[Any, Any], user_id: str) -> None:
         partition = self.settings.partition
         if not partition.owns_partition(user_partition(user_id)):
             await context.abort(
@@ -81,7 +82,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
         recent = features.recent
         for n in range(1, limit + 1):
             item_id, kind, occurred_at, weight, normalized_rating = user.recent[-n]
-            entry = recent.add(item_id=item_id, type=kind, weight=weight)  # type: ignore[arg-type]
+            entry = recent.add(item_id=item_id, type=kind, weight=weight)
             if normalized_rating is not None:
                 entry.normalized_rating = normalized_rating
             _set_time(entry.occurred_at, occurred_at)
@@ -97,7 +98,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
             features.rating_mean, features.rating_std = pre.rating_stats(state.preprocessor.settings)
 
     async def GetUserFeatures(
-        self, request: feature_pb2.GetUserFeaturesRequest, context: grpc.aio.ServicerContext
+        self, request: feature_pb2.GetUserFeaturesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feature_pb2.GetUserFeaturesResponse:
         user_id = request.user_id
         if not user_id:
@@ -110,7 +111,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
         return feature_pb2.GetUserFeaturesResponse(features=features, watermark=self._watermark())
 
     async def BatchGetUserFeatures(
-        self, request: feature_pb2.BatchGetUserFeaturesRequest, context: grpc.aio.ServicerContext
+        self, request: feature_pb2.BatchGetUserFeaturesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feature_pb2.BatchGetUserFeaturesResponse:
         user_ids = list(request.user_ids)
         if not user_ids:
@@ -129,7 +130,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
         return response
 
     async def GetItemFeatures(
-        self, request: feature_pb2.GetItemFeaturesRequest, context: grpc.aio.ServicerContext
+        self, request: feature_pb2.GetItemFeaturesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feature_pb2.GetItemFeaturesResponse:
         await _check_ids(context, list(request.item_ids), "item_ids", self.settings.limits)
         state = self.state
@@ -149,7 +150,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
         return response
 
     async def UpsertItems(
-        self, request: feature_pb2.UpsertItemsRequest, context: grpc.aio.ServicerContext
+        self, request: feature_pb2.UpsertItemsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feature_pb2.UpsertItemsResponse:
         limit = self.settings.catalog.max_items_per_request
         if len(request.items) > limit:
@@ -166,7 +167,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
         return response
 
     async def GetItems(
-        self, request: feature_pb2.GetItemsRequest, context: grpc.aio.ServicerContext
+        self, request: feature_pb2.GetItemsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feature_pb2.GetItemsResponse:
         await _check_ids(context, list(request.item_ids), "item_ids", self.settings.limits)
         found = await asyncio.to_thread(self.store.get_items, list(request.item_ids))
@@ -179,7 +180,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
         return response
 
     async def ListItems(
-        self, request: feature_pb2.ListItemsRequest, context: grpc.aio.ServicerContext
+        self, request: feature_pb2.ListItemsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feature_pb2.ListItemsResponse:
         if request.page_size > self.settings.limits.max_ids_per_request:
             await _invalid(context, f"page_size must be at most {self.settings.limits.max_ids_per_request}")
@@ -193,7 +194,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
         return response
 
     async def GetPopularItems(
-        self, request: feature_pb2.GetPopularItemsRequest, context: grpc.aio.ServicerContext
+        self, request: feature_pb2.GetPopularItemsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feature_pb2.GetPopularItemsResponse:
         if request.k > self.settings.limits.max_k:
             await _invalid(context, f"k must be at most {self.settings.limits.max_k}")

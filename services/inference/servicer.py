@@ -12,6 +12,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -76,7 +77,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         sequence, event_time = state.model.trained_through
         return state.model.version, watermark_proto(sequence, event_time)
 
-    async def _check_id(self, value: str, name: str, context: grpc.aio.ServicerContext) -> None:
+    async def _check_id(self, value: str, name: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if not value:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is empty")
         if len(value) > self.limits.max_id_length:
@@ -84,14 +85,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, f"{name} is longer than {self.limits.max_id_length}"
             )
 
-    async def _check_k(self, k: int, context: grpc.aio.ServicerContext) -> int:
+    async def _check_k(self, k: int, context: grpc.aio.ServicerContext[Any, Any]) -> int:
         if k > self.limits.max_k:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"k is {k}; at most {self.limits.max_k} items per call"
             )
         return k or DEFAULT_K
 
-    async def _check_list(self, values: list[str], name: str, context: grpc.aio.ServicerContext) -> None:
+    async def _check_list(
+        self, values: list[str], name: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
         most = self.limits.max_ids_per_request
         if len(values) > most:
             await context.abort(
@@ -101,12 +104,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             await self._check_id(value, f"an entry of {name}", context)
 
     @staticmethod
-    async def _check_share(value: float, name: str, context: grpc.aio.ServicerContext) -> None:
+    async def _check_share(value: float, name: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is {value}; it must be in [0, 1]")
 
     async def _validate_recommend(
-        self, request: inference_pb2.RecommendRequest, context: grpc.aio.ServicerContext
+        self, request: inference_pb2.RecommendRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> int:
         await self._check_id(request.user_id, "user_id", context)
         k = await self._check_k(request.k, context)
@@ -135,7 +138,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     # -- Recommend -------------------------------------------------------------------------------
     async def Recommend(
-        self, request: inference_pb2.RecommendRequest, context: grpc.aio.ServicerContext
+        self, request: inference_pb2.RecommendRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> inference_pb2.RecommendResponse:
         k = await self._validate_recommend(request, context)
         state = self.holder.state  # read once: this request finishes on this model
@@ -319,7 +322,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         excluded: set[str],
         k: int,
         source: int,
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         """Popular/trending items (per requested category, or the context's ``category``)."""
         wanted = categories or [request.context.get("category", "")]
@@ -350,7 +353,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             depth += 1
 
     # -- ScoreItems, SimilarItems, GetModelInfo --------------------------------------------------
-    async def _require_state(self, context: grpc.aio.ServicerContext) -> ServingState:
+    async def _require_state(self, context: grpc.aio.ServicerContext[Any, Any]) -> ServingState:
         state = self.holder.state
         if state is None:
             await context.abort(
@@ -365,7 +368,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return (await self.tower.vector(state, user.recent if personal else [], user_id)).vector
 
     async def ScoreItems(
-        self, request: inference_pb2.ScoreItemsRequest, context: grpc.aio.ServicerContext
+        self, request: inference_pb2.ScoreItemsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> inference_pb2.ScoreItemsResponse:
         await self._check_id(request.user_id, "user_id", context)
         await self._check_list(list(request.item_ids), "item_ids", context)
@@ -386,7 +389,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return response
 
     async def SimilarItems(
-        self, request: inference_pb2.SimilarItemsRequest, context: grpc.aio.ServicerContext
+        self, request: inference_pb2.SimilarItemsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> inference_pb2.SimilarItemsResponse:
         await self._check_id(request.item_id, "item_id", context)
         k = await self._check_k(request.k, context)
@@ -430,7 +433,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return response
 
     async def GetModelInfo(
-        self, request: inference_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+        self, request: inference_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> inference_pb2.GetModelInfoResponse:
         state = self.holder.state
         version, trained_through = self._freshness(state)

@@ -8,6 +8,7 @@ the call; a target scored ``-inf`` or NaN counts as a miss.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -70,7 +71,7 @@ class Paired:
             return False
         mean = (self.a - self.b) / self.n
         variance = max(self.diff_sq / self.n - mean * mean, 0.0) * self.n / (self.n - 1)
-        standard_error = (variance / self.n) ** 0.5
+        standard_error = math.sqrt(variance / self.n)
         return mean < -max(tolerance, 2.0 * standard_error)
 
     def state(self) -> list[float]:
