@@ -29,6 +29,9 @@ $(INSTALLED): pyproject.toml requirements.lock | $(BIN)/python
 	$(BIN)/pip install --quiet --config-settings editable_mode=compat -c requirements.lock -e '.[dev,text]'
 	touch $@
 
+.PHONY: install
+install: $(INSTALLED) $(GENERATED) ## Create .venv, install everything, generate protobuf code
+
 .PHONY: lock
 lock: | $(BIN)/python ## Pin the versions installed in .venv in requirements.lock (after editing pyproject.toml)
 	@# Without the old pins: installs what pyproject.toml now asks for, keeps what already fits.
@@ -37,9 +40,6 @@ lock: | $(BIN)/python ## Pin the versions installed in .venv in requirements.loc
 	{ echo '# Versions `make install` installs; pyproject.toml has the ranges. Regenerate: make lock.'; \
 	  $(BIN)/pip freeze --exclude-editable | sed -E 's/^([^=]+==[^+]+)\+.*/\1/'; } > requirements.lock
 	@if grep -n ' @ ' requirements.lock; then echo 'requirements.lock: not from PyPI (above)' >&2; exit 1; fi
-
-.PHONY: install
-install: $(INSTALLED) $(GENERATED) ## Create .venv, install everything, generate protobuf code
 
 $(GENERATED): $(PROTOS) $(INSTALLED)
 	rm -rf freshrec/v1
