@@ -125,6 +125,7 @@ class Running:
     @classmethod
     def from_state(cls, state: dict[str, object], window: int) -> Running:
         r = cls(window=window)
+        # The values come back from a checkpoint as plain objects (what ``state`` wrote).
         r.evaluated = int(state["evaluated"])  # type: ignore[call-overload]
         r.hr = float(state["hr"])  # type: ignore[arg-type]
         r.ndcg = float(state["ndcg"])  # type: ignore[arg-type]
