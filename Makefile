@@ -11,6 +11,9 @@ INSTALLED := $(VENV)/.installed
 PROTOS := $(wildcard protos/freshrec/v1/*.proto)
 GENERATED := freshrec/v1/.generated
 PYTEST_ARGS ?=
+# `buf breaking` compares protos/ with those on branch main: the local branch where there is one,
+# origin/main in a clone without it (a CI checkout of one commit).
+PROTOS_BASE = $(shell git rev-parse --verify --quiet main >/dev/null && echo main || echo origin/main)
 
 .PHONY: help
 help: ## List the targets
@@ -19,14 +22,24 @@ help: ## List the targets
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 
-$(INSTALLED): pyproject.toml | $(BIN)/python
+$(INSTALLED): pyproject.toml requirements.lock | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
-	@# torch is pinned to 2.13.0 in pyproject.toml: any other spec pulls a multi-GB CUDA build.
-	$(BIN)/pip install --quiet --config-settings editable_mode=compat -e '.[dev,text]'
+	@# pyproject.toml says which versions work, requirements.lock which ones are installed (`make lock`).
+	@# torch is pinned to 2.13.0 in both: any other spec pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet --config-settings editable_mode=compat -c requirements.lock -e '.[dev,text]'
 	touch $@
 
 .PHONY: install
 install: $(INSTALLED) $(GENERATED) ## Create .venv, install everything, generate protobuf code
+
+.PHONY: lock
+lock: | $(BIN)/python ## Pin the versions installed in .venv in requirements.lock (after editing pyproject.toml)
+	@# Without the old pins: installs what pyproject.toml now asks for, keeps what already fits.
+	$(BIN)/pip install --quiet --config-settings editable_mode=compat -e '.[dev,text]'
+	@# A local version label (torch's +cpu) names a build PyPI does not carry: pin the public version.
+	{ echo '# Versions `make install` installs; pyproject.toml has the ranges. Regenerate: make lock.'; \
+	  $(BIN)/pip freeze --exclude-editable | sed -E 's/^([^=]+==[^+]+)\+.*/\1/'; } > requirements.lock
+	@if grep -n ' @ ' requirements.lock; then echo 'requirements.lock: not from PyPI (above)' >&2; exit 1; fi
 
 $(GENERATED): $(PROTOS) $(INSTALLED)
 	rm -rf freshrec/v1
@@ -55,10 +68,12 @@ faults: install ## Fault-injection suite: NATS, service and database faults unde
 	$(BIN)/python -m pytest -m faults tests/faults -q $(PYTEST_ARGS)
 
 .PHONY: lint
-lint: install ## Ruff and mypy on hand-written code
+lint: install ## Ruff and mypy on hand-written code; buf lint, and buf breaking against main's protos
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy shared services cli
+	$(BIN)/buf lint
+	$(BIN)/buf breaking protos --against '.git#ref=$(PROTOS_BASE),subdir=protos'
 
 .PHONY: bench
 bench: install ## Run every benchmark under bench/ and write bench/results/<date>/REPORT.md with plots

@@ -95,7 +95,7 @@ async def stream_events(
             await slots.acquire()
             failed = [t for t in pending if t.done() and t.exception() is not None]
             if failed:
-                raise failed[0].exception()  # type: ignore[misc]
+                raise failed[0].exception()  # type: ignore[misc]  # not None: filtered above
             task = asyncio.create_task(send(chunk, next(targets)))
             pending.add(task)
             task.add_done_callback(lambda t: pending.discard(t) if t.exception() is None else None)

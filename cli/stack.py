@@ -154,7 +154,8 @@ def wait_healthy(address: str, timeout_s: float, process: subprocess.Popen[bytes
             if process is not None and process.poll() is not None:
                 raise RuntimeError(f"process serving {address} exited with {process.returncode}")
             try:
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                # The stubs leave out the methods the generated HealthStub sets in its __init__.
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status  # type: ignore[attr-defined]
                 if status == health_pb2.HealthCheckResponse.SERVING:
                     return
                 last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)

@@ -61,7 +61,8 @@ async def instance_status(
 ) -> InstanceStatus:
     async with make_channel(address, peer or PeerSettings()) as channel:
         try:
-            answer = await health_pb2_grpc.HealthStub(channel).Check(
+            # The stubs leave out the methods the generated HealthStub sets in its __init__.
+            answer = await health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]
                 health_pb2.HealthCheckRequest(), timeout=timeout_s
             )
             health = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)

@@ -14,7 +14,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from shared.settings import DatabaseSettings
 
@@ -49,7 +49,7 @@ def make_engine(settings: DatabaseSettings) -> Engine:
     return engine
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker:  # type: ignore[type-arg]
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """The one session factory a service uses; units of work are ``with factory.begin()``."""
     return sessionmaker(engine, expire_on_commit=False)
 

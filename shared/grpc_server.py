@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shared.interceptors import Behaviour, refusal, wrap_behaviour
+from shared.interceptors import Behaviour, Continuation, Handler, refusal, wrap_behaviour
 from shared.logs import RequestIdInterceptor
 from shared.metrics import RpcMetricsInterceptor
 from shared.security import TokenAuthInterceptor, server_credentials
@@ -49,9 +50,9 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation,
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith("/grpc."):
             return handler  # health keeps answering (NOT_SERVING) while draining
@@ -62,7 +63,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
         return wrap_behaviour(handler, self._counted)
 
     def _counted(self, behaviour: Behaviour) -> Behaviour:
-        async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def counted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             self.in_flight += 1
             self.idle.clear()
             try:
@@ -203,6 +204,6 @@ async def serve_until_signal(app: Service) -> None:
         await app.stop()
 
 
-def full_service_name(file_descriptor, service: str) -> str:  # type: ignore[no-untyped-def]
+def full_service_name(file_descriptor: FileDescriptor, service: str) -> str:
     """The fully qualified name of a service in a generated ``*_pb2`` module's descriptor."""
     return str(file_descriptor.services_by_name[service].full_name)

@@ -48,7 +48,8 @@ def check(
         options = [("grpc.ssl_target_name_override", server_name)] if server_name else None
         channel = grpc.secure_channel(address, channel_credentials(tls), options)
     with channel:
-        response = health_pb2_grpc.HealthStub(channel).Check(
+        # The stubs leave out the methods the generated HealthStub sets in its __init__.
+        response = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]
             health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
         )
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))

@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from shared.interceptors import wrap_behaviour
+from shared.interceptors import Continuation, Handler, wrap_behaviour
 from shared.settings import LogSettings
 
 REQUEST_ID_METADATA = "x-request-id"
@@ -130,9 +130,9 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation,
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith("/grpc."):
             return handler
@@ -143,7 +143,7 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
 def _with_request_id(
     behaviour: Callable[..., Awaitable[Any]], request_id: str
 ) -> Callable[..., Awaitable[Any]]:
-    async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         token = REQUEST_ID.set(request_id)
         try:
             context.set_trailing_metadata(((REQUEST_ID_METADATA, request_id),))

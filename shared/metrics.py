@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
-from shared.interceptors import wrap_behaviour
+from shared.interceptors import Continuation, Handler, wrap_behaviour
 from shared.settings import MetricsSettings
 
 logger = logging.getLogger(__name__)
@@ -57,9 +57,9 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation,
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith("/grpc."):
@@ -68,7 +68,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _timed(behaviour: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
-    async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         start = time.perf_counter()
         failure: str | None = None
         try:

@@ -221,8 +221,10 @@ class EventLike(Protocol):
 
     user_id: str
     item_id: str
-    type: int
     value: float
+
+    @property
+    def type(self) -> int: ...  # read only, so an Event's EventType (an int) fits
 
     @property
     def occurred_at(self) -> Any: ...
@@ -231,7 +233,7 @@ class EventLike(Protocol):
 def event_time_s(event: EventLike) -> float:
     """``occurred_at`` in unix seconds (float)."""
     ts = event.occurred_at
-    return float(ts.seconds) + ts.nanos / 1e9
+    return float(ts.seconds + ts.nanos / 1e9)
 
 
 class Preprocessor:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
 
-from shared.interceptors import refusal
+from shared.interceptors import Continuation, Handler, refusal
 from shared.settings import PeerSettings, TlsSettings
 
 logger = logging.getLogger(__name__)
@@ -80,9 +80,9 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation,
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         method = handler_call_details.method
         if method.startswith(EXEMPT_PREFIXES) or self._authorised(handler_call_details.invocation_metadata):
             return await continuation(handler_call_details)
@@ -112,10 +112,25 @@ class _TokenMetadata:
 
 # grpc.aio files each interceptor under one call type only, hence one class per type.
 class _UnaryTokenInterceptor(_TokenMetadata, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[
+            [grpc.aio.ClientCallDetails, Any], Awaitable[grpc.aio.UnaryUnaryCall[Any, Any]]
+        ],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> grpc.aio.UnaryUnaryCall[Any, Any]:
         return await continuation(self._with_token(client_call_details), request)
 
 
 class _StreamTokenInterceptor(_TokenMetadata, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+    async def intercept_stream_unary(
+        self,
+        continuation: Callable[
+            [grpc.aio.ClientCallDetails, AsyncIterable[Any] | Iterable[Any]],
+            Awaitable[grpc.aio.StreamUnaryCall[Any, Any]],
+        ],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request_iterator: AsyncIterable[Any] | Iterable[Any],
+    ) -> grpc.aio.StreamUnaryCall[Any, Any]:
         return await continuation(self._with_token(client_call_details), request_iterator)

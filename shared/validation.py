@@ -20,7 +20,7 @@ DEFAULT_K = 10
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
-Method = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+Method = Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Response]]
 
 
 class RequestError(Exception):
@@ -36,7 +36,7 @@ def answers(method: Method[Request, Response]) -> Method[Request, Response]:
     """The RPC method, with a ``RequestError`` it raises sent as the call's status and reason."""
 
     @wraps(method)
-    async def rpc(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+    async def rpc(self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]) -> Response:
         try:
             return await method(self, request, context)
         except RequestError as error:

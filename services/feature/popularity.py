@@ -55,7 +55,7 @@ class Ranking:
     """
 
     def __init__(self) -> None:
-        self._lists: dict[str, SortedList] = {"": SortedList()}
+        self._lists: dict[str, SortedList[tuple[float, str]]] = {"": SortedList()}
         self._entries: dict[str, tuple[float, tuple[str, ...]]] = {}
 
     def __len__(self) -> int:

@@ -7,8 +7,10 @@ from (stream sequence and event time of the last applied event, and the lag to n
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from freshrec.v1 import feature_pb2, feature_pb2_grpc, watermark_pb2
 from services.feature import validation
@@ -20,7 +22,7 @@ from shared.validation import RequestError, answers, check_ids
 from shared.watermark import watermark_proto
 
 
-def _set_time(field, seconds: float) -> None:  # type: ignore[no-untyped-def]
+def _set_time(field: Timestamp, seconds: float) -> None:
     field.FromNanoseconds(int(round(seconds * 1e9)))
 
 
@@ -50,7 +52,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
         recent = features.recent
         for n in range(1, limit + 1):
             item_id, kind, occurred_at, weight, normalized_rating = user.recent[-n]
-            entry = recent.add(item_id=item_id, type=kind, weight=weight)  # type: ignore[arg-type]
+            entry = recent.add(item_id=item_id, type=kind, weight=weight)
             if normalized_rating is not None:
                 entry.normalized_rating = normalized_rating
             _set_time(entry.occurred_at, occurred_at)
@@ -67,7 +69,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
 
     @answers
     async def GetUserFeatures(
-        self, request: feature_pb2.GetUserFeaturesRequest, context: grpc.aio.ServicerContext
+        self, request: feature_pb2.GetUserFeaturesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feature_pb2.GetUserFeaturesResponse:
         validation.user_features(request, self.settings)
         user_id = request.user_id
@@ -77,7 +79,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
 
     @answers
     async def BatchGetUserFeatures(
-        self, request: feature_pb2.BatchGetUserFeaturesRequest, context: grpc.aio.ServicerContext
+        self, request: feature_pb2.BatchGetUserFeaturesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feature_pb2.BatchGetUserFeaturesResponse:
         validation.batch_user_features(request, self.settings)
         user_ids = list(request.user_ids)
@@ -93,7 +95,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
 
     @answers
     async def GetItemFeatures(
-        self, request: feature_pb2.GetItemFeaturesRequest, context: grpc.aio.ServicerContext
+        self, request: feature_pb2.GetItemFeaturesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feature_pb2.GetItemFeaturesResponse:
         check_ids(request.item_ids, "item_ids", self.settings.limits)
         state = self.state
@@ -114,7 +116,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
 
     @answers
     async def UpsertItems(
-        self, request: feature_pb2.UpsertItemsRequest, context: grpc.aio.ServicerContext
+        self, request: feature_pb2.UpsertItemsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feature_pb2.UpsertItemsResponse:
         validation.upsert_items(request, self.settings)
         try:
@@ -131,7 +133,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
 
     @answers
     async def GetItems(
-        self, request: feature_pb2.GetItemsRequest, context: grpc.aio.ServicerContext
+        self, request: feature_pb2.GetItemsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feature_pb2.GetItemsResponse:
         check_ids(request.item_ids, "item_ids", self.settings.limits)
         found = await asyncio.to_thread(self.store.get_items, list(request.item_ids))
@@ -145,7 +147,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
 
     @answers
     async def ListItems(
-        self, request: feature_pb2.ListItemsRequest, context: grpc.aio.ServicerContext
+        self, request: feature_pb2.ListItemsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feature_pb2.ListItemsResponse:
         size = validation.list_items(request, self.settings)
         items = await asyncio.to_thread(self.store.list_items, request.page_token, size + 1)
@@ -156,7 +158,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
 
     @answers
     async def GetPopularItems(
-        self, request: feature_pb2.GetPopularItemsRequest, context: grpc.aio.ServicerContext
+        self, request: feature_pb2.GetPopularItemsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feature_pb2.GetPopularItemsResponse:
         k = validation.popular_items(request, self.settings)
         trending = request.window == feature_pb2.POPULARITY_WINDOW_TRENDING

@@ -7,7 +7,7 @@ call them off the event loop.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -118,7 +118,7 @@ class Revision:
     revision: int
 
 
-def _insert(session: Session):  # type: ignore[no-untyped-def]
+def _insert(session: Session) -> Callable[[Any], postgresql.Insert | sqlite.Insert]:
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
@@ -141,7 +141,7 @@ _CONTENT = ("title", "description", "categories", "tags", "attributes", "created
 class FeatureStore:
     """Persistence of one replica's feature state and of the (shared) catalogue."""
 
-    def __init__(self, sessions: sessionmaker, replica: str) -> None:  # type: ignore[type-arg]
+    def __init__(self, sessions: sessionmaker[Session], replica: str) -> None:
         self.sessions = sessions
         self.replica = replica
 
@@ -235,7 +235,7 @@ class FeatureStore:
         rows = [_catalog_row(item, now) | {"revision": 1, "published": False} for item in latest.values()]
         with self.sessions.begin() as session:
             stmt = _insert(session)(CatalogItem)
-            stmt = stmt.on_conflict_do_update(
+            upsert = stmt.on_conflict_do_update(
                 index_elements=["item_id"],
                 set_={
                     **{c: stmt.excluded[c] for c in _CONTENT},
@@ -243,7 +243,7 @@ class FeatureStore:
                     "published": False,
                 },
             ).returning(CatalogItem.item_id, CatalogItem.revision)
-            revisions = {item_id: revision for item_id, revision in session.execute(stmt, rows)}
+            revisions = {item_id: revision for item_id, revision in session.execute(upsert, rows)}
         return [Revision(latest[item_id], revisions[item_id]) for item_id in latest]
 
     def follow(self, revisions: list[Revision], position: int, consumer: str) -> list[Revision]:

@@ -79,6 +79,7 @@ class AnnIndex:
             else:
                 keep.append(selector)
                 selector = faiss.IDSelectorAnd(selector, not_banned)
+        # faiss's stubs leave out SearchParametersHNSW, which its SWIG module has.
         params: Any = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
         params.efSearch = max(self.ef_search, k)
         if selector is not None:

@@ -191,7 +191,7 @@ class PopularCache:
                 feature_pb2.GetPopularItemsRequest(
                     k=self.size,
                     category=category,
-                    window=window,  # type: ignore[arg-type]
+                    window=window,  # type: ignore[arg-type]  # an enum field takes its number too
                 ),
                 timeout=self.deadline_s,
             )

@@ -7,6 +7,7 @@ and turns a ``RequestError`` into the call's status and reason.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import grpc
 import numpy as np
@@ -40,27 +41,27 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     @answers
     async def Recommend(
-        self, request: inference_pb2.RecommendRequest, context: grpc.aio.ServicerContext
+        self, request: inference_pb2.RecommendRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> inference_pb2.RecommendResponse:
         k = validation.recommend(request, self.limits)
         return await self.recommender.recommend(request, k)
 
     @answers
     async def ScoreItems(
-        self, request: inference_pb2.ScoreItemsRequest, context: grpc.aio.ServicerContext
+        self, request: inference_pb2.ScoreItemsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> inference_pb2.ScoreItemsResponse:
         validation.score_items(request, self.limits)
         return await self.recommender.score_items(request)
 
     @answers
     async def SimilarItems(
-        self, request: inference_pb2.SimilarItemsRequest, context: grpc.aio.ServicerContext
+        self, request: inference_pb2.SimilarItemsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> inference_pb2.SimilarItemsResponse:
         k = validation.similar_items(request, self.limits)
         return self.recommender.similar_items(request, k)
 
     async def GetModelInfo(
-        self, request: inference_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+        self, request: inference_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> inference_pb2.GetModelInfoResponse:
         state = self.holder.state
         version, trained_through = freshness(state)

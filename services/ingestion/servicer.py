@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -20,7 +21,7 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
         self.max_batch = max_batch
 
     async def _ingest(
-        self, events: list[event_pb2.Event], context: grpc.aio.ServicerContext, first_index: int = 0
+        self, events: list[event_pb2.Event], context: grpc.aio.ServicerContext[Any, Any], first_index: int = 0
     ) -> Summary:
         try:
             return await self.ingestor.ingest(events, "grpc", first_index=first_index)
@@ -31,7 +32,7 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
             raise  # unreachable: abort raises
 
     async def IngestEvents(
-        self, request: ingestion_pb2.IngestEventsRequest, context: grpc.aio.ServicerContext
+        self, request: ingestion_pb2.IngestEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ingestion_pb2.IngestEventsResponse:
         if len(request.events) > self.max_batch:
             metrics.BATCHES_REFUSED.labels("grpc").inc()
@@ -45,7 +46,7 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
         )
 
     async def IngestEventStream(
-        self, request_iterator: AsyncIterator[event_pb2.Event], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[event_pb2.Event], context: grpc.aio.ServicerContext[Any, Any]
     ) -> ingestion_pb2.IngestEventStreamResponse:
         """Ingests the stream in chunks of ``max_batch``; indexes in errors count from the stream's start."""
         response = ingestion_pb2.IngestEventStreamResponse()

@@ -8,6 +8,7 @@ the call; a target scored ``-inf`` or NaN counts as a miss.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -70,7 +71,7 @@ class Paired:
             return False
         mean = (self.a - self.b) / self.n
         variance = max(self.diff_sq / self.n - mean * mean, 0.0) * self.n / (self.n - 1)
-        standard_error = (variance / self.n) ** 0.5
+        standard_error = math.sqrt(variance / self.n)
         return mean < -max(tolerance, 2.0 * standard_error)
 
     def state(self) -> list[float]:
@@ -124,6 +125,7 @@ class Running:
     @classmethod
     def from_state(cls, state: dict[str, object], window: int) -> Running:
         r = cls(window=window)
+        # The values come back from a checkpoint as plain objects (what ``state`` wrote).
         r.evaluated = int(state["evaluated"])  # type: ignore[call-overload]
         r.hr = float(state["hr"])  # type: ignore[arg-type]
         r.ndcg = float(state["ndcg"])  # type: ignore[arg-type]

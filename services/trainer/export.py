@@ -204,14 +204,14 @@ def export_learner(
         with torch.no_grad():
             example = (torch.zeros((2, cmax), dtype=torch.long), torch.zeros((2, tmax), dtype=torch.long))
             files[ITEM_TOWER] = _onnx(c.item_tower, example, ["categories", "tags"], "item_embedding")
-            probes = [
+            probes: list[tuple[torch.Tensor, ...]] = [
                 (
                     torch.randint(0, max(n_cat, 2), (b, cmax), generator=generator),
                     torch.randint(0, max(n_tag, 2), (b, tmax), generator=generator),
                 )
                 for b in (1, 64)
             ]
-            _check(files[ITEM_TOWER], c.item_tower, ["categories", "tags"], probes, tolerance)  # type: ignore[arg-type]
+            _check(files[ITEM_TOWER], c.item_tower, ["categories", "tags"], probes, tolerance)
         files[CONTENT_VOCAB] = json.dumps(
             {"categories": learner.categories.ids, "tags": learner.tags.ids}
         ).encode()

@@ -174,7 +174,8 @@ class Block(nn.Module):
         attention = torch.softmax(scores, dim=-1)
         y = (attention @ v).transpose(1, 2).reshape(b, x.shape[1], dim)
         x = x + self.drop(self.proj(y))
-        return x + self.drop(self.ff(self.ln2(x)))
+        x = x + self.drop(self.ff(self.ln2(x)))
+        return x
 
 
 class TwoTower(nn.Module):
@@ -407,7 +408,7 @@ class TwoTower(nn.Module):
                 block_bias = bias[:, :, length - queries :, length - keys :]
                 block_masked = masked[:, :, :queries, :keys]
             x = block(x, torch.where(allowed[:, None, :, :], block_bias, block_masked), queries)
-        out = self.norm(x) + self.user_ids(user)[:, None, :]
+        out: torch.Tensor = self.norm(x) + self.user_ids(user)[:, None, :]
         if context is not None and self.config.max_context:
             if context.dim() == 2:
                 context = context[:, None, :]

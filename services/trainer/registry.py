@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import BigInteger, DateTime, Float, String, select, update
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import JSON
 
 from freshrec.v1 import trainer_pb2
@@ -37,7 +37,7 @@ class ModelRow(Base):
         proto = trainer_pb2.ModelVersion(
             version=self.version,
             parent_version=self.parent_version,
-            status=trainer_pb2.ModelStatus.Value(f"MODEL_STATUS_{self.status}"),
+            status=f"MODEL_STATUS_{self.status}",
             sha256=self.sha256,
             metrics=self.metrics,
             trained_through=watermark_proto(self.trained_through_sequence, self.trained_through_time),
@@ -65,7 +65,7 @@ class NewVersion:
 class Registry:
     """Every method is one unit of work (call it off the event loop)."""
 
-    def __init__(self, sessions: sessionmaker) -> None:  # type: ignore[type-arg]
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
 
     def add(self, new: NewVersion, status: str) -> ModelRow:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 
@@ -23,7 +24,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self.settings = settings
 
     async def GetTrainerStatus(
-        self, request: trainer_pb2.GetTrainerStatusRequest, context: grpc.aio.ServicerContext
+        self, request: trainer_pb2.GetTrainerStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> trainer_pb2.GetTrainerStatusResponse:
         learner = self.loop.learner
         p = learner.position
@@ -62,7 +63,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return response
 
     async def TriggerTraining(
-        self, request: trainer_pb2.TriggerTrainingRequest, context: grpc.aio.ServicerContext
+        self, request: trainer_pb2.TriggerTrainingRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> trainer_pb2.TriggerTrainingResponse:
         if request.kind not in (
             trainer_pb2.TRAINING_KIND_UNSPECIFIED,
@@ -82,7 +83,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.TriggerTrainingResponse(model=row.to_proto())
 
     async def ListModels(
-        self, request: trainer_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+        self, request: trainer_pb2.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> trainer_pb2.ListModelsResponse:
         rows = await asyncio.to_thread(self.registry.newest_first, request.limit)
         live = next((r.version for r in rows if r.status == LIVE), "")
@@ -92,14 +93,14 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.ListModelsResponse(models=[r.to_proto() for r in rows], live_version=live)
 
     async def PromoteModel(
-        self, request: trainer_pb2.PromoteModelRequest, context: grpc.aio.ServicerContext
+        self, request: trainer_pb2.PromoteModelRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> trainer_pb2.PromoteModelResponse:
         await self._check_version(request.version, context, required=True)
         row, previous = await self._make_live(request.version, "promoted", context)
         return trainer_pb2.PromoteModelResponse(model=row.to_proto(), previous_version=previous)
 
     async def RollbackModel(
-        self, request: trainer_pb2.RollbackModelRequest, context: grpc.aio.ServicerContext
+        self, request: trainer_pb2.RollbackModelRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> trainer_pb2.RollbackModelResponse:
         await self._check_version(request.version, context, required=False)
         target = request.version
@@ -114,7 +115,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         row, previous = await self._make_live(target, "rolled_back", context)
         return trainer_pb2.RollbackModelResponse(model=row.to_proto(), previous_version=previous)
 
-    async def _check_version(self, version: str, context: grpc.aio.ServicerContext, required: bool) -> None:
+    async def _check_version(
+        self, version: str, context: grpc.aio.ServicerContext[Any, Any], required: bool
+    ) -> None:
         if required and not version:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "version is empty")
         if len(version) > MAX_VERSION_LENGTH or not version.isprintable():
@@ -124,7 +127,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             )
 
     async def _make_live(
-        self, version: str, reason: str, context: grpc.aio.ServicerContext
+        self, version: str, reason: str, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tuple[ModelRow, str]:
         if await asyncio.to_thread(self.registry.get, version) is None:
             await context.abort(
