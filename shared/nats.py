@@ -147,6 +147,22 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext | None:
     return context
 
 
+#: JetStream's error code for "stream name already in use" (with a different configuration).
+STREAM_NAME_IN_USE = 10058
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, update: bool = True) -> None:
+    """Declares a stream idempotently: adds it, or, when a stream of that name exists with another
+    configuration, brings it up to date (``update``, what the stream's owner does) or leaves it."""
+    try:
+        await js.add_stream(config)
+    except BadRequestError as exc:
+        if exc.err_code != STREAM_NAME_IN_USE:
+            raise
+        if update:
+            await js.update_stream(config)
+
+
 def events_stream_config(duplicate_window_s: float = 120.0, replicas: int = 1) -> StreamConfig:
     """The configuration of ``FRESHREC_EVENTS``: file storage, limits retention, dedup window."""
     return StreamConfig(
@@ -168,15 +184,7 @@ async def ensure_events_stream(
     Consumers call it so they can start before ingestion; only the owner (ingestion) brings
     an existing stream's configuration up to date.
     """
-    config = events_stream_config(duplicate_window_s, replicas)
-    try:
-        await js.add_stream(config)
-    except BadRequestError as exc:
-        # 10058: a stream with that name exists with a different configuration.
-        if getattr(exc, "err_code", None) != 10058:
-            raise
-        if owner:
-            await js.update_stream(config)
+    await ensure_stream(js, events_stream_config(duplicate_window_s, replicas), update=owner)
 
 
 def catalog_stream_config(replicas: int = 1) -> StreamConfig:
@@ -196,14 +204,7 @@ def catalog_stream_config(replicas: int = 1) -> StreamConfig:
 async def ensure_catalog_stream(js: JetStreamContext, *, owner: bool = False, replicas: int = 1) -> None:
     """Declares ``FRESHREC_CATALOG`` idempotently (the feature service owns it; followers such as
     the trainer and inference may call it too so they can start first)."""
-    config = catalog_stream_config(replicas)
-    try:
-        await js.add_stream(config)
-    except BadRequestError as exc:
-        if getattr(exc, "err_code", None) != 10058:
-            raise
-        if owner:
-            await js.update_stream(config)
+    await ensure_stream(js, catalog_stream_config(replicas), update=owner)
 
 
 class StreamReader:

@@ -38,7 +38,6 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
 
 from freshrec.v1 import feature_pb2, item_pb2
 from services.feature import metrics
@@ -51,6 +50,7 @@ from shared.nats import (
     CATALOG_ITEMS_SUBJECT,
     CATALOG_STREAM,
     MSG_ID_HEADER,
+    ensure_stream,
     fetch_batch,
 )
 
@@ -181,18 +181,9 @@ def decode_items(data: bytes, headers: dict[str, str] | None) -> tuple[list[item
     return [item], None
 
 
-async def _declare(js: JetStreamContext, config: StreamConfig) -> None:
-    try:
-        await js.add_stream(config)
-    except BadRequestError as exc:
-        if getattr(exc, "err_code", None) != 10058:
-            raise
-        await js.update_stream(config)
-
-
 async def ensure_intake_streams(js: JetStreamContext, replicas: int = 1) -> None:
     """Declares the catalogue intake and dead-letter streams (owned by the feature service)."""
-    await _declare(
+    await ensure_stream(
         js,
         StreamConfig(
             num_replicas=replicas,
@@ -203,7 +194,7 @@ async def ensure_intake_streams(js: JetStreamContext, replicas: int = 1) -> None
             max_age=7 * 24 * 3600,
         ),
     )
-    await _declare(
+    await ensure_stream(
         js,
         StreamConfig(
             num_replicas=replicas,

@@ -43,7 +43,7 @@ from freshrec.v1 import event_pb2, ingestion_pb2
 from services.ingestion import metrics
 from services.ingestion.ingestor import Ingestor
 from services.ingestion.reconcile import scan_msg_ids
-from shared.nats import DLQ_SUBJECT, MSG_ID_HEADER, RAW_SUBJECT, fetch_batch
+from shared.nats import DLQ_SUBJECT, MSG_ID_HEADER, RAW_SUBJECT, ensure_stream, fetch_batch
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +84,7 @@ async def ensure_intake_streams(
             duplicate_window=dlq_duplicate_window_s,
         ),
     ):
-        try:
-            await js.add_stream(config)
-        except BadRequestError as exc:
-            if getattr(exc, "err_code", None) != 10058:
-                raise
-            await js.update_stream(config)
+        await ensure_stream(js, config)
 
 
 async def ensure_raw_consumer(js: JetStreamContext, ack_wait_s: float) -> None:
