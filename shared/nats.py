@@ -163,15 +163,24 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, update: b
             await js.update_stream(config)
 
 
-def events_stream_config(duplicate_window_s: float = 120.0, replicas: int = 1) -> StreamConfig:
-    """The configuration of ``FRESHREC_EVENTS``: file storage, limits retention, dedup window."""
+def kept_stream_config(
+    name: str,
+    subject: str,
+    *,
+    replicas: int = 1,
+    max_age_s: float | None = None,
+    duplicate_window_s: float = 120.0,
+) -> StreamConfig:
+    """A stream of one subject kept on file: limits retention, the oldest messages go first, kept
+    ``max_age_s`` (forever when None), repeats of a ``Nats-Msg-Id`` dropped within the window."""
     return StreamConfig(
         num_replicas=replicas,
-        name=EVENTS_STREAM,
-        subjects=[ACCEPTED_SUBJECTS],
+        name=name,
+        subjects=[subject],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         discard=DiscardPolicy.OLD,
+        max_age=max_age_s,
         duplicate_window=duplicate_window_s,
     )
 
@@ -184,27 +193,18 @@ async def ensure_events_stream(
     Consumers call it so they can start before ingestion; only the owner (ingestion) brings
     an existing stream's configuration up to date.
     """
-    await ensure_stream(js, events_stream_config(duplicate_window_s, replicas), update=owner)
-
-
-def catalog_stream_config(replicas: int = 1) -> StreamConfig:
-    """The configuration of ``FRESHREC_CATALOG``: every accepted catalogue entry, kept (file storage,
-    limits retention, no age limit) so a follower can rebuild the catalogue from sequence 1."""
-    return StreamConfig(
-        num_replicas=replicas,
-        name=CATALOG_STREAM,
-        subjects=[CATALOG_ACCEPTED_SUBJECT],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        discard=DiscardPolicy.OLD,
-        duplicate_window=120.0,
+    config = kept_stream_config(
+        EVENTS_STREAM, ACCEPTED_SUBJECTS, replicas=replicas, duplicate_window_s=duplicate_window_s
     )
+    await ensure_stream(js, config, update=owner)
 
 
 async def ensure_catalog_stream(js: JetStreamContext, *, owner: bool = False, replicas: int = 1) -> None:
     """Declares ``FRESHREC_CATALOG`` idempotently (the feature service owns it; followers such as
-    the trainer and inference may call it too so they can start first)."""
-    await ensure_stream(js, catalog_stream_config(replicas), update=owner)
+    the trainer and inference may call it too so they can start first). Every accepted catalogue
+    entry is kept, with no age limit, so a follower can rebuild the catalogue from sequence 1."""
+    config = kept_stream_config(CATALOG_STREAM, CATALOG_ACCEPTED_SUBJECT, replicas=replicas)
+    await ensure_stream(js, config, update=owner)
 
 
 class StreamReader:

@@ -37,7 +37,7 @@ from google.protobuf.message import DecodeError, Message
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from freshrec.v1 import feature_pb2, item_pb2
 from services.feature import metrics
@@ -52,6 +52,7 @@ from shared.nats import (
     MSG_ID_HEADER,
     ensure_stream,
     fetch_batch,
+    kept_stream_config,
 )
 
 logger = logging.getLogger(__name__)
@@ -183,29 +184,12 @@ def decode_items(data: bytes, headers: dict[str, str] | None) -> tuple[list[item
 
 async def ensure_intake_streams(js: JetStreamContext, replicas: int = 1) -> None:
     """Declares the catalogue intake and dead-letter streams (owned by the feature service)."""
-    await ensure_stream(
-        js,
-        StreamConfig(
-            num_replicas=replicas,
-            name=INTAKE_STREAM,
-            subjects=[CATALOG_ITEMS_SUBJECT],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=7 * 24 * 3600,
-        ),
+    intake = kept_stream_config(
+        INTAKE_STREAM, CATALOG_ITEMS_SUBJECT, replicas=replicas, max_age_s=7 * 24 * 3600
     )
-    await ensure_stream(
-        js,
-        StreamConfig(
-            num_replicas=replicas,
-            name=DLQ_STREAM,
-            subjects=[DLQ_SUBJECT],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=30 * 24 * 3600,
-            duplicate_window=120.0,
-        ),
-    )
+    dlq = kept_stream_config(DLQ_STREAM, DLQ_SUBJECT, replicas=replicas, max_age_s=30 * 24 * 3600)
+    for config in (intake, dlq):
+        await ensure_stream(js, config)
 
 
 class Catalog:

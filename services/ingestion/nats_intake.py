@@ -36,14 +36,21 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError, NotFoundError
 
 from freshrec.v1 import event_pb2, ingestion_pb2
 from services.ingestion import metrics
 from services.ingestion.ingestor import Ingestor
 from services.ingestion.reconcile import scan_msg_ids
-from shared.nats import DLQ_SUBJECT, MSG_ID_HEADER, RAW_SUBJECT, ensure_stream, fetch_batch
+from shared.nats import (
+    DLQ_SUBJECT,
+    MSG_ID_HEADER,
+    RAW_SUBJECT,
+    ensure_stream,
+    fetch_batch,
+    kept_stream_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,25 +72,15 @@ async def ensure_intake_streams(
     js: JetStreamContext, dlq_duplicate_window_s: float = 600.0, replicas: int = 1
 ) -> None:
     """Declares the raw intake and dead-letter streams (owned by ingestion)."""
-    for config in (
-        StreamConfig(
-            num_replicas=replicas,
-            name=RAW_STREAM,
-            subjects=[RAW_SUBJECT],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=7 * 24 * 3600,
-        ),
-        StreamConfig(
-            num_replicas=replicas,
-            name=DLQ_STREAM,
-            subjects=[DLQ_SUBJECT],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=30 * 24 * 3600,
-            duplicate_window=dlq_duplicate_window_s,
-        ),
-    ):
+    raw = kept_stream_config(RAW_STREAM, RAW_SUBJECT, replicas=replicas, max_age_s=7 * 24 * 3600)
+    dlq = kept_stream_config(
+        DLQ_STREAM,
+        DLQ_SUBJECT,
+        replicas=replicas,
+        max_age_s=30 * 24 * 3600,
+        duplicate_window_s=dlq_duplicate_window_s,
+    )
+    for config in (raw, dlq):
         await ensure_stream(js, config)
 
 
