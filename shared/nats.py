@@ -27,6 +27,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 
 from shared.settings import NatsSettings, TlsSettings
+from shared.supervise import raise_if_cancelling
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +307,5 @@ async def fetch_batch(psub: JetStreamContext.PullSubscription, batch: int, timeo
         return await psub.fetch(batch, timeout=timeout_s)
     except (TimeoutError, nats.errors.TimeoutError):
         # nats-py turns a cancellation during fetch into a timeout: let the cancellation through.
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise asyncio.CancelledError from None
+        raise_if_cancelling()
         return []

@@ -41,7 +41,6 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from freshrec.v1 import feature_pb2, item_pb2
 from services.feature import metrics
-from services.feature.pull import raise_if_cancelling
 from services.feature.settings import CatalogSettings
 from services.feature.state import FeatureState
 from services.feature.store import FeatureStore, Revision
@@ -54,6 +53,7 @@ from shared.nats import (
     fetch_batch,
     kept_stream_config,
 )
+from shared.supervise import forever, raise_if_cancelling
 
 logger = logging.getLogger(__name__)
 
@@ -276,21 +276,16 @@ class Catalog:
 
     async def relay(self, interval_s: float, batch: int = 500) -> None:
         """Publishes stored-but-unpublished revisions, forever."""
-        while True:
-            raise_if_cancelling()
-            try:
-                while True:
-                    pending = await asyncio.to_thread(self.store.unpublished, batch)
-                    published = await self.publish(pending) if pending else 0
-                    if published < batch:
-                        break
-                metrics.CATALOG_UNPUBLISHED.set(await asyncio.to_thread(self.store.count_unpublished))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                raise_if_cancelling()
-                logger.exception("catalogue relay pass failed")
-            await asyncio.sleep(interval_s)
+
+        async def one_pass() -> None:
+            while True:
+                pending = await asyncio.to_thread(self.store.unpublished, batch)
+                published = await self.publish(pending) if pending else 0
+                if published < batch:
+                    break
+            metrics.CATALOG_UNPUBLISHED.set(await asyncio.to_thread(self.store.count_unpublished))
+
+        await forever(one_pass, logger=logger, failed="catalogue relay pass failed", every_s=interval_s)
 
 
 class CatalogIntake:
@@ -302,15 +297,9 @@ class CatalogIntake:
         self.batch = batch
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self._consume()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                raise_if_cancelling()
-                logger.exception("catalogue intake failed; resubscribing in 1 s")
-                await asyncio.sleep(1.0)
+        await forever(
+            self._consume, logger=logger, failed="catalogue intake failed; resubscribing in 1 s", retry_s=1.0
+        )
 
     async def _consume(self) -> None:
         psub = await self.js.pull_subscribe(
@@ -373,15 +362,12 @@ class CatalogFollower:
         self.position = 0
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self._follow()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                raise_if_cancelling()
-                logger.exception("following %s failed; resubscribing", CATALOG_STREAM)
-                await asyncio.sleep(1.0)
+        await forever(
+            self._follow,
+            logger=logger,
+            failed=f"following {CATALOG_STREAM} failed; resubscribing",
+            retry_s=1.0,
+        )
 
     async def _follow(self) -> None:
         self.position = (await asyncio.to_thread(self.store.position, self.name)).stream_sequence

@@ -26,6 +26,7 @@ from shared.metrics import start_metrics_endpoint
 from shared.model_store import ModelStore
 from shared.security import make_channel
 from shared.signing import load_public_key
+from shared.supervise import forever
 
 logger = logging.getLogger(__name__)
 
@@ -130,18 +131,17 @@ class InferenceApp:
 
     async def _watch_health(self) -> None:
         assert self.holder is not None
-        while True:
+        holder = self.holder
+
+        async def after_a_swap_or_a_while() -> None:
             try:
-                await asyncio.wait_for(self.holder.swapped.wait(), self.settings.health_interval_s)
+                await asyncio.wait_for(holder.swapped.wait(), self.settings.health_interval_s)
             except TimeoutError:
                 pass
-            self.holder.swapped.clear()
-            try:
-                await self._update_health()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("health evaluation failed")
+            holder.swapped.clear()
+            await self._update_health()
+
+        await forever(after_a_swap_or_a_while, logger=logger, failed="health evaluation failed")
 
     async def stop(self) -> None:
         if self.server is not None:

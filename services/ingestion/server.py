@@ -34,6 +34,7 @@ from shared import nats as fnats
 from shared.db import make_engine, upgrade_schema
 from shared.grpc_server import NOT_SERVING, SERVING, RunningServer, full_service_name, start_grpc_server
 from shared.metrics import start_metrics_endpoint
+from shared.supervise import retry
 
 logger = logging.getLogger(__name__)
 
@@ -175,17 +176,16 @@ class IngestionApp:
         self.server.tasks.append(asyncio.create_task(intake.run(), name="raw-intake"))
 
     async def _keep_connecting(self, ingestor: Ingestor) -> None:
-        while True:
-            await asyncio.sleep(self.settings.nats.reconnect_wait_s)
-            try:
-                await self._connect_nats(ingestor)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.debug("NATS still unreachable: %s", exc)
-                continue
-            logger.info("connected to NATS; publishing the outbox")
-            return
+        wait_s = self.settings.nats.reconnect_wait_s
+        await asyncio.sleep(wait_s)
+        await retry(
+            lambda: self._connect_nats(ingestor),
+            logger=logger,
+            failed="NATS still unreachable",
+            retry_s=wait_s,
+            level=logging.DEBUG,
+        )
+        logger.info("connected to NATS; publishing the outbox")
 
     async def _watch_publisher(self) -> None:
         """Keeps the publisher's health service and gauges in step with the publish path."""
