@@ -315,8 +315,6 @@ class CatalogIntake:
                 for msg in await fetch_batch(psub, self.batch, timeout_s=1.0):
                     try:
                         await self.handle(msg)
-                    except asyncio.CancelledError:
-                        raise
                     except Exception:
                         logger.exception(
                             "catalogue message %d failed; redelivered later", msg.metadata.sequence.stream

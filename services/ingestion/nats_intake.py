@@ -227,8 +227,6 @@ class RawIntake:
                 metrics.RAW_MESSAGES.inc(len(msgs))
                 try:
                     events = await self.handle(msgs)
-                except asyncio.CancelledError:
-                    raise
                 except Exception:
                     # Nothing acked: the messages come back after ack_wait; dedup keeps it exactly-once.
                     logger.exception("raw intake of %d messages failed; they will be redelivered", len(msgs))
