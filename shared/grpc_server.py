@@ -1,7 +1,8 @@
 """The gRPC server bootstrap every service uses: health, reflection, metrics, graceful stop.
 
-A service builds its servicers inside its own ``serve`` and hands a ``register`` callback
-here; this module owns the parts that must be identical everywhere.
+A service's app subclasses ``ServiceApp``: its ``start`` builds the service's parts and hands
+the servicer, background tasks and cleanups to ``serve``; this module owns the parts that must
+be identical everywhere, down to the stop on SIGTERM (``serve_until_signal``).
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.descriptor import FileDescriptor
@@ -21,9 +22,9 @@ from grpc_reflection.v1alpha import reflection
 
 from shared.interceptors import Behaviour, Continuation, Handler, refusal, wrap_behaviour
 from shared.logs import RequestIdInterceptor
-from shared.metrics import RpcMetricsInterceptor
+from shared.metrics import RpcMetricsInterceptor, start_metrics_endpoint
 from shared.security import TokenAuthInterceptor, server_credentials
-from shared.settings import GrpcSettings
+from shared.settings import GrpcSettings, ServiceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +193,58 @@ class Service(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+S = TypeVar("S")
+
+
+class ServiceApp:
+    """The start-up and shutdown every service shares. A service's app subclasses it: its ``start``
+    builds the service's parts, then calls ``serve``; its ``stop`` calls this one first."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.server: RunningServer | None = None
+        #: The port of the /metrics endpoint, when it is enabled.
+        self.metrics_port: int | None = None
+
+    @property
+    def port(self) -> int:
+        """The gRPC port bound (useful when the settings asked for port 0)."""
+        assert self.server is not None, "not started"
+        return self.server.port
+
+    async def serve(
+        self,
+        service_name: str,
+        add_servicer: Callable[[S, grpc.aio.Server], None],
+        servicer: S,
+        *,
+        tasks: Mapping[str, Coroutine[Any, Any, Any]] | None = None,
+        cleanups: Sequence[Callable[[], Awaitable[Any]]] = (),
+    ) -> RunningServer:
+        """Starts the gRPC server hosting ``servicer`` (``add_servicer`` is the generated
+        ``add_<Service>Servicer_to_server``), the background ``tasks`` by name and the /metrics
+        endpoint; ``cleanups`` run when it stops, last first."""
+        s = self.settings
+        tasks = tasks or {}
+        try:
+            server = self.server = await start_grpc_server(
+                s.grpc, [service_name], lambda grpc_server: add_servicer(servicer, grpc_server)
+            )
+        except BaseException:
+            for work in tasks.values():
+                work.close()  # never started: no "coroutine was never awaited" warnings
+            raise
+        server.cleanups += cleanups
+        server.tasks += [asyncio.create_task(work, name=name) for name, work in tasks.items()]
+        self.metrics_port = start_metrics_endpoint(s.metrics)
+        return server
+
+    async def stop(self) -> None:
+        """Stops gracefully (see ``RunningServer.stop``) within the gRPC settings' grace period."""
+        if self.server is not None:
+            await self.server.stop(self.settings.grpc.grace_s)
 
 
 async def serve_until_signal(app: Service) -> None:

@@ -27,6 +27,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 
 from shared.settings import NatsSettings, TlsSettings
+from shared.supervise import raise_if_cancelling
 
 logger = logging.getLogger(__name__)
 
@@ -147,15 +148,40 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext | None:
     return context
 
 
-def events_stream_config(duplicate_window_s: float = 120.0, replicas: int = 1) -> StreamConfig:
-    """The configuration of ``FRESHREC_EVENTS``: file storage, limits retention, dedup window."""
+#: JetStream's error code for "stream name already in use" (with a different configuration).
+STREAM_NAME_IN_USE = 10058
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, update: bool = True) -> None:
+    """Declares a stream idempotently: adds it, or, when a stream of that name exists with another
+    configuration, brings it up to date (``update``, what the stream's owner does) or leaves it."""
+    try:
+        await js.add_stream(config)
+    except BadRequestError as exc:
+        if exc.err_code != STREAM_NAME_IN_USE:
+            raise
+        if update:
+            await js.update_stream(config)
+
+
+def kept_stream_config(
+    name: str,
+    subject: str,
+    *,
+    replicas: int = 1,
+    max_age_s: float | None = None,
+    duplicate_window_s: float = 120.0,
+) -> StreamConfig:
+    """A stream of one subject kept on file: limits retention, the oldest messages go first, kept
+    ``max_age_s`` (forever when None), repeats of a ``Nats-Msg-Id`` dropped within the window."""
     return StreamConfig(
         num_replicas=replicas,
-        name=EVENTS_STREAM,
-        subjects=[ACCEPTED_SUBJECTS],
+        name=name,
+        subjects=[subject],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         discard=DiscardPolicy.OLD,
+        max_age=max_age_s,
         duplicate_window=duplicate_window_s,
     )
 
@@ -168,42 +194,18 @@ async def ensure_events_stream(
     Consumers call it so they can start before ingestion; only the owner (ingestion) brings
     an existing stream's configuration up to date.
     """
-    config = events_stream_config(duplicate_window_s, replicas)
-    try:
-        await js.add_stream(config)
-    except BadRequestError as exc:
-        # 10058: a stream with that name exists with a different configuration.
-        if getattr(exc, "err_code", None) != 10058:
-            raise
-        if owner:
-            await js.update_stream(config)
-
-
-def catalog_stream_config(replicas: int = 1) -> StreamConfig:
-    """The configuration of ``FRESHREC_CATALOG``: every accepted catalogue entry, kept (file storage,
-    limits retention, no age limit) so a follower can rebuild the catalogue from sequence 1."""
-    return StreamConfig(
-        num_replicas=replicas,
-        name=CATALOG_STREAM,
-        subjects=[CATALOG_ACCEPTED_SUBJECT],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        discard=DiscardPolicy.OLD,
-        duplicate_window=120.0,
+    config = kept_stream_config(
+        EVENTS_STREAM, ACCEPTED_SUBJECTS, replicas=replicas, duplicate_window_s=duplicate_window_s
     )
+    await ensure_stream(js, config, update=owner)
 
 
 async def ensure_catalog_stream(js: JetStreamContext, *, owner: bool = False, replicas: int = 1) -> None:
     """Declares ``FRESHREC_CATALOG`` idempotently (the feature service owns it; followers such as
-    the trainer and inference may call it too so they can start first)."""
-    config = catalog_stream_config(replicas)
-    try:
-        await js.add_stream(config)
-    except BadRequestError as exc:
-        if getattr(exc, "err_code", None) != 10058:
-            raise
-        if owner:
-            await js.update_stream(config)
+    the trainer and inference may call it too so they can start first). Every accepted catalogue
+    entry is kept, with no age limit, so a follower can rebuild the catalogue from sequence 1."""
+    config = kept_stream_config(CATALOG_STREAM, CATALOG_ACCEPTED_SUBJECT, replicas=replicas)
+    await ensure_stream(js, config, update=owner)
 
 
 class StreamReader:
@@ -305,7 +307,5 @@ async def fetch_batch(psub: JetStreamContext.PullSubscription, batch: int, timeo
         return await psub.fetch(batch, timeout=timeout_s)
     except (TimeoutError, nats.errors.TimeoutError):
         # nats-py turns a cancellation during fetch into a timeout: let the cancellation through.
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise asyncio.CancelledError from None
+        raise_if_cancelling()
         return []

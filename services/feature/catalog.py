@@ -37,12 +37,10 @@ from google.protobuf.message import DecodeError, Message
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from freshrec.v1 import feature_pb2, item_pb2
 from services.feature import metrics
-from services.feature.pull import raise_if_cancelling
 from services.feature.settings import CatalogSettings
 from services.feature.state import FeatureState
 from services.feature.store import FeatureStore, Revision
@@ -51,8 +49,11 @@ from shared.nats import (
     CATALOG_ITEMS_SUBJECT,
     CATALOG_STREAM,
     MSG_ID_HEADER,
+    ensure_stream,
     fetch_batch,
+    kept_stream_config,
 )
+from shared.supervise import forever, raise_if_cancelling
 
 logger = logging.getLogger(__name__)
 
@@ -181,40 +182,14 @@ def decode_items(data: bytes, headers: dict[str, str] | None) -> tuple[list[item
     return [item], None
 
 
-async def _declare(js: JetStreamContext, config: StreamConfig) -> None:
-    try:
-        await js.add_stream(config)
-    except BadRequestError as exc:
-        if getattr(exc, "err_code", None) != 10058:
-            raise
-        await js.update_stream(config)
-
-
 async def ensure_intake_streams(js: JetStreamContext, replicas: int = 1) -> None:
     """Declares the catalogue intake and dead-letter streams (owned by the feature service)."""
-    await _declare(
-        js,
-        StreamConfig(
-            num_replicas=replicas,
-            name=INTAKE_STREAM,
-            subjects=[CATALOG_ITEMS_SUBJECT],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=7 * 24 * 3600,
-        ),
+    intake = kept_stream_config(
+        INTAKE_STREAM, CATALOG_ITEMS_SUBJECT, replicas=replicas, max_age_s=7 * 24 * 3600
     )
-    await _declare(
-        js,
-        StreamConfig(
-            num_replicas=replicas,
-            name=DLQ_STREAM,
-            subjects=[DLQ_SUBJECT],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=30 * 24 * 3600,
-            duplicate_window=120.0,
-        ),
-    )
+    dlq = kept_stream_config(DLQ_STREAM, DLQ_SUBJECT, replicas=replicas, max_age_s=30 * 24 * 3600)
+    for config in (intake, dlq):
+        await ensure_stream(js, config)
 
 
 class Catalog:
@@ -301,21 +276,16 @@ class Catalog:
 
     async def relay(self, interval_s: float, batch: int = 500) -> None:
         """Publishes stored-but-unpublished revisions, forever."""
-        while True:
-            raise_if_cancelling()
-            try:
-                while True:
-                    pending = await asyncio.to_thread(self.store.unpublished, batch)
-                    published = await self.publish(pending) if pending else 0
-                    if published < batch:
-                        break
-                metrics.CATALOG_UNPUBLISHED.set(await asyncio.to_thread(self.store.count_unpublished))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                raise_if_cancelling()
-                logger.exception("catalogue relay pass failed")
-            await asyncio.sleep(interval_s)
+
+        async def one_pass() -> None:
+            while True:
+                pending = await asyncio.to_thread(self.store.unpublished, batch)
+                published = await self.publish(pending) if pending else 0
+                if published < batch:
+                    break
+            metrics.CATALOG_UNPUBLISHED.set(await asyncio.to_thread(self.store.count_unpublished))
+
+        await forever(one_pass, logger=logger, failed="catalogue relay pass failed", every_s=interval_s)
 
 
 class CatalogIntake:
@@ -327,15 +297,9 @@ class CatalogIntake:
         self.batch = batch
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self._consume()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                raise_if_cancelling()
-                logger.exception("catalogue intake failed; resubscribing in 1 s")
-                await asyncio.sleep(1.0)
+        await forever(
+            self._consume, logger=logger, failed="catalogue intake failed; resubscribing in 1 s", retry_s=1.0
+        )
 
     async def _consume(self) -> None:
         psub = await self.js.pull_subscribe(
@@ -351,8 +315,6 @@ class CatalogIntake:
                 for msg in await fetch_batch(psub, self.batch, timeout_s=1.0):
                     try:
                         await self.handle(msg)
-                    except asyncio.CancelledError:
-                        raise
                     except Exception:
                         logger.exception(
                             "catalogue message %d failed; redelivered later", msg.metadata.sequence.stream
@@ -398,15 +360,12 @@ class CatalogFollower:
         self.position = 0
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self._follow()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                raise_if_cancelling()
-                logger.exception("following %s failed; resubscribing", CATALOG_STREAM)
-                await asyncio.sleep(1.0)
+        await forever(
+            self._follow,
+            logger=logger,
+            failed=f"following {CATALOG_STREAM} failed; resubscribing",
+            retry_s=1.0,
+        )
 
     async def _follow(self) -> None:
         self.position = (await asyncio.to_thread(self.store.position, self.name)).stream_sequence

@@ -33,11 +33,12 @@ from nats.js.errors import NotFoundError
 
 from freshrec.v1 import event_pb2
 from services.feature import metrics
-from services.feature.pull import Puller, raise_if_cancelling, stream_position
+from services.feature.pull import Puller, stream_position
 from services.feature.settings import FeatureSettings
 from services.feature.state import FeatureState, Snapshot
 from services.feature.store import FeatureStore
 from shared.nats import EVENTS_STREAM
+from shared.supervise import forever, raise_if_cancelling, retry
 
 logger = logging.getLogger(__name__)
 
@@ -116,15 +117,12 @@ class FeatureConsumer:
 
     async def run(self) -> None:
         """Consumes until cancelled; after any failure (NATS or SQL) it resumes from SQL."""
-        while True:
-            try:
-                await self._consume()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                raise_if_cancelling()
-                logger.exception("event consumer failed; resuming from the position in SQL in 1 s")
-                await asyncio.sleep(1.0)
+        await forever(
+            self._consume,
+            logger=logger,
+            failed="event consumer failed; resuming from the position in SQL in 1 s",
+            retry_s=1.0,
+        )
 
     async def _consume(self) -> None:
         s = self.settings
@@ -266,20 +264,20 @@ class FeatureConsumer:
 
     async def _reload(self) -> None:
         """Memory got ahead of SQL (a commit failed): reload it from SQL, retrying until it works."""
-        while True:
+
+        async def load() -> FeatureState:
             fresh = FeatureState(
                 self.state.max_recent,
                 self.state.preprocessor.settings,
                 self.state.popularity_settings,
                 self.state.max_seen,
             )
-            try:
-                await asyncio.to_thread(self.store.load, fresh)
-                break
-            except Exception:
-                raise_if_cancelling()
-                logger.exception("reloading state from SQL failed; retrying")
-                await asyncio.sleep(1.0)
+            await asyncio.to_thread(self.store.load, fresh)
+            return fresh
+
+        fresh = await retry(
+            load, logger=logger, failed="reloading state from SQL failed; retrying", retry_s=1.0
+        )
         self.state.__dict__.update(fresh.__dict__)  # in place: the servicer holds this object
         self._commit = None
         self._broken = False

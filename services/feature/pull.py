@@ -29,18 +29,6 @@ logger = logging.getLogger(__name__)
 SAFETY_S = 5.0
 
 
-def raise_if_cancelling() -> None:
-    """Raises CancelledError if this task was asked to stop.
-
-    Python 3.11's ``asyncio.wait_for`` (inside every nats-py request) can swallow a cancellation
-    that races with the answer it awaits; the task still counts the request, so every loop of
-    the feature service checks it, and a stop never waits forever on a loop that missed it.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
 class ConsumerGone(RuntimeError):
     """The server answered a pull with a status that means the consumer cannot be used (409)."""
 

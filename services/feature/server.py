@@ -6,8 +6,6 @@ import asyncio
 import logging
 from functools import partial
 
-import grpc
-
 from freshrec.v1 import feature_pb2, feature_pb2_grpc
 from services.feature import metrics
 from services.feature.catalog import Catalog, CatalogFollower, CatalogIntake, ensure_intake_streams
@@ -20,8 +18,7 @@ from services.feature.store import FeatureStore
 from shared import gc_tuning
 from shared import nats as fnats
 from shared.db import make_engine, make_sessionmaker, upgrade_schema
-from shared.grpc_server import RunningServer, full_service_name, start_grpc_server
-from shared.metrics import start_metrics_endpoint
+from shared.grpc_server import ServiceApp, full_service_name
 
 logger = logging.getLogger(__name__)
 
@@ -29,20 +26,15 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = full_service_name(feature_pb2.DESCRIPTOR, "FeatureService")
 
 
-class FeatureApp:
+class FeatureApp(ServiceApp):
     """The running feature service."""
 
     def __init__(self, settings: FeatureSettings) -> None:
-        self.settings = settings
-        self.server: RunningServer | None = None
+        super().__init__(settings)
+        self.settings: FeatureSettings = settings
         self.state: FeatureState | None = None
         self.consumer: FeatureConsumer | None = None
         self.catalog: Catalog | None = None
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None, "not started"
-        return self.server.port
 
     async def start(self) -> None:
         s = self.settings
@@ -74,24 +66,20 @@ class FeatureApp:
         follower = CatalogFollower(js, store, state, f"{s.replica_name}:catalog")
         intake = CatalogIntake(js, catalog)
 
-        def register(server: grpc.aio.Server) -> None:
-            feature_pb2_grpc.add_FeatureServiceServicer_to_server(
-                FeatureServicer(state, store, catalog, s), server
-            )
-
-        self.server = await start_grpc_server(s.grpc, [SERVICE_NAME], register)
-        self.server.cleanups += [nc.drain, partial(asyncio.to_thread, engine.dispose)]
-        self.server.tasks += [
-            asyncio.create_task(consumer.run(), name="feature-consumer"),
-            asyncio.create_task(follower.run(), name="feature-catalog-follower"),
-            asyncio.create_task(intake.run(), name="feature-catalog-intake"),
-            asyncio.create_task(catalog.relay(s.catalog.relay_interval_s), name="feature-catalog-relay"),
-        ]
-        if s.metrics.enabled:
-            start_metrics_endpoint(s.metrics)
-        logger.info("feature listening on %s:%d", s.grpc.host, self.server.port)
+        await self.serve(
+            SERVICE_NAME,
+            feature_pb2_grpc.add_FeatureServiceServicer_to_server,
+            FeatureServicer(state, store, catalog, s),
+            tasks={
+                "feature-consumer": consumer.run(),
+                "feature-catalog-follower": follower.run(),
+                "feature-catalog-intake": intake.run(),
+                "feature-catalog-relay": catalog.relay(s.catalog.relay_interval_s),
+            },
+            cleanups=[nc.drain, partial(asyncio.to_thread, engine.dispose)],
+        )
+        logger.info("feature listening on %s:%d", s.grpc.host, self.port)
 
     async def stop(self) -> None:
-        if self.server is not None:
-            await self.server.stop(self.settings.grpc.grace_s)
+        await super().stop()
         gc_tuning.release()

@@ -18,11 +18,13 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 from prometheus_client import Gauge
 
 from freshrec.v1 import feature_pb2, feature_pb2_grpc, item_pb2
 from shared.nats import CATALOG_ACCEPTED_SUBJECT, CATALOG_STREAM, ensure_catalog_stream
+from shared.supervise import retry
 
 logger = logging.getLogger(__name__)
 
@@ -120,20 +122,24 @@ class CatalogueFollower:
                 return
             self.catalogue.upsert(item)
 
-        while True:
-            try:
-                await ensure_catalog_stream(js)  # so inference may start before the feature service
-                sub = await js.subscribe(
-                    CATALOG_ACCEPTED_SUBJECT,
-                    stream=CATALOG_STREAM,
-                    cb=on_item,
-                    ordered_consumer=True,
-                    deliver_policy=DeliverPolicy.ALL,
-                )
-                break
-            except (nats.js.errors.NotFoundError, nats.errors.TimeoutError, nats.js.errors.APIError) as exc:
-                logger.info("catalogue stream %s not available yet (%s); retrying", CATALOG_STREAM, exc)
-                await asyncio.sleep(self.retry_s)
+        async def subscribe() -> JetStreamContext.PushSubscription:
+            await ensure_catalog_stream(js)  # so inference may start before the feature service
+            return await js.subscribe(
+                CATALOG_ACCEPTED_SUBJECT,
+                stream=CATALOG_STREAM,
+                cb=on_item,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.ALL,
+            )
+
+        sub = await retry(
+            subscribe,
+            logger=logger,
+            failed=f"catalogue stream {CATALOG_STREAM} not available yet, retrying",
+            retry_s=self.retry_s,
+            errors=(nats.js.errors.NotFoundError, nats.errors.TimeoutError, nats.js.errors.APIError),
+            level=logging.INFO,
+        )
         self.following = True
         logger.info("following the catalogue stream %s", CATALOG_STREAM)
         try:

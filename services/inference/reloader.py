@@ -28,6 +28,7 @@ from services.inference.index import ExplorationSettings, ServingState, build_st
 from services.inference.model import LoadedModel, RejectedArtifact, load_model
 from shared.model_store import ArtifactError, ModelStore
 from shared.nats import MODELS_PUBLISHED_SUBJECT
+from shared.supervise import forever
 
 logger = logging.getLogger(__name__)
 
@@ -197,16 +198,18 @@ class ModelHolder:
 
     async def follow_catalogue(self, debounce_s: float) -> None:
         """Rebuilds after catalogue changes, at most once per ``debounce_s``."""
-        while True:
+
+        async def after_a_change() -> None:
             await self.catalogue.changed.wait()
             self.catalogue.changed.clear()
-            try:
-                await self.refresh_catalogue()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("rebuilding the serving state after a catalogue change failed")
-            await asyncio.sleep(debounce_s)
+            await self.refresh_catalogue()
+
+        await forever(
+            after_a_change,
+            logger=logger,
+            failed="rebuilding the serving state after a catalogue change failed",
+            every_s=debounce_s,
+        )
 
     async def sync_with_store(self) -> None:
         """Serves whatever the store's LIVE pointer names (start-up and poll fallback)."""
@@ -215,14 +218,9 @@ class ModelHolder:
             await self.switch_to(live)
 
     async def poll(self, interval_s: float) -> None:
-        while True:
-            try:
-                await self.sync_with_store()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("polling the model store failed")
-            await asyncio.sleep(interval_s)
+        await forever(
+            self.sync_with_store, logger=logger, failed="polling the model store failed", every_s=interval_s
+        )
 
     async def subscribe(self, nc: NatsClient) -> None:
         async def on_announcement(msg: Msg) -> None:

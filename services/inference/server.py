@@ -8,7 +8,6 @@ import logging
 import sys
 
 import faiss
-import grpc
 from threadpoolctl import threadpool_limits
 
 from freshrec.v1 import inference_pb2, inference_pb2_grpc
@@ -22,33 +21,28 @@ from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 from shared import gc_tuning
 from shared import nats as fnats
-from shared.grpc_server import RunningServer, full_service_name, start_grpc_server
-from shared.metrics import start_metrics_endpoint
+from shared.grpc_server import ServiceApp, full_service_name
 from shared.model_store import ModelStore
 from shared.security import make_channel
 from shared.signing import load_public_key
+from shared.supervise import forever
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = full_service_name(inference_pb2.DESCRIPTOR, "InferenceService")
 
 
-class InferenceApp:
+class InferenceApp(ServiceApp):
     """The running inference service."""
 
     def __init__(self, settings: InferenceSettings) -> None:
-        self.settings = settings
-        self.server: RunningServer | None = None
+        super().__init__(settings)
+        self.settings: InferenceSettings = settings
         self.holder: ModelHolder | None = None
         self.popular: PopularCache | None = None
         self.catalogue: Catalogue | None = None
         self.follower: CatalogueFollower | None = None
         self.serving: bool | None = None
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None, "not started"
-        return self.server.port
 
     def has_answer(self) -> bool:
         """A model, or the popularity fallback (the feature service answered recently)."""
@@ -91,26 +85,23 @@ class InferenceApp:
         ranking = RankingSettings(s.ann.exact_limit, s.mmr_candidates, s.exploration_sample)
         tower = UserTowerBatcher(s.user_tower_batch)
 
-        def register(server: grpc.aio.Server) -> None:
-            inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-                InferenceServicer(holder, features, popular, ranking, limits=s.limits, tower=tower), server
-            )
-
-        self.server = await start_grpc_server(s.grpc, [SERVICE_NAME], register)
-        self.server.cleanups += [nc.drain, channel.close, tower.close]
-        self.server.tasks += [
-            asyncio.create_task(holder.poll(s.poll_interval_s), name="model-poll"),
-            asyncio.create_task(follower.run(), name="catalogue-follower"),
-            asyncio.create_task(holder.follow_catalogue(s.catalogue_debounce_s), name="catalogue-rebuild"),
-            asyncio.create_task(self._watch_health(), name="health"),
-        ]
+        await self.serve(
+            SERVICE_NAME,
+            inference_pb2_grpc.add_InferenceServiceServicer_to_server,
+            InferenceServicer(holder, features, popular, ranking, limits=s.limits, tower=tower),
+            tasks={
+                "model-poll": holder.poll(s.poll_interval_s),
+                "catalogue-follower": follower.run(),
+                "catalogue-rebuild": holder.follow_catalogue(s.catalogue_debounce_s),
+                "health": self._watch_health(),
+            },
+            cleanups=[nc.drain, channel.close, tower.close],
+        )
         await self._update_health()
-        if s.metrics.enabled:
-            start_metrics_endpoint(s.metrics)
         logger.info(
             "inference listening on %s:%d, serving model %s",
             s.grpc.host,
-            self.server.port,
+            self.port,
             holder.served_version or "none (popularity fallback)",
         )
 
@@ -131,20 +122,18 @@ class InferenceApp:
 
     async def _watch_health(self) -> None:
         assert self.holder is not None
-        while True:
+        holder = self.holder
+
+        async def after_a_swap_or_a_while() -> None:
             try:
-                await asyncio.wait_for(self.holder.swapped.wait(), self.settings.health_interval_s)
+                await asyncio.wait_for(holder.swapped.wait(), self.settings.health_interval_s)
             except TimeoutError:
                 pass
-            self.holder.swapped.clear()
-            try:
-                await self._update_health()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("health evaluation failed")
+            holder.swapped.clear()
+            await self._update_health()
+
+        await forever(after_a_swap_or_a_while, logger=logger, failed="health evaluation failed")
 
     async def stop(self) -> None:
-        if self.server is not None:
-            await self.server.stop(self.settings.grpc.grace_s)
+        await super().stop()
         gc_tuning.release()

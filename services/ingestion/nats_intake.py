@@ -36,14 +36,21 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError, NotFoundError
 
 from freshrec.v1 import event_pb2, ingestion_pb2
 from services.ingestion import metrics
 from services.ingestion.ingestor import Ingestor
 from services.ingestion.reconcile import scan_msg_ids
-from shared.nats import DLQ_SUBJECT, MSG_ID_HEADER, RAW_SUBJECT, fetch_batch
+from shared.nats import (
+    DLQ_SUBJECT,
+    MSG_ID_HEADER,
+    RAW_SUBJECT,
+    ensure_stream,
+    fetch_batch,
+    kept_stream_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,31 +72,16 @@ async def ensure_intake_streams(
     js: JetStreamContext, dlq_duplicate_window_s: float = 600.0, replicas: int = 1
 ) -> None:
     """Declares the raw intake and dead-letter streams (owned by ingestion)."""
-    for config in (
-        StreamConfig(
-            num_replicas=replicas,
-            name=RAW_STREAM,
-            subjects=[RAW_SUBJECT],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=7 * 24 * 3600,
-        ),
-        StreamConfig(
-            num_replicas=replicas,
-            name=DLQ_STREAM,
-            subjects=[DLQ_SUBJECT],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=30 * 24 * 3600,
-            duplicate_window=dlq_duplicate_window_s,
-        ),
-    ):
-        try:
-            await js.add_stream(config)
-        except BadRequestError as exc:
-            if getattr(exc, "err_code", None) != 10058:
-                raise
-            await js.update_stream(config)
+    raw = kept_stream_config(RAW_STREAM, RAW_SUBJECT, replicas=replicas, max_age_s=7 * 24 * 3600)
+    dlq = kept_stream_config(
+        DLQ_STREAM,
+        DLQ_SUBJECT,
+        replicas=replicas,
+        max_age_s=30 * 24 * 3600,
+        duplicate_window_s=dlq_duplicate_window_s,
+    )
+    for config in (raw, dlq):
+        await ensure_stream(js, config)
 
 
 async def ensure_raw_consumer(js: JetStreamContext, ack_wait_s: float) -> None:
@@ -235,8 +227,6 @@ class RawIntake:
                 metrics.RAW_MESSAGES.inc(len(msgs))
                 try:
                     events = await self.handle(msgs)
-                except asyncio.CancelledError:
-                    raise
                 except Exception:
                     # Nothing acked: the messages come back after ack_wait; dedup keeps it exactly-once.
                     logger.exception("raw intake of %d messages failed; they will be redelivered", len(msgs))

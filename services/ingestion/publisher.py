@@ -30,6 +30,7 @@ from services.ingestion.reconcile import RangeSet
 from services.ingestion.store import OutboxEvent
 from services.ingestion.writer import GroupCommitter
 from shared.nats import EVENT_PARTITIONS, EVENTS_STREAM, MSG_ID_HEADER, RECEIVED_HEADER, accepted_subject
+from shared.nats_raw import raw_sender
 
 logger = logging.getLogger(__name__)
 
@@ -247,13 +248,11 @@ class Publisher:
         """Writes one HPUB per event, each replying to its own token under the acknowledgement inbox.
 
         The commands for the whole batch are encoded here and handed to the client's outgoing buffer
-        at once; going through ``Client.publish`` per event costs more than the rest of the hot path
-        (it re-validates subjects and header names and formats each header block). Falls back to
-        ``Client.publish`` if the client's buffer interface is not there.
+        at once (``shared/nats_raw.py`` says why); falls back to ``Client.publish`` if the client's
+        buffer interface is not there.
         """
-        send_command = getattr(nc, "_send_command", None)
-        flush_pending = getattr(nc, "_flush_pending", None)
-        if send_command is None or flush_pending is None:
+        send = raw_sender(nc)
+        if send is None:
             for token, event in enumerate(events, first_token):
                 await nc.publish(
                     subject_for(event),
@@ -295,8 +294,7 @@ class Publisher:
                     payload,
                 )
             )
-        await send_command(b"".join(parts))
-        await flush_pending()
+        await send(b"".join(parts))
 
     def _give_up(self, events: Sequence[OutboxEvent], path: str) -> None:
         metrics.PUBLISH_FAILED.labels(path).inc(len(events))

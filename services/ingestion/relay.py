@@ -20,6 +20,7 @@ from services.ingestion import metrics
 from services.ingestion.publisher import Publisher
 from services.ingestion.reconcile import Reconciler
 from services.ingestion.store import EventLog
+from shared.supervise import forever
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +70,9 @@ class Relay:
         return adopted
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("outbox relay pass failed")
-            await asyncio.sleep(self.interval_s)
+        await forever(
+            self.run_once, logger=logger, failed="outbox relay pass failed", every_s=self.interval_s
+        )
 
     async def run_once(self) -> int:
         """One pass over the outbox; returns the number of events published."""

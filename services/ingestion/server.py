@@ -15,7 +15,6 @@ import time
 import uuid
 from pathlib import Path
 
-import grpc
 from nats.aio.client import Client as NatsClient
 
 from freshrec.v1 import ingestion_pb2, ingestion_pb2_grpc
@@ -32,8 +31,8 @@ from services.ingestion.validation import validator_from
 from services.ingestion.writer import GroupCommitter, Heartbeat
 from shared import nats as fnats
 from shared.db import make_engine, upgrade_schema
-from shared.grpc_server import NOT_SERVING, SERVING, RunningServer, full_service_name, start_grpc_server
-from shared.metrics import start_metrics_endpoint
+from shared.grpc_server import NOT_SERVING, SERVING, ServiceApp, full_service_name
+from shared.supervise import retry
 
 logger = logging.getLogger(__name__)
 
@@ -42,24 +41,18 @@ VERSION_TABLE = "alembic_version_ingestion"
 SERVICE_NAME = full_service_name(ingestion_pb2.DESCRIPTOR, "IngestionService")
 
 
-class IngestionApp:
+class IngestionApp(ServiceApp):
     """The running ingestion service; ``start``/``stop`` for tests and ``serve_until_signal``."""
 
     def __init__(self, settings: IngestionSettings) -> None:
-        self.settings = settings
-        self.server: RunningServer | None = None
+        super().__init__(settings)
+        self.settings: IngestionSettings = settings
         self.replica_id = uuid.uuid4().hex
         self.nc: NatsClient | None = None
         self.log: EventLog | None = None
         self.publisher: Publisher | None = None
         self.relay: Relay | None = None
         self.ingestor: Ingestor | None = None
-        self.metrics_port: int | None = None
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None, "not started"
-        return self.server.port
 
     async def start(self) -> None:
         s = self.settings
@@ -91,34 +84,27 @@ class IngestionApp:
         )
         await relay.adopt(everything=True)
 
-        def register(server: grpc.aio.Server) -> None:
-            ingestion_pb2_grpc.add_IngestionServiceServicer_to_server(
-                IngestionServicer(ingestor, s.max_batch), server
-            )
-
-        self.server = server = await start_grpc_server(s.grpc, [SERVICE_NAME], register)
-        await server.health.set(PUBLISHER_HEALTH, NOT_SERVING)
-
         async def deregister() -> None:
             await asyncio.to_thread(log.deregister_replica, self.replica_id)
 
         async def dispose() -> None:
             await asyncio.to_thread(engine.dispose)
 
-        # Cleanups run in reverse: publisher, writer (commits the last marks), NATS, replica row, engine.
-        server.cleanups += [dispose, deregister, self._drain_nats, committer.stop, publisher.close]
-        server.tasks += [
-            asyncio.create_task(self._watch_publisher(), name="publisher-health"),
-            asyncio.create_task(relay.run(), name="outbox-relay"),
-        ]
+        server = await self.serve(
+            SERVICE_NAME,
+            ingestion_pb2_grpc.add_IngestionServiceServicer_to_server,
+            IngestionServicer(ingestor, s.max_batch),
+            tasks={"publisher-health": self._watch_publisher(), "outbox-relay": relay.run()},
+            # Run in reverse: publisher, writer (commits the last marks), NATS, replica row, engine.
+            cleanups=[dispose, deregister, self._drain_nats, committer.stop, publisher.close],
+        )
+        await server.health.set(PUBLISHER_HEALTH, NOT_SERVING)
         try:
             # One quick attempt: without NATS the service still accepts, so it need not wait here.
             await self._connect_nats(ingestor, attempts=1)
         except Exception as exc:
             logger.warning("NATS is unreachable (%s); accepting into the outbox and retrying", exc)
             server.tasks.append(asyncio.create_task(self._keep_connecting(ingestor), name="nats-connect"))
-        if s.metrics.enabled:
-            self.metrics_port = start_metrics_endpoint(s.metrics)
         logger.info(
             "ingestion replica %s (%s) listening on %s:%d",
             s.replica,
@@ -175,17 +161,16 @@ class IngestionApp:
         self.server.tasks.append(asyncio.create_task(intake.run(), name="raw-intake"))
 
     async def _keep_connecting(self, ingestor: Ingestor) -> None:
-        while True:
-            await asyncio.sleep(self.settings.nats.reconnect_wait_s)
-            try:
-                await self._connect_nats(ingestor)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.debug("NATS still unreachable: %s", exc)
-                continue
-            logger.info("connected to NATS; publishing the outbox")
-            return
+        wait_s = self.settings.nats.reconnect_wait_s
+        await asyncio.sleep(wait_s)
+        await retry(
+            lambda: self._connect_nats(ingestor),
+            logger=logger,
+            failed="NATS still unreachable",
+            retry_s=wait_s,
+            level=logging.DEBUG,
+        )
+        logger.info("connected to NATS; publishing the outbox")
 
     async def _watch_publisher(self) -> None:
         """Keeps the publisher's health service and gauges in step with the publish path."""
@@ -212,7 +197,3 @@ class IngestionApp:
                 await asyncio.wait_for(self.nc.drain(), timeout=5)
             except Exception:
                 await self.nc.close()
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            await self.server.stop(self.settings.grpc.grace_s)

@@ -241,8 +241,6 @@ class TrainerLoop:
                     reseat = True
                     continue
                 msgs = await reader.fetch(s.micro_batch, timeout_s=s.micro_batch_wait_s)
-            except asyncio.CancelledError:
-                raise
             except Exception:
                 # NATS trouble: the learner's state is consistent, so go on from its position.
                 logger.exception("fetching events failed; re-seating after the learner's position")
@@ -659,8 +657,6 @@ class TrainerLoop:
                         await reader.seat(position)
                         reseat = False
                     msgs = await reader.fetch(256, timeout_s=1.0)
-                except asyncio.CancelledError:
-                    raise
                 except Exception:
                     logger.exception("fetching catalogue entries failed; re-seating")
                     await asyncio.sleep(1.0)

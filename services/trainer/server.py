@@ -10,7 +10,6 @@ from functools import partial
 from pathlib import Path
 from typing import IO
 
-import grpc
 import torch
 
 from freshrec.v1 import trainer_pb2, trainer_pb2_grpc
@@ -23,8 +22,7 @@ from services.trainer.settings import TrainerSettings
 from services.trainer.text import TEXT_DIM, TextEncoder, make_text_encoder
 from shared import nats as fnats
 from shared.db import make_engine, make_sessionmaker, upgrade_schema
-from shared.grpc_server import RunningServer, full_service_name, start_grpc_server
-from shared.metrics import start_metrics_endpoint
+from shared.grpc_server import ServiceApp, full_service_name
 from shared.model_store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -69,19 +67,14 @@ def build_learner(settings: TrainerSettings) -> tuple[Learner, TextEncoder | Non
     return Learner(settings.learner_config(TEXT_DIM if text is not None else 0)), text
 
 
-class TrainerApp:
+class TrainerApp(ServiceApp):
     """The running trainer service."""
 
     def __init__(self, settings: TrainerSettings) -> None:
-        self.settings = settings
-        self.server: RunningServer | None = None
+        super().__init__(settings)
+        self.settings: TrainerSettings = settings
         self.loop: TrainerLoop | None = None
         self.lock = CheckpointLock(settings.checkpoint_dir)
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None, "not started"
-        return self.server.port
 
     async def start(self) -> None:
         s = self.settings
@@ -124,17 +117,15 @@ class TrainerApp:
             s, learner, store, registry, checkpoint, WeightSnapshots(s.checkpoint_dir), nc, js, text
         )
 
-        def register(server: grpc.aio.Server) -> None:
-            trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(loop, registry, s), server)
-
-        self.server = await start_grpc_server(s.grpc, [SERVICE_NAME], register)
-        self.server.cleanups += [nc.drain, partial(asyncio.to_thread, engine.dispose)]
-        self.server.tasks.append(asyncio.create_task(loop.run(), name="trainer-loop"))
-        if s.metrics.enabled:
-            start_metrics_endpoint(s.metrics)
-        logger.info("trainer (%s) listening on %s:%d", s.strategy, s.grpc.host, self.server.port)
+        await self.serve(
+            SERVICE_NAME,
+            trainer_pb2_grpc.add_TrainerServiceServicer_to_server,
+            TrainerServicer(loop, registry, s),
+            tasks={"trainer-loop": loop.run()},
+            cleanups=[nc.drain, partial(asyncio.to_thread, engine.dispose)],
+        )
+        logger.info("trainer (%s) listening on %s:%d", s.strategy, s.grpc.host, self.port)
 
     async def stop(self) -> None:
-        if self.server is not None:
-            await self.server.stop(self.settings.grpc.grace_s)
+        await super().stop()
         self.lock.release()
