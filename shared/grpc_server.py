@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -21,8 +22,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared.interceptors import Behaviour, Continuation, Handler, refusal, wrap_behaviour
-from shared.logs import RequestIdInterceptor
-from shared.metrics import RpcMetricsInterceptor, start_metrics_endpoint
+from shared.logs import REQUEST_ID, REQUEST_ID_METADATA, request_id_from
+from shared.metrics import RPC_LATENCY, RPC_TOTAL, code_name, start_metrics_endpoint
 from shared.security import TokenAuthInterceptor, server_credentials
 from shared.settings import GrpcSettings, ServiceSettings
 
@@ -35,12 +36,19 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-class DrainInterceptor(grpc.aio.ServerInterceptor):
-    """Counts calls in progress; once draining, answers new calls UNAVAILABLE itself.
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Every RPC's bookkeeping in one wrapper: its request id, latency and status metrics, and the
+    count of calls in progress that a graceful stop waits for.
 
-    gRPC cancels (CANCELLED) every call still queued, not yet handed to the application, when a
-    server stops. So on SIGTERM the server first keeps taking calls and refuses the new ones with
-    UNAVAILABLE while those in progress finish, and only then stops.
+    One interceptor, not one per concern: each interceptor costs a coroutine, a handler and a
+    wrapper per call, and the wrapped handler of a method is built once and reused.
+
+    Request id: the caller's ``x-request-id`` metadata when acceptable, else a new one; set for
+    the call's log lines and returned in the trailing metadata.
+
+    Draining: gRPC cancels (CANCELLED) every call still queued, not yet handed to the application,
+    when a server stops. So on SIGTERM the server first keeps taking calls and refuses the new ones
+    with UNAVAILABLE while those in progress finish, and only then stops.
     """
 
     def __init__(self) -> None:
@@ -48,6 +56,8 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        #: Per method: the handler gRPC gave, and its wrapped twin.
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self,
@@ -55,26 +65,50 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith("/grpc."):
+        method = handler_call_details.method
+        if handler is None or method.startswith("/grpc."):
             return handler  # health keeps answering (NOT_SERVING) while draining
         if self.draining:
-            return refusal(
+            refused = refusal(
                 handler, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere"
             )
-        return wrap_behaviour(handler, self._counted)
+            return wrap_behaviour(refused, lambda behaviour: self._wrap(behaviour, method))
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = wrap_behaviour(handler, lambda behaviour: self._wrap(behaviour, method))
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
-    def _counted(self, behaviour: Behaviour) -> Behaviour:
-        async def counted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    def _wrap(self, behaviour: Behaviour, method: str) -> Behaviour:
+        latency = RPC_LATENCY.labels(method)
+        ok = RPC_TOTAL.labels(method, "OK")
+
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             self.in_flight += 1
             self.idle.clear()
+            request_id = request_id_from(context.invocation_metadata())
+            token = REQUEST_ID.set(request_id)
+            start = time.perf_counter()
+            failure: str | None = None
             try:
+                context.set_trailing_metadata(((REQUEST_ID_METADATA, request_id),))
                 return await behaviour(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                failure = "UNKNOWN"
+                raise
             finally:
+                latency.observe(time.perf_counter() - start)
+                code = failure or code_name(context.code())
+                (ok if code == "OK" else RPC_TOTAL.labels(method, code)).inc()
+                REQUEST_ID.reset(token)
                 self.in_flight -= 1
                 if self.in_flight == 0:
                     self.idle.set()
 
-        return counted
+        return call
 
 
 @dataclass
@@ -85,7 +119,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     port: int
     service_names: Sequence[str]
-    drain: DrainInterceptor
+    drain: CallInterceptor
     drain_s: float = 0.5
     #: Background work (consumers, relays) cancelled after the RPCs have drained.
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -144,9 +178,9 @@ async def start_grpc_server(
     security: list[grpc.aio.ServerInterceptor] = []
     if settings.auth_token is not None:
         security.append(TokenAuthInterceptor(settings.auth_token.get_secret_value()))
-    drain = DrainInterceptor()
+    drain = CallInterceptor()
     server = grpc.aio.server(
-        interceptors=[RpcMetricsInterceptor(), RequestIdInterceptor(), drain, *security, *interceptors],
+        interceptors=[drain, *security, *interceptors],
         options=options,
     )
     register(server)

@@ -1,7 +1,7 @@
 """One logging setup for every service: plain text for people, JSON lines for machines.
 
 Log lines carry context without every call site passing it: the request id of the RPC being
-served (``RequestIdInterceptor`` sets it from the caller's ``x-request-id`` metadata, or makes
+served (the server's ``CallInterceptor`` sets it from the caller's ``x-request-id`` metadata, or makes
 one), and, where code sets them with ``log_context``, the event id or model version at hand.
 Context variables follow the work into ``asyncio.to_thread`` workers.
 """
@@ -14,14 +14,11 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-import grpc
-
-from shared.interceptors import Continuation, Handler, wrap_behaviour
 from shared.settings import LogSettings
 
 REQUEST_ID_METADATA = "x-request-id"
@@ -122,33 +119,3 @@ def request_id_from(metadata: Any) -> str:
             if _ACCEPTABLE_ID.fullmatch(text):
                 return text
     return uuid.uuid4().hex
-
-
-class RequestIdInterceptor(grpc.aio.ServerInterceptor):
-    """Gives every RPC a request id: the caller's ``x-request-id``, or a new one. It is set for
-    the RPC's log lines and returned to the caller in the trailing metadata."""
-
-    async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith("/grpc."):
-            return handler
-        request_id = request_id_from(handler_call_details.invocation_metadata)
-        return wrap_behaviour(handler, lambda behaviour: _with_request_id(behaviour, request_id))
-
-
-def _with_request_id(
-    behaviour: Callable[..., Awaitable[Any]], request_id: str
-) -> Callable[..., Awaitable[Any]]:
-    async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        token = REQUEST_ID.set(request_id)
-        try:
-            context.set_trailing_metadata(((REQUEST_ID_METADATA, request_id),))
-            return await behaviour(request_or_iterator, context)
-        finally:
-            REQUEST_ID.reset(token)
-
-    return wrapper

@@ -5,13 +5,11 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
-from shared.interceptors import Continuation, Handler, wrap_behaviour
 from shared.settings import MetricsSettings
 
 logger = logging.getLogger(__name__)
@@ -52,40 +50,8 @@ def start_metrics_endpoint(settings: MetricsSettings) -> int | None:
     return port
 
 
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Records latency and status code of every unary-response RPC."""
-
-    async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith("/grpc."):
-            return handler
-        return wrap_behaviour(handler, lambda behaviour: _timed(behaviour, method))
-
-
-def _timed(behaviour: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
-    async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        start = time.perf_counter()
-        failure: str | None = None
-        try:
-            return await behaviour(request_or_iterator, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            failure = "UNKNOWN"
-            raise
-        finally:
-            RPC_LATENCY.labels(method).observe(time.perf_counter() - start)
-            RPC_TOTAL.labels(method, failure or _code_name(context.code())).inc()
-
-    return wrapper
-
-
-def _code_name(code: Any) -> str:
+def code_name(code: Any) -> str:
+    """A call's status code as its name (``OK`` when the method returned normally)."""
     if code is None:
         return "OK"
     if isinstance(code, grpc.StatusCode):
