@@ -26,11 +26,11 @@ from nats.aio.subscription import Subscription
 
 from freshrec.v1 import event_pb2
 from services.ingestion import metrics
+from services.ingestion.nats_raw import raw_sender
 from services.ingestion.reconcile import RangeSet
 from services.ingestion.store import OutboxEvent
 from services.ingestion.writer import GroupCommitter
 from shared.nats import EVENT_PARTITIONS, EVENTS_STREAM, MSG_ID_HEADER, RECEIVED_HEADER, accepted_subject
-from shared.nats_raw import raw_sender
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class Publisher:
         """Writes one HPUB per event, each replying to its own token under the acknowledgement inbox.
 
         The commands for the whole batch are encoded here and handed to the client's outgoing buffer
-        at once (``shared/nats_raw.py`` says why); falls back to ``Client.publish`` if the client's
+        at once (``nats_raw.py`` says why); falls back to ``Client.publish`` if the client's
         buffer interface is not there.
         """
         send = raw_sender(nc)

@@ -8,7 +8,7 @@ protocol) and hands them over at once through ``Client._send_command`` and
 ``Client._flush_pending``, the two methods ``publish`` itself ends with.
 
 nats-py may rename or change them in any release: ``raw_sender`` then answers None and callers
-fall back to ``Client.publish`` (slower, still correct), and ``tests/shared/test_nats_raw.py``
+fall back to ``Client.publish`` (slower, still correct), and ``tests/ingestion/test_nats_raw.py``
 fails, so an upgrade cannot lose the fast path silently.
 """
 

@@ -9,7 +9,7 @@ import inspect
 
 from nats.aio.client import Client as NatsClient
 
-from shared.nats_raw import raw_sender
+from services.ingestion.nats_raw import raw_sender
 
 
 def test_the_private_methods_exist_with_the_expected_parameters() -> None:
