@@ -282,12 +282,12 @@ async def bench(cfg: Config, quick: bool, workdir: Path) -> dict[str, Any]:
     )
     from shared.model_store import ModelStore
     from shared.nats import (
-        CATALOG_ACCEPTED_SUBJECT,
-        CATALOG_STREAM,
+        CATALOGUE_ACCEPTED_SUBJECT,
+        CATALOGUE_STREAM,
         MODELS_PUBLISHED_SUBJECT,
         MSG_ID_HEADER,
         accepted_subject,
-        ensure_catalog_stream,
+        ensure_catalogue_stream,
         ensure_events_stream,
     )
     from tests.factories import event
@@ -360,11 +360,11 @@ async def bench(cfg: Config, quick: bool, workdir: Path) -> dict[str, Any]:
         items = [item_pb2.Item(item_id=i, title=f"Item {i}", categories=c) for i, c in catalogue]
         for start in range(0, len(items), 1000):
             await features.UpsertItems(feature_pb2.UpsertItemsRequest(items=items[start : start + 1000]))
-        await ensure_catalog_stream(js)
-        published = (await js.stream_info(CATALOG_STREAM)).state.messages
+        await ensure_catalogue_stream(js)
+        published = (await js.stream_info(CATALOGUE_STREAM)).state.messages
         if published < len(items):
             for item in items:
-                await js.publish_async(CATALOG_ACCEPTED_SUBJECT, item.SerializeToString())
+                await js.publish_async(CATALOGUE_ACCEPTED_SUBJECT, item.SerializeToString())
             await js.publish_async_completed()
         print(f"feature service fed {len(feed)} events and {len(items)} catalogue items")
 

@@ -47,12 +47,16 @@ RAW_SUBJECT = "freshrec.events.raw"
 DLQ_SUBJECT = "freshrec.events.dlq"
 #: The live model version changed (new export, promotion or rollback).
 MODELS_PUBLISHED_SUBJECT = "freshrec.models.published"
+# Wire and storage names (subjects, streams, durable consumers, SQL tables, metric names) keep the
+# spelling "catalog" they were first published with: producers, dashboards and stored state rely
+# on them. Everything else (code, settings, docs) says "catalogue", as the protos do.
+
 #: Catalogue entries published by producers (feature service input, validated there).
-CATALOG_ITEMS_SUBJECT = "freshrec.catalog.items"
+CATALOGUE_ITEMS_SUBJECT = "freshrec.catalog.items"
 #: JetStream stream of validated catalogue entries (protobuf ``Item``), published by the feature
 #: service after each accepted upsert; the trainer and inference follow it.
-CATALOG_STREAM = "FRESHREC_CATALOG"
-CATALOG_ACCEPTED_SUBJECT = "freshrec.catalog.accepted"
+CATALOGUE_STREAM = "FRESHREC_CATALOG"
+CATALOGUE_ACCEPTED_SUBJECT = "freshrec.catalog.accepted"
 
 #: The header carrying a message's idempotency key; JetStream drops repeats within its window.
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -200,11 +204,11 @@ async def ensure_events_stream(
     await ensure_stream(js, config, update=owner)
 
 
-async def ensure_catalog_stream(js: JetStreamContext, *, owner: bool = False, replicas: int = 1) -> None:
+async def ensure_catalogue_stream(js: JetStreamContext, *, owner: bool = False, replicas: int = 1) -> None:
     """Declares ``FRESHREC_CATALOG`` idempotently (the feature service owns it; followers such as
     the trainer and inference may call it too so they can start first). Every accepted catalogue
     entry is kept, with no age limit, so a follower can rebuild the catalogue from sequence 1."""
-    config = kept_stream_config(CATALOG_STREAM, CATALOG_ACCEPTED_SUBJECT, replicas=replicas)
+    config = kept_stream_config(CATALOGUE_STREAM, CATALOGUE_ACCEPTED_SUBJECT, replicas=replicas)
     await ensure_stream(js, config, update=owner)
 
 

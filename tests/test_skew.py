@@ -39,7 +39,7 @@ from services.trainer.server import TrainerApp
 from services.trainer.settings import TrainerSettings
 from tests.conftest import eventually, service_settings
 from tests.factories import event
-from tests.trainer.streams import T0, catalog_item
+from tests.trainer.streams import T0, catalogue_item
 
 pytestmark = pytest.mark.slow
 
@@ -138,7 +138,7 @@ def taste_calls(n_users: int, rounds: int, seed: int) -> list[list[Any]]:
 
 
 async def test_the_trainer_served_figure_is_what_inference_answered(stack: Stack) -> None:
-    items = [catalog_item(f"{g}{i}", [g]) for g in "ab" for i in range(30)]
+    items = [catalogue_item(f"{g}{i}", [g]) for g in "ab" for i in range(30)]
     await stack.feature.UpsertItems(feature_pb2.UpsertItemsRequest(items=items))
     calls = taste_calls(n_users=20, rounds=12, seed=0)
     warm = [e for call in calls[:150] for e in call]

@@ -54,21 +54,21 @@ WATERMARK_EVENT_TIME = Gauge(
 )
 USERS = Gauge("freshrec_feature_users", "Users held in memory.")
 ITEMS = Gauge("freshrec_feature_items", "Items with event statistics held in memory.")
-CATALOG_ITEMS = Counter(
+CATALOGUE_ITEMS = Counter(
     "freshrec_feature_catalog_items_total",
     "Catalogue entries received, by source (grpc, nats) and outcome (accepted, rejected).",
     ["source", "outcome"],
 )
-CATALOG_DLQ = Counter(
+CATALOGUE_DLQ = Counter(
     "freshrec_feature_catalog_dlq_total", "Catalogue messages or entries sent to freshrec.catalog.dlq."
 )
-CATALOG_PUBLISHED = Counter(
+CATALOGUE_PUBLISHED = Counter(
     "freshrec_feature_catalog_published_total", "Catalogue revisions published to FRESHREC_CATALOG."
 )
-CATALOG_FOLLOWED = Counter(
+CATALOGUE_FOLLOWED = Counter(
     "freshrec_feature_catalog_followed_total", "Catalogue revisions read back from FRESHREC_CATALOG."
 )
-CATALOG_UNPUBLISHED = Gauge(
+CATALOGUE_UNPUBLISHED = Gauge(
     "freshrec_feature_catalog_unpublished", "Catalogue revisions stored but not yet published."
 )
 

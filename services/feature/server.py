@@ -8,7 +8,7 @@ from functools import partial
 
 from freshrec.v1 import feature_pb2, feature_pb2_grpc
 from services.feature import metrics
-from services.feature.catalog import Catalog, CatalogFollower, CatalogIntake, ensure_intake_streams
+from services.feature.catalogue import Catalogue, CatalogueFollower, CatalogueIntake, ensure_intake_streams
 from services.feature.consumer import FeatureConsumer
 from services.feature.rebuild import MIGRATIONS, VERSION_TABLE
 from services.feature.servicer import FeatureServicer
@@ -34,7 +34,7 @@ class FeatureApp(ServiceApp):
         self.settings: FeatureSettings = settings
         self.state: FeatureState | None = None
         self.consumer: FeatureConsumer | None = None
-        self.catalog: Catalog | None = None
+        self.catalogue: Catalogue | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -59,22 +59,22 @@ class FeatureApp(ServiceApp):
         nc = await fnats.connect(s.nats, name=f"freshrec-feature-{s.replica_name}")
         js = nc.jetstream()
         await fnats.ensure_events_stream(js, replicas=s.nats.stream_replicas)
-        await fnats.ensure_catalog_stream(js, owner=True, replicas=s.nats.stream_replicas)
+        await fnats.ensure_catalogue_stream(js, owner=True, replicas=s.nats.stream_replicas)
         await ensure_intake_streams(js, s.nats.stream_replicas)
-        catalog = self.catalog = Catalog(nc, js, store, state, s.catalog)
+        catalogue = self.catalogue = Catalogue(nc, js, store, state, s.catalogue)
         consumer = self.consumer = FeatureConsumer(nc, js, state, store, s)
-        follower = CatalogFollower(js, store, state, f"{s.replica_name}:catalog")
-        intake = CatalogIntake(js, catalog)
+        follower = CatalogueFollower(js, store, state, f"{s.replica_name}:catalog")
+        intake = CatalogueIntake(js, catalogue)
 
         await self.serve(
             SERVICE_NAME,
             feature_pb2_grpc.add_FeatureServiceServicer_to_server,
-            FeatureServicer(state, store, catalog, s),
+            FeatureServicer(state, store, catalogue, s),
             tasks={
                 "feature-consumer": consumer.run(),
-                "feature-catalog-follower": follower.run(),
-                "feature-catalog-intake": intake.run(),
-                "feature-catalog-relay": catalog.relay(s.catalog.relay_interval_s),
+                "feature-catalogue-follower": follower.run(),
+                "feature-catalogue-intake": intake.run(),
+                "feature-catalogue-relay": catalogue.relay(s.catalogue.relay_interval_s),
             },
             cleanups=[nc.drain, partial(asyncio.to_thread, engine.dispose)],
         )

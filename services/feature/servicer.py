@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from freshrec.v1 import feature_pb2, feature_pb2_grpc, watermark_pb2
 from services.feature import validation
-from services.feature.catalog import Catalog
+from services.feature.catalogue import Catalogue
 from services.feature.settings import FeatureSettings
 from services.feature.state import FeatureState
 from services.feature.store import FeatureStore
@@ -28,11 +28,11 @@ def _set_time(field: Timestamp, seconds: float) -> None:
 
 class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
     def __init__(
-        self, state: FeatureState, store: FeatureStore, catalog: Catalog, settings: FeatureSettings
+        self, state: FeatureState, store: FeatureStore, catalogue: Catalogue, settings: FeatureSettings
     ) -> None:
         self.state = state
         self.store = store
-        self.catalog = catalog
+        self.catalogue = catalogue
         self.settings = settings
 
     def _watermark(self) -> watermark_pb2.Watermark:
@@ -120,7 +120,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
     ) -> feature_pb2.UpsertItemsResponse:
         validation.upsert_items(request, self.settings)
         try:
-            upserted, errors = await self.catalog.upsert(list(request.items), "grpc")
+            upserted, errors = await self.catalogue.upsert(list(request.items), "grpc")
         except Exception as exc:
             raise RequestError(
                 f"the catalogue could not be stored: {type(exc).__name__}; retry the batch",

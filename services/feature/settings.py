@@ -45,7 +45,7 @@ class PartitionSettings(BaseModel):
         return partition % self.replicas == self.replica
 
 
-class CatalogSettings(BaseModel):
+class CatalogueSettings(BaseModel):
     """Limits every catalogue entry is validated against (gRPC and NATS alike)."""
 
     max_items_per_request: int = Field(1000, gt=0, description="Most items in one UpsertItems or message.")
@@ -97,7 +97,7 @@ class FeatureSettings(ServiceSettings):
     )
     popularity: PopularitySettings = PopularitySettings()
     partition: PartitionSettings = PartitionSettings()
-    catalog: CatalogSettings = CatalogSettings()
+    catalogue: CatalogueSettings = CatalogueSettings()
     limits: RequestLimits = RequestLimits()
 
     @property

@@ -134,7 +134,7 @@ class FeatureState:
         self.items: dict[str, ItemState] = {}
         #: Catalogue categories per item, and the catalogue revision they came from.
         self.item_categories: dict[str, tuple[str, ...]] = {}
-        self.catalog_revisions: dict[str, int] = {}
+        self.catalogue_revisions: dict[str, int] = {}
         self.watermark = Watermark()
         p = self.popularity_settings
         self.all_time = Decay(p.half_life_s)
@@ -228,9 +228,9 @@ class FeatureState:
 
     def set_categories(self, item_id: str, categories: Iterable[str], revision: int) -> bool:
         """Records an item's catalogue categories (an older revision than the one held is ignored)."""
-        if revision < self.catalog_revisions.get(item_id, -1):
+        if revision < self.catalogue_revisions.get(item_id, -1):
             return False
-        self.catalog_revisions[item_id] = revision
+        self.catalogue_revisions[item_id] = revision
         cats = tuple(dict.fromkeys(c for c in categories if c))
         if self.item_categories.get(item_id) != cats:
             self.item_categories[item_id] = cats

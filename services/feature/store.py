@@ -70,7 +70,7 @@ class ConsumerPosition(Base):
     event_time: Mapped[float] = mapped_column(Float)
 
 
-class CatalogItem(Base):
+class CatalogueItem(Base):
     """One catalogue entry; ``published`` is false until FRESHREC_CATALOG has this revision."""
 
     __tablename__ = "catalog_items"
@@ -122,7 +122,7 @@ def _insert(session: Session) -> Callable[[Any], postgresql.Insert | sqlite.Inse
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
-def _catalog_row(item: item_pb2.Item, now: datetime) -> dict[str, Any]:
+def _catalogue_row(item: item_pb2.Item, now: datetime) -> dict[str, Any]:
     return {
         "item_id": item.item_id,
         "title": item.title,
@@ -152,7 +152,7 @@ class FeatureStore:
         False) this replica's features and stream position."""
         with self.sessions.begin() as session:
             for item_id, categories, revision in session.execute(
-                select(CatalogItem.item_id, CatalogItem.categories, CatalogItem.revision)
+                select(CatalogueItem.item_id, CatalogueItem.categories, CatalogueItem.revision)
             ):
                 state.set_categories(item_id, categories, revision)
             if not features:
@@ -232,17 +232,17 @@ class FeatureStore:
         if not latest:
             return []
         now = datetime.now(UTC)
-        rows = [_catalog_row(item, now) | {"revision": 1, "published": False} for item in latest.values()]
+        rows = [_catalogue_row(item, now) | {"revision": 1, "published": False} for item in latest.values()]
         with self.sessions.begin() as session:
-            stmt = _insert(session)(CatalogItem)
+            stmt = _insert(session)(CatalogueItem)
             upsert = stmt.on_conflict_do_update(
                 index_elements=["item_id"],
                 set_={
                     **{c: stmt.excluded[c] for c in _CONTENT},
-                    "revision": CatalogItem.revision + 1,
+                    "revision": CatalogueItem.revision + 1,
                     "published": False,
                 },
-            ).returning(CatalogItem.item_id, CatalogItem.revision)
+            ).returning(CatalogueItem.item_id, CatalogueItem.revision)
             revisions = {item_id: revision for item_id, revision in session.execute(upsert, rows)}
         return [Revision(latest[item_id], revisions[item_id]) for item_id in latest]
 
@@ -255,13 +255,13 @@ class FeatureStore:
             if r.item.item_id not in newest or newest[r.item.item_id].revision < r.revision:
                 newest[r.item.item_id] = r
         with self.sessions.begin() as session:
-            query = select(CatalogItem.item_id, CatalogItem.revision).where(
-                CatalogItem.item_id.in_(list(newest))
+            query = select(CatalogueItem.item_id, CatalogueItem.revision).where(
+                CatalogueItem.item_id.in_(list(newest))
             )
             held = {item_id: revision for item_id, revision in session.execute(query)}
             fresh = [r for r in newest.values() if held.get(r.item.item_id, 0) < r.revision]
             if fresh:
-                stmt = _insert(session)(CatalogItem)
+                stmt = _insert(session)(CatalogueItem)
                 stmt = stmt.on_conflict_do_update(
                     index_elements=["item_id"],
                     set_={
@@ -269,11 +269,14 @@ class FeatureStore:
                         "revision": stmt.excluded.revision,
                         "published": True,
                     },
-                    where=CatalogItem.revision < stmt.excluded.revision,
+                    where=CatalogueItem.revision < stmt.excluded.revision,
                 )
                 session.execute(
                     stmt,
-                    [_catalog_row(r.item, now) | {"revision": r.revision, "published": True} for r in fresh],
+                    [
+                        _catalogue_row(r.item, now) | {"revision": r.revision, "published": True}
+                        for r in fresh
+                    ],
                 )
             self._set_position(session, consumer, Watermark(position, 0.0))
         return fresh
@@ -282,8 +285,8 @@ class FeatureStore:
         with self.sessions.begin() as session:
             for r in revisions:
                 session.execute(
-                    update(CatalogItem)
-                    .where(CatalogItem.item_id == r.item.item_id, CatalogItem.revision == r.revision)
+                    update(CatalogueItem)
+                    .where(CatalogueItem.item_id == r.item.item_id, CatalogueItem.revision == r.revision)
                     .values(published=True)
                 )
 
@@ -291,9 +294,9 @@ class FeatureStore:
         """Stored revisions FRESHREC_CATALOG has not acknowledged yet, oldest first."""
         with self.sessions.begin() as session:
             rows = session.scalars(
-                select(CatalogItem)
-                .where(CatalogItem.published == false())
-                .order_by(CatalogItem.updated_at, CatalogItem.item_id)
+                select(CatalogueItem)
+                .where(CatalogueItem.published == false())
+                .order_by(CatalogueItem.updated_at, CatalogueItem.item_id)
                 .limit(limit)
             ).all()
             return [Revision(row.to_proto(), row.revision) for row in rows]
@@ -302,21 +305,21 @@ class FeatureStore:
         with self.sessions.begin() as session:
             return int(
                 session.execute(
-                    select(func.count()).select_from(CatalogItem).where(CatalogItem.published == false())
+                    select(func.count()).select_from(CatalogueItem).where(CatalogueItem.published == false())
                 ).scalar_one()
             )
 
     def get_items(self, item_ids: list[str]) -> dict[str, item_pb2.Item]:
         with self.sessions.begin() as session:
-            rows = session.scalars(select(CatalogItem).where(CatalogItem.item_id.in_(item_ids))).all()
+            rows = session.scalars(select(CatalogueItem).where(CatalogueItem.item_id.in_(item_ids))).all()
             return {row.item_id: row.to_proto() for row in rows}
 
     def list_items(self, after: str, limit: int) -> list[item_pb2.Item]:
         with self.sessions.begin() as session:
             rows = session.scalars(
-                select(CatalogItem)
-                .where(CatalogItem.item_id > after)
-                .order_by(CatalogItem.item_id)
+                select(CatalogueItem)
+                .where(CatalogueItem.item_id > after)
+                .order_by(CatalogueItem.item_id)
                 .limit(limit)
             ).all()
             return [row.to_proto() for row in rows]

@@ -44,7 +44,7 @@ def batch_user_features(request: feature_pb2.BatchGetUserFeaturesRequest, settin
 
 def upsert_items(request: feature_pb2.UpsertItemsRequest, settings: FeatureSettings) -> None:
     """The batch's size; each entry is validated on its own by the catalogue."""
-    limit = settings.catalog.max_items_per_request
+    limit = settings.catalogue.max_items_per_request
     if len(request.items) > limit:
         raise RequestError(f"UpsertItems takes at most {limit} items per call; split the batch")
 
@@ -62,7 +62,7 @@ def list_items(request: feature_pb2.ListItemsRequest, settings: FeatureSettings)
 def popular_items(request: feature_pb2.GetPopularItemsRequest, settings: FeatureSettings) -> int:
     """Checks a ``GetPopularItemsRequest``; returns its k."""
     k = check_k(request.k, settings.limits)
-    longest = settings.catalog.max_label_length
+    longest = settings.catalogue.max_label_length
     if len(request.category) > longest:
         raise RequestError(f"category is longer than {longest}")
     if request.window not in feature_pb2.PopularityWindow.values():

@@ -23,7 +23,7 @@ from nats.js.api import DeliverPolicy
 from prometheus_client import Gauge
 
 from freshrec.v1 import feature_pb2, feature_pb2_grpc, item_pb2
-from shared.nats import CATALOG_ACCEPTED_SUBJECT, CATALOG_STREAM, ensure_catalog_stream
+from shared.nats import CATALOGUE_ACCEPTED_SUBJECT, CATALOGUE_STREAM, ensure_catalogue_stream
 from shared.supervise import retry
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ CATALOGUE_ITEMS = Gauge("freshrec_inference_catalogue_items", "Catalogue entries
 
 
 @dataclass(frozen=True)
-class CatalogEntry:
+class CatalogueEntry:
     """What inference keeps of one catalogue item."""
 
     title: str
@@ -41,7 +41,7 @@ class CatalogEntry:
     created_at: float  # unix seconds; 0 when the producer gave none
 
     @classmethod
-    def from_proto(cls, item: item_pb2.Item) -> CatalogEntry:
+    def from_proto(cls, item: item_pb2.Item) -> CatalogueEntry:
         created = (
             item.created_at.seconds + item.created_at.nanos / 1e9 if item.HasField("created_at") else 0.0
         )
@@ -52,14 +52,14 @@ class Catalogue:
     """Item id -> entry, with a version number that moves on every change."""
 
     def __init__(self) -> None:
-        self.items: dict[str, CatalogEntry] = {}
+        self.items: dict[str, CatalogueEntry] = {}
         self.version = 0
         self.changed = asyncio.Event()
 
     def upsert(self, item: item_pb2.Item) -> None:
         if not item.item_id:
             return
-        entry = CatalogEntry.from_proto(item)
+        entry = CatalogueEntry.from_proto(item)
         if self.items.get(item.item_id) == entry:
             return
         self.items[item.item_id] = entry
@@ -67,7 +67,7 @@ class Catalogue:
         self.changed.set()
         CATALOGUE_ITEMS.set(len(self.items))
 
-    def snapshot(self) -> tuple[int, dict[str, CatalogEntry]]:
+    def snapshot(self) -> tuple[int, dict[str, CatalogueEntry]]:
         """A copy that a worker thread may read while the loop keeps updating the original."""
         return self.version, dict(self.items)
 
@@ -123,10 +123,10 @@ class CatalogueFollower:
             self.catalogue.upsert(item)
 
         async def subscribe() -> JetStreamContext.PushSubscription:
-            await ensure_catalog_stream(js)  # so inference may start before the feature service
+            await ensure_catalogue_stream(js)  # so inference may start before the feature service
             return await js.subscribe(
-                CATALOG_ACCEPTED_SUBJECT,
-                stream=CATALOG_STREAM,
+                CATALOGUE_ACCEPTED_SUBJECT,
+                stream=CATALOGUE_STREAM,
                 cb=on_item,
                 ordered_consumer=True,
                 deliver_policy=DeliverPolicy.ALL,
@@ -135,13 +135,13 @@ class CatalogueFollower:
         sub = await retry(
             subscribe,
             logger=logger,
-            failed=f"catalogue stream {CATALOG_STREAM} not available yet, retrying",
+            failed=f"catalogue stream {CATALOGUE_STREAM} not available yet, retrying",
             retry_s=self.retry_s,
             errors=(nats.js.errors.NotFoundError, nats.errors.TimeoutError, nats.js.errors.APIError),
             level=logging.INFO,
         )
         self.following = True
-        logger.info("following the catalogue stream %s", CATALOG_STREAM)
+        logger.info("following the catalogue stream %s", CATALOGUE_STREAM)
         try:
             await asyncio.Event().wait()  # the subscription delivers in the background
         finally:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.inference.catalogue import CatalogEntry
+from services.inference.catalogue import CatalogueEntry
 from services.inference.model import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class ExplorationSettings:
 class ServingState:
     model: LoadedModel
     catalogue_version: int
-    catalogue: dict[str, CatalogEntry]
+    catalogue: dict[str, CatalogueEntry]
     fresh_ids: list[str]
     fresh_positions: dict[str, int]
     fresh_matrix: np.ndarray  # [F, D]
@@ -265,7 +265,7 @@ class ServingState:
 def build_state(
     model: LoadedModel,
     catalogue_version: int,
-    catalogue: dict[str, CatalogEntry],
+    catalogue: dict[str, CatalogueEntry],
     previous: ServingState | None,
     exploration: ExplorationSettings,
 ) -> ServingState:
@@ -327,7 +327,7 @@ def build_state(
 
 def _embed_fresh(
     model: LoadedModel,
-    catalogue: dict[str, CatalogEntry],
+    catalogue: dict[str, CatalogueEntry],
     fresh_ids: list[str],
     previous: ServingState | None,
 ) -> tuple[list[np.ndarray | None], str]:
@@ -367,7 +367,7 @@ def _embed_fresh(
     return out, "its categories"
 
 
-def _category_centroids(model: LoadedModel, catalogue: dict[str, CatalogEntry]) -> dict[str, np.ndarray]:
+def _category_centroids(model: LoadedModel, catalogue: dict[str, CatalogueEntry]) -> dict[str, np.ndarray]:
     """Mean embedding of the model's items in each category."""
     members: defaultdict[str, list[int]] = defaultdict(list)
     for item_id, entry in catalogue.items():

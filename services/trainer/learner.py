@@ -105,7 +105,7 @@ class Position:
     stream_sequence: int = 0
     event_time: float = 0.0
     events_learned: int = 0
-    catalog_sequence: int = 0
+    catalogue_sequence: int = 0
 
 
 @dataclass
@@ -973,7 +973,7 @@ class Learner:
         fresh = [
             (i, (seq, it))
             for i, (seq, it) in enumerate(items)
-            if seq == 0 or seq > self.position.catalog_sequence
+            if seq == 0 or seq > self.position.catalogue_sequence
         ]
         for index, (_seq, item) in fresh:
             if not item.item_id:
@@ -991,8 +991,8 @@ class Learner:
             if text is not None and c.text_dim:
                 m.item_text[row] = torch.from_numpy(np.asarray(text[index], dtype=np.float32))
         if fresh:
-            self.position.catalog_sequence = max(
-                self.position.catalog_sequence, max(seq for _, (seq, _) in fresh)
+            self.position.catalogue_sequence = max(
+                self.position.catalogue_sequence, max(seq for _, (seq, _) in fresh)
             )
         return len(fresh)
 

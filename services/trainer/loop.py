@@ -66,13 +66,13 @@ from services.trainer.versions import make_shadow, rebase, snapshot
 from shared.model_store import ModelStore
 from shared.nats import (
     ACCEPTED_SUBJECTS,
-    CATALOG_ACCEPTED_SUBJECT,
-    CATALOG_STREAM,
+    CATALOGUE_ACCEPTED_SUBJECT,
+    CATALOGUE_STREAM,
     EVENTS_STREAM,
     MODELS_PUBLISHED_SUBJECT,
     RECEIVED_HEADER,
     StreamReader,
-    ensure_catalog_stream,
+    ensure_catalogue_stream,
     fetch_batch,
 )
 from shared.signing import load_private_key
@@ -172,8 +172,8 @@ class TrainerLoop:
         self.strikes = 0
         self.next_watch_check = settings.rollback_min_events
         self.unacked_events: Msg | None = None
-        self.unacked_catalog: Msg | None = None
-        self.catalog_following = False
+        self.unacked_catalogue: Msg | None = None
+        self.catalogue_following = False
         #: The last bootstrap fit's figures (for GetTrainerStatus); ``bootstrapping`` while one runs.
         self.bootstrap_state: dict[str, float] = {}
         self.bootstrapping = False
@@ -209,13 +209,13 @@ class TrainerLoop:
         reader = StreamReader(self.js, self.settings.consumer_name, ack_wait_s=self._ack_wait_s())
         # Seated at the position the checkpoint holds: events after it are learned exactly once.
         await reader.seat(self.learner.position.stream_sequence)
-        catalog = asyncio.create_task(self.follow_catalog(), name="trainer-catalog")
+        catalogue = asyncio.create_task(self.follow_catalogue(), name="trainer-catalogue")
         try:
             await self._consume(reader)
         finally:
-            catalog.cancel()
+            catalogue.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await catalog
+                await catalogue
             await reader.close()
 
     # -- the event stream ------------------------------------------------------------------
@@ -548,8 +548,8 @@ class TrainerLoop:
     async def _save_checkpoint(self) -> tuple[Msg | None, Msg | None]:
         """Writes the checkpoint (lock held); returns the messages it covers, to ack afterwards."""
         data = await asyncio.to_thread(to_bytes, self.learner)
-        ackable = (self.unacked_events, self.unacked_catalog)
-        self.unacked_events = self.unacked_catalog = None
+        ackable = (self.unacked_events, self.unacked_catalogue)
+        self.unacked_events = self.unacked_catalogue = None
         await asyncio.to_thread(self.checkpoint.save, data)
         return ackable
 
@@ -634,26 +634,26 @@ class TrainerLoop:
             logger.warning("announcing %s failed: %s", row.version, exc)
 
     # -- the catalogue ---------------------------------------------------------------------
-    async def follow_catalog(self) -> None:
+    async def follow_catalogue(self) -> None:
         """Content features from FRESHREC_CATALOG (published by the feature service)."""
         s = self.settings
         # The feature service owns the stream; declaring it here lets the trainer start first.
-        await ensure_catalog_stream(self.js, replicas=self.settings.nats.stream_replicas)
+        await ensure_catalogue_stream(self.js, replicas=self.settings.nats.stream_replicas)
         reader = StreamReader(
             self.js,
-            s.catalog_consumer_name,
-            stream=CATALOG_STREAM,
-            filter_subjects=[CATALOG_ACCEPTED_SUBJECT],
+            s.catalogue_consumer_name,
+            stream=CATALOGUE_STREAM,
+            filter_subjects=[CATALOGUE_ACCEPTED_SUBJECT],
             ack_wait_s=self._ack_wait_s(),
         )
         reseat = True
-        self.catalog_following = True
+        self.catalogue_following = True
         try:
             while True:
                 try:
                     if reseat:
                         async with self.lock:
-                            position = self.learner.position.catalog_sequence
+                            position = self.learner.position.catalogue_sequence
                         await reader.seat(position)
                         reseat = False
                     msgs = await reader.fetch(256, timeout_s=1.0)
@@ -675,6 +675,6 @@ class TrainerLoop:
                     text = await asyncio.to_thread(self.text.encode, [item_text(i) for _, i in items])
                 async with self.lock:
                     await asyncio.to_thread(self.learner.add_items, items, text)
-                    self.unacked_catalog = msgs[-1]
+                    self.unacked_catalogue = msgs[-1]
         finally:
             await reader.close()

@@ -57,11 +57,11 @@ async def _read_stream(
     events = await read_event_log(js, 0)
     items: list[tuple[int, item_pb2.Item]] = []
     try:
-        info = await js.stream_info(fnats.CATALOG_STREAM)
+        info = await js.stream_info(fnats.CATALOGUE_STREAM)
         last = int(info.state.last_seq)
         if last:
             sub = await js.pull_subscribe(
-                fnats.CATALOG_ACCEPTED_SUBJECT, durable=None, stream=fnats.CATALOG_STREAM
+                fnats.CATALOGUE_ACCEPTED_SUBJECT, durable=None, stream=fnats.CATALOGUE_STREAM
             )
             while True:
                 msgs = await fnats.fetch_batch(sub, 1000, timeout_s=5.0)
@@ -72,7 +72,7 @@ async def _read_stream(
                     break
             await sub.unsubscribe()
     except Exception as exc:  # no catalogue stream yet: content features come later, online
-        say(f"no catalogue read from {fnats.CATALOG_STREAM} ({exc.__class__.__name__}); continuing without")
+        say(f"no catalogue read from {fnats.CATALOGUE_STREAM} ({exc.__class__.__name__}); continuing without")
     return events, items, nc
 
 

@@ -27,11 +27,11 @@ from services.inference.server import InferenceApp
 from services.inference.settings import InferenceSettings
 from shared.model_store import ModelStore
 from shared.nats import (
-    CATALOG_ACCEPTED_SUBJECT,
+    CATALOGUE_ACCEPTED_SUBJECT,
     MODELS_PUBLISHED_SUBJECT,
     MSG_ID_HEADER,
     accepted_subject,
-    ensure_catalog_stream,
+    ensure_catalogue_stream,
     ensure_events_stream,
 )
 from tests.conftest import eventually, service_settings
@@ -39,9 +39,9 @@ from tests.conftest import eventually, service_settings
 
 async def publish_items(nats_client: Any, items: list[item_pb2.Item]) -> None:
     js = nats_client.jetstream()
-    await ensure_catalog_stream(js)
+    await ensure_catalogue_stream(js)
     for item in items:
-        await js.publish(CATALOG_ACCEPTED_SUBJECT, item.SerializeToString())
+        await js.publish(CATALOGUE_ACCEPTED_SUBJECT, item.SerializeToString())
 
 
 async def upsert_items(feature_port: int, items: list[item_pb2.Item]) -> None:

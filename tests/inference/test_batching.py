@@ -17,7 +17,7 @@ import pytest
 from freshrec.v1 import feature_pb2, feature_pb2_grpc
 from services.feature.server import FeatureApp
 from services.inference.batcher import BATCH_SIZE, UserTowerBatcher
-from services.inference.catalogue import CatalogEntry
+from services.inference.catalogue import CatalogueEntry
 from services.inference.features import LOOKUP_BATCH, FeatureClient
 from services.inference.index import ExplorationSettings, ServingState, build_state
 from services.inference.model import load_model
@@ -122,8 +122,8 @@ def states(tmp_path: Path) -> tuple[ServingState, ServingState]:
     write(store, "v000002", Spec(seed=2))
     exploration = ExplorationSettings(3600.0, 0.1)
     first = build_state(load_model(store, "v000001", None, 1), 0, {}, None, exploration)
-    known = {item.item_id: CatalogEntry.from_proto(item) for item in catalogue_items(Spec(seed=2))}
-    fresh = {f"alpha-new{n}": CatalogEntry(f"new {n}", ("alpha",), (), 0.0) for n in range(3)}
+    known = {item.item_id: CatalogueEntry.from_proto(item) for item in catalogue_items(Spec(seed=2))}
+    fresh = {f"alpha-new{n}": CatalogueEntry(f"new {n}", ("alpha",), (), 0.0) for n in range(3)}
     second = build_state(load_model(store, "v000002", None, 1), 1, known | fresh, None, exploration)
     assert len(second.fresh_ids) == 3
     return first, second

@@ -34,5 +34,7 @@ def small_learner(**overrides: object) -> Learner:
     return Learner(LearnerConfig(model=ModelConfig(**model), **config))  # type: ignore[arg-type]
 
 
-def catalog_item(item_id: str, categories: list[str], tags: list[str] = (), title: str = "") -> item_pb2.Item:  # type: ignore[assignment]
+def catalogue_item(
+    item_id: str, categories: list[str], tags: list[str] = (), title: str = ""
+) -> item_pb2.Item:  # type: ignore[assignment]
     return item_pb2.Item(item_id=item_id, categories=categories, tags=list(tags), title=title or item_id)

@@ -25,13 +25,13 @@ from services.trainer.export import (
 from services.trainer.learner import Learner, LearnerConfig
 from services.trainer.model import ModelConfig
 from tests.factories import event
-from tests.trainer.streams import T0, catalog_item, small_learner, taste_stream
+from tests.trainer.streams import T0, catalogue_item, small_learner, taste_stream
 
 
 def trained(**overrides: object) -> Learner:
     learner = small_learner(**overrides)
     learner.add_items(
-        [(1, catalog_item("cold", ["a-genre"], ["t1", "t2"])), (2, catalog_item("a3", ["a-genre"]))]
+        [(1, catalogue_item("cold", ["a-genre"], ["t1", "t2"])), (2, catalogue_item("a3", ["a-genre"]))]
     )
     stream = taste_stream(rounds=8)
     for start in range(0, len(stream), 64):
@@ -130,7 +130,7 @@ def test_optional_inputs_are_declared_and_reproduce_torch() -> None:
 def test_the_default_model_exports_and_validates_at_movielens_size() -> None:
     # Its time is a benchmark figure (bench/stream.py: export_seconds_median), not asserted here.
     learner = Learner(LearnerConfig(model=ModelConfig()))  # dim 64, 50 items of history, 2 blocks
-    learner.add_items([(n, catalog_item(f"i{n}", [f"g{n % 19}"], [f"y{n % 70}"])) for n in range(1, 1683)])
+    learner.add_items([(n, catalogue_item(f"i{n}", [f"g{n % 19}"], [f"y{n % 70}"])) for n in range(1, 1683)])
     rng = np.random.default_rng(0)
     events = [
         (n, event(f"u{rng.integers(943)}", f"i{rng.integers(1, 1683)}", at=T0 + n)) for n in range(1, 5001)

@@ -11,7 +11,7 @@ from services.trainer.evaluation import Paired
 from services.trainer.learner import Learner
 from services.trainer.versions import make_shadow, rebase, snapshot
 from tests.factories import event
-from tests.trainer.streams import T0, catalog_item, small_learner, taste_stream
+from tests.trainer.streams import T0, catalogue_item, small_learner, taste_stream
 
 
 def feed(learner: Learner, stream: list, size: int = 64) -> None:  # type: ignore[type-arg]
@@ -67,9 +67,9 @@ def test_a_restored_checkpoint_continues_exactly_like_the_original() -> None:
 
 def test_content_places_an_untouched_item_near_items_like_it() -> None:
     learner = small_learner(id_dropout=0.5, model_max_history=5)
-    catalogue = [catalog_item(f"x{i}", ["drama"], ["slow"]) for i in range(10)]
-    catalogue += [catalog_item(f"y{i}", ["action"], ["fast"]) for i in range(10)]
-    catalogue += [catalog_item("x-new", ["drama"], ["slow"]), catalog_item("y-new", ["action"], ["fast"])]
+    catalogue = [catalogue_item(f"x{i}", ["drama"], ["slow"]) for i in range(10)]
+    catalogue += [catalogue_item(f"y{i}", ["action"], ["fast"]) for i in range(10)]
+    catalogue += [catalogue_item("x-new", ["drama"], ["slow"]), catalogue_item("y-new", ["action"], ["fast"])]
     learner.add_items(list(enumerate(catalogue, start=1)))
     stream, seq = [], 1
     rng = np.random.default_rng(0)

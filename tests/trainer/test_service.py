@@ -16,10 +16,10 @@ from freshrec.v1 import trainer_pb2, trainer_pb2_grpc
 from services.trainer.server import TrainerApp
 from services.trainer.settings import TrainerSettings
 from shared.model_store import ModelStore
-from shared.nats import CATALOG_ACCEPTED_SUBJECT, MODELS_PUBLISHED_SUBJECT, ensure_catalog_stream
+from shared.nats import CATALOGUE_ACCEPTED_SUBJECT, MODELS_PUBLISHED_SUBJECT, ensure_catalogue_stream
 from tests.conftest import eventually, service_settings
 from tests.feature.helpers import publish
-from tests.trainer.streams import catalog_item, taste_stream
+from tests.trainer.streams import catalogue_item, taste_stream
 
 SMALL: dict[str, Any] = {
     "dim": 16,
@@ -205,16 +205,16 @@ async def test_a_sustained_regression_of_the_live_version_rolls_it_back(trainer,
 
 async def test_catalogue_entries_reach_the_next_export_before_any_event(trainer, nats_client) -> None:
     js = nats_client.jetstream()
-    await ensure_catalog_stream(js)
-    for item in (catalog_item("brand-new", ["drama"], ["slow"]), catalog_item("a1", ["drama"])):
-        await js.publish(CATALOG_ACCEPTED_SUBJECT, item.SerializeToString())
+    await ensure_catalogue_stream(js)
+    for item in (catalogue_item("brand-new", ["drama"], ["slow"]), catalogue_item("a1", ["drama"])):
+        await js.publish(CATALOGUE_ACCEPTED_SUBJECT, item.SerializeToString())
     stream = taste_stream(n_users=6, rounds=2)
     await publish(nats_client, [e for _, e in stream])
     t = await trainer(**QUIET)
     await t.learned(len(stream))
 
     async def catalogued() -> bool:
-        return t.app.loop.learner.position.catalog_sequence >= 2  # type: ignore[union-attr]
+        return t.app.loop.learner.position.catalogue_sequence >= 2  # type: ignore[union-attr]
 
     await eventually(catalogued, what="the catalogue followed")
     version = await t.export()

@@ -14,7 +14,7 @@ from services.trainer import server, text
 from services.trainer.export import ITEM_EMBEDDINGS, ITEM_IDS, export_learner
 from services.trainer.settings import TrainerSettings
 from tests.factories import event
-from tests.trainer.streams import T0, catalog_item, small_learner
+from tests.trainer.streams import T0, catalogue_item, small_learner
 
 needs_text = pytest.mark.skipif(not text.text_extra_installed(), reason="the `text` extra is not installed")
 
@@ -31,7 +31,7 @@ def test_titles_are_embedded_offline_and_reach_the_exported_item_vectors(monkeyp
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]  # similar titles sit close
 
     learner = small_learner(model_text_dim=text.TEXT_DIM)
-    items = [catalog_item(f"i{n}", ["film"], title=t) for n, t in enumerate(titles)]
+    items = [catalogue_item(f"i{n}", ["film"], title=t) for n, t in enumerate(titles)]
     learner.add_items(list(enumerate(items, start=1)), vectors)
     learner.learn([(1, event("u1", "i0", at=T0)), (2, event("u1", "i2", at=T0 + 100))])
     exported = export_learner(learner, parent_version=None)
@@ -51,7 +51,7 @@ def test_without_the_extra_the_trainer_uses_categories_and_tags_only(monkeypatch
     monkeypatch.setattr(text, "text_extra_installed", lambda: False)
     learner, encoder = server.build_learner(TrainerSettings(text_features="auto", dim=16, max_history=10))
     assert encoder is None and learner.config.model.text_dim == 0
-    learner.add_items([(1, catalog_item("x", ["drama"], ["slow"], title="A title nobody embeds"))])
+    learner.add_items([(1, catalogue_item("x", ["drama"], ["slow"], title="A title nobody embeds"))])
     learner.learn([(1, event("u1", "x", at=T0))])
     assert export_learner(learner, parent_version=None).manifest["model"]["dim"] == 16
     with pytest.raises(RuntimeError, match="text"):

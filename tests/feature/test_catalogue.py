@@ -11,7 +11,7 @@ import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from freshrec.v1 import feature_pb2, item_pb2
-from services.feature.catalog import (
+from services.feature.catalogue import (
     DLQ_STREAM,
     DLQ_SUBJECT,
     REASON_HEADER,
@@ -20,13 +20,13 @@ from services.feature.catalog import (
     decode_items,
     validate_item,
 )
-from services.feature.settings import CatalogSettings
-from shared.nats import CATALOG_ACCEPTED_SUBJECT, CATALOG_ITEMS_SUBJECT, CATALOG_STREAM
+from services.feature.settings import CatalogueSettings
+from shared.nats import CATALOGUE_ACCEPTED_SUBJECT, CATALOGUE_ITEMS_SUBJECT, CATALOGUE_STREAM
 from tests.conftest import eventually
 from tests.factories import event
 from tests.feature.helpers import T0, publish, settings_for, started, stub
 
-LIMITS = CatalogSettings()
+LIMITS = CatalogueSettings()
 NOW = 1_800_000_000.0
 
 
@@ -114,11 +114,11 @@ def test_decoding_protobuf_and_json_messages() -> None:
         assert items == [] and why is not None and why.startswith(reason), why
 
 
-async def catalog_messages(nats_client, expected: int) -> list:  # type: ignore[no-untyped-def]
+async def catalogue_messages(nats_client, expected: int) -> list:  # type: ignore[no-untyped-def]
     js = nats_client.jetstream()
     sub = await js.subscribe(
-        CATALOG_ACCEPTED_SUBJECT,
-        stream=CATALOG_STREAM,
+        CATALOGUE_ACCEPTED_SUBJECT,
+        stream=CATALOGUE_STREAM,
         config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
     )
     msgs: list = []
@@ -130,7 +130,7 @@ async def catalog_messages(nats_client, expected: int) -> list:  # type: ignore[
             return False
         return len(msgs) >= expected
 
-    await eventually(got, what=f"{expected} messages on {CATALOG_STREAM}")
+    await eventually(got, what=f"{expected} messages on {CATALOGUE_STREAM}")
     await sub.unsubscribe()
     return msgs
 
@@ -154,7 +154,7 @@ async def test_grpc_upsert_stores_publishes_and_feeds_popularity(
         )
         assert again.upserted == 1
 
-        msgs = await catalog_messages(nats_client, 5)
+        msgs = await catalogue_messages(nats_client, 5)
         got = [(item_pb2.Item.FromString(m.data).item_id, m.headers[REVISION_HEADER]) for m in msgs]
         assert got == [("m0", "1"), ("m1", "1"), ("m2", "1"), ("m3", "1"), ("m1", "2")]
         assert item_pb2.Item.FromString(msgs[-1].data).title == "Renamed"
@@ -194,15 +194,15 @@ async def test_nats_intake_accepts_protobuf_and_json_and_dead_letters_the_rest(
     channel, feature = stub(app)
     try:
         js = nats_client.jetstream()
-        await js.publish(CATALOG_ITEMS_SUBJECT, item(item_id="p1", categories=["a"]).SerializeToString())
+        await js.publish(CATALOGUE_ITEMS_SUBJECT, item(item_id="p1", categories=["a"]).SerializeToString())
         batch = feature_pb2.UpsertItemsRequest(items=[item(item_id="p2"), item(item_id="", title="nameless")])
-        await js.publish(CATALOG_ITEMS_SUBJECT, batch.SerializeToString())
+        await js.publish(CATALOGUE_ITEMS_SUBJECT, batch.SerializeToString())
         await js.publish(
-            CATALOG_ITEMS_SUBJECT,
+            CATALOGUE_ITEMS_SUBJECT,
             json.dumps({"itemId": "j1", "title": "From JSON", "tags": ["t"]}).encode(),
             headers={"Content-Type": "application/json"},
         )
-        await js.publish(CATALOG_ITEMS_SUBJECT, b"\xff\x00garbage")
+        await js.publish(CATALOGUE_ITEMS_SUBJECT, b"\xff\x00garbage")
 
         async def stored():  # type: ignore[no-untyped-def]
             r = await feature.GetItems(feature_pb2.GetItemsRequest(item_ids=["p1", "p2", "j1"]))
@@ -287,14 +287,14 @@ async def test_replicas_with_their_own_databases_follow_the_catalogue(
 async def test_items_stored_while_nats_is_down_are_published_when_it_returns(
     nats_server, nats_client, tmp_path: Path
 ) -> None:
-    app = await started(settings_for(nats_server, tmp_path, catalog={"relay_interval_s": 0.2}))
+    app = await started(settings_for(nats_server, tmp_path, catalogue={"relay_interval_s": 0.2}))
     channel, feature = stub(app)
     try:
         nats_server.stop()
         response = await feature.UpsertItems(feature_pb2.UpsertItemsRequest(items=[item(item_id="offline")]))
         assert response.upserted == 1  # stored in SQL; publishing waits for NATS
         nats_server.start()
-        msgs = await catalog_messages(nats_client, 1)
+        msgs = await catalogue_messages(nats_client, 1)
         assert item_pb2.Item.FromString(msgs[0].data).item_id == "offline"
     finally:
         await channel.close()

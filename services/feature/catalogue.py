@@ -41,13 +41,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from freshrec.v1 import feature_pb2, item_pb2
 from services.feature import metrics
-from services.feature.settings import CatalogSettings
+from services.feature.settings import CatalogueSettings
 from services.feature.state import FeatureState
 from services.feature.store import FeatureStore, Revision
 from shared.nats import (
-    CATALOG_ACCEPTED_SUBJECT,
-    CATALOG_ITEMS_SUBJECT,
-    CATALOG_STREAM,
+    CATALOGUE_ACCEPTED_SUBJECT,
+    CATALOGUE_ITEMS_SUBJECT,
+    CATALOGUE_STREAM,
     MSG_ID_HEADER,
     ensure_stream,
     fetch_batch,
@@ -91,7 +91,7 @@ def _label_error(what: str, values: list[str], most: int, longest: int) -> str |
     return None
 
 
-def validate_item(item: item_pb2.Item, limits: CatalogSettings, now: float | None = None) -> str | None:
+def validate_item(item: item_pb2.Item, limits: CatalogueSettings, now: float | None = None) -> str | None:
     """Returns why the item is invalid, or None when it may be stored."""
     if not item.item_id:
         return "item_id is empty"
@@ -185,14 +185,14 @@ def decode_items(data: bytes, headers: dict[str, str] | None) -> tuple[list[item
 async def ensure_intake_streams(js: JetStreamContext, replicas: int = 1) -> None:
     """Declares the catalogue intake and dead-letter streams (owned by the feature service)."""
     intake = kept_stream_config(
-        INTAKE_STREAM, CATALOG_ITEMS_SUBJECT, replicas=replicas, max_age_s=7 * 24 * 3600
+        INTAKE_STREAM, CATALOGUE_ITEMS_SUBJECT, replicas=replicas, max_age_s=7 * 24 * 3600
     )
     dlq = kept_stream_config(DLQ_STREAM, DLQ_SUBJECT, replicas=replicas, max_age_s=30 * 24 * 3600)
     for config in (intake, dlq):
         await ensure_stream(js, config)
 
 
-class Catalog:
+class Catalogue:
     """Validates, stores, indexes and publishes catalogue entries."""
 
     def __init__(
@@ -201,7 +201,7 @@ class Catalog:
         js: JetStreamContext,
         store: FeatureStore,
         state: FeatureState,
-        limits: CatalogSettings,
+        limits: CatalogueSettings,
         publish_timeout_s: float = 5.0,
     ) -> None:
         self.nc = nc
@@ -230,12 +230,12 @@ class Catalog:
         Raises if SQL fails (nothing is then stored or published).
         """
         valid, errors = self.validate(items)
-        metrics.CATALOG_ITEMS.labels(source, "rejected").inc(len(errors))
+        metrics.CATALOGUE_ITEMS.labels(source, "rejected").inc(len(errors))
         if valid:
             revisions = await asyncio.to_thread(self.store.upsert_items, valid)
             for r in revisions:
                 self.state.set_categories(r.item.item_id, r.item.categories, r.revision)
-            metrics.CATALOG_ITEMS.labels(source, "accepted").inc(len(valid))
+            metrics.CATALOGUE_ITEMS.labels(source, "accepted").inc(len(valid))
             await self.publish(revisions)
         return len(valid), errors
 
@@ -254,10 +254,10 @@ class Catalog:
                     }
                     futures.append(
                         await self.js.publish_async(
-                            CATALOG_ACCEPTED_SUBJECT,
+                            CATALOGUE_ACCEPTED_SUBJECT,
                             r.item.SerializeToString(),
                             headers=headers,
-                            stream=CATALOG_STREAM,
+                            stream=CATALOGUE_STREAM,
                         )
                     )
                 done, pending = await asyncio.wait(futures, timeout=self.publish_timeout_s)
@@ -271,7 +271,7 @@ class Catalog:
             acked = [r for r, f in zip(revisions, futures, strict=False) if f in done and not f.exception()]
             if acked:
                 await asyncio.to_thread(self.store.mark_published, acked)
-                metrics.CATALOG_PUBLISHED.inc(len(acked))
+                metrics.CATALOGUE_PUBLISHED.inc(len(acked))
             return len(acked)
 
     async def relay(self, interval_s: float, batch: int = 500) -> None:
@@ -283,17 +283,17 @@ class Catalog:
                 published = await self.publish(pending) if pending else 0
                 if published < batch:
                     break
-            metrics.CATALOG_UNPUBLISHED.set(await asyncio.to_thread(self.store.count_unpublished))
+            metrics.CATALOGUE_UNPUBLISHED.set(await asyncio.to_thread(self.store.count_unpublished))
 
         await forever(one_pass, logger=logger, failed="catalogue relay pass failed", every_s=interval_s)
 
 
-class CatalogIntake:
-    """Consumes ``freshrec.catalog.items`` (shared by all replicas) and feeds ``Catalog.upsert``."""
+class CatalogueIntake:
+    """Consumes ``freshrec.catalog.items`` (shared by all replicas) and feeds ``Catalogue.upsert``."""
 
-    def __init__(self, js: JetStreamContext, catalog: Catalog, batch: int = 100) -> None:
+    def __init__(self, js: JetStreamContext, catalogue: Catalogue, batch: int = 100) -> None:
         self.js = js
-        self.catalog = catalog
+        self.catalogue = catalogue
         self.batch = batch
 
     async def run(self) -> None:
@@ -303,7 +303,7 @@ class CatalogIntake:
 
     async def _consume(self) -> None:
         psub = await self.js.pull_subscribe(
-            CATALOG_ITEMS_SUBJECT,
+            CATALOGUE_ITEMS_SUBJECT,
             durable=INTAKE_CONSUMER,
             stream=INTAKE_STREAM,
             # Replicas share this consumer, so each message is acked on its own.
@@ -328,14 +328,14 @@ class CatalogIntake:
     async def handle(self, msg: Msg) -> None:
         seq = msg.metadata.sequence.stream
         items, reason = decode_items(msg.data, msg.headers)
-        limit = self.catalog.limits.max_items_per_request
+        limit = self.catalogue.limits.max_items_per_request
         if reason is None and len(items) > limit:
             reason = f"more than {limit} items in one message"
         if reason is not None:
-            metrics.CATALOG_ITEMS.labels("nats", "rejected").inc()
+            metrics.CATALOGUE_ITEMS.labels("nats", "rejected").inc()
             await self.dead_letter(msg.data, reason, f"catalog-dlq-{seq}")
             return
-        _, errors = await self.catalog.upsert(items, "nats")
+        _, errors = await self.catalogue.upsert(items, "nats")
         for error in errors:
             await self.dead_letter(
                 items[error.index].SerializeToString(), error.reason, f"catalog-dlq-{seq}-{error.index}"
@@ -345,11 +345,11 @@ class CatalogIntake:
         # The id derives from the intake position: a redelivered message is dead-lettered once.
         headers = {REASON_HEADER: reason, MSG_ID_HEADER: msg_id}
         await self.js.publish(DLQ_SUBJECT, data, headers=headers, stream=DLQ_STREAM)
-        metrics.CATALOG_DLQ.inc()
+        metrics.CATALOGUE_DLQ.inc()
         logger.info("dead-lettered catalogue message (%s): %s", msg_id, reason)
 
 
-class CatalogFollower:
+class CatalogueFollower:
     """Follows FRESHREC_CATALOG from this replica's stored position (in SQL, with what it stored)."""
 
     def __init__(self, js: JetStreamContext, store: FeatureStore, state: FeatureState, name: str) -> None:
@@ -363,15 +363,15 @@ class CatalogFollower:
         await forever(
             self._follow,
             logger=logger,
-            failed=f"following {CATALOG_STREAM} failed; resubscribing",
+            failed=f"following {CATALOGUE_STREAM} failed; resubscribing",
             retry_s=1.0,
         )
 
     async def _follow(self) -> None:
         self.position = (await asyncio.to_thread(self.store.position, self.name)).stream_sequence
         psub = await self.js.pull_subscribe(
-            CATALOG_ACCEPTED_SUBJECT,
-            stream=CATALOG_STREAM,
+            CATALOGUE_ACCEPTED_SUBJECT,
+            stream=CATALOGUE_STREAM,
             config=ConsumerConfig(
                 ack_policy=AckPolicy.NONE,
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
@@ -397,7 +397,7 @@ class CatalogFollower:
             except (DecodeError, ValueError):
                 logger.error(
                     "%s message %d is not a catalogue entry; skipped",
-                    CATALOG_STREAM,
+                    CATALOGUE_STREAM,
                     msg.metadata.sequence.stream,
                 )
                 continue
@@ -407,4 +407,4 @@ class CatalogFollower:
         for r in revisions:
             self.state.set_categories(r.item.item_id, r.item.categories, r.revision)
         self.position = last
-        metrics.CATALOG_FOLLOWED.inc(len(fresh))
+        metrics.CATALOGUE_FOLLOWED.inc(len(fresh))
