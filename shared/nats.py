@@ -7,9 +7,12 @@ and other consumers rely on them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import zlib
+from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 import nats
 from nats.aio.client import Client as NatsClient
@@ -27,7 +30,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 
 from shared.settings import NatsSettings, TlsSettings
-from shared.supervise import raise_if_cancelling
+from shared.supervise import forever, raise_if_cancelling
 
 logger = logging.getLogger(__name__)
 
@@ -313,3 +316,62 @@ async def fetch_batch(psub: JetStreamContext.PullSubscription, batch: int, timeo
         # nats-py turns a cancellation during fetch into a timeout: let the cancellation through.
         raise_if_cancelling()
         return []
+
+
+async def follow_stream(
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    *,
+    position: Callable[[], Awaitable[int]],
+    apply: Callable[[list[Msg]], Awaitable[None]],
+    name: str,
+    batch: int = 500,
+    retry_s: float = 1.0,
+) -> NoReturn:
+    """Applies a stream's messages in order, from just after ``position()``, until cancelled.
+
+    The one way freshrec follows a stream whose position the follower keeps itself, with what it
+    applied (a SQL row, a checkpoint, memory): the catalogue, in the feature service, inference
+    and the trainer. nats-py's ordered consumer delivers from ``position() + 1`` as messages
+    arrive, without acks, and starts itself again where it was after a lost delivery; what
+    arrived while ``apply`` was busy is applied next, up to ``batch`` messages at a time. After a
+    failure (NATS down, ``apply`` raising), the follower subscribes again from ``position()``, so
+    nothing is skipped, and a batch ``apply`` did not record comes again.
+    """
+
+    async def follow_once() -> None:
+        start = await position()
+        arrived: list[Msg] = []
+        ready = asyncio.Event()
+
+        async def on_message(msg: Msg) -> None:
+            arrived.append(msg)
+            ready.set()
+
+        sub = await js.subscribe(
+            subject,
+            stream=stream,
+            cb=on_message,
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start + 1),
+        )
+        logger.info("%s follows %s from sequence %d", name, stream, start + 1)
+        try:
+            while True:
+                await ready.wait()
+                ready.clear()
+                while arrived:
+                    msgs = arrived[:batch]
+                    del arrived[:batch]
+                    await apply(msgs)
+        finally:
+            with contextlib.suppress(Exception):  # the connection may be gone already
+                await sub.unsubscribe()
+
+    await forever(
+        follow_once,
+        logger=logger,
+        failed=f"{name}: following {stream} failed; resubscribing",
+        retry_s=retry_s,
+    )

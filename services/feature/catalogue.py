@@ -37,7 +37,7 @@ from google.protobuf.message import DecodeError, Message
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from freshrec.v1 import feature_pb2, item_pb2
 from services.feature import metrics
@@ -51,6 +51,7 @@ from shared.nats import (
     MSG_ID_HEADER,
     ensure_stream,
     fetch_batch,
+    follow_stream,
     kept_stream_config,
 )
 from shared.supervise import forever, raise_if_cancelling
@@ -360,33 +361,18 @@ class CatalogueFollower:
         self.position = 0
 
     async def run(self) -> None:
-        await forever(
-            self._follow,
-            logger=logger,
-            failed=f"following {CATALOGUE_STREAM} failed; resubscribing",
-            retry_s=1.0,
+        await follow_stream(
+            self.js,
+            CATALOGUE_STREAM,
+            CATALOGUE_ACCEPTED_SUBJECT,
+            position=self._stored_position,
+            apply=self.apply,
+            name=self.name,
         )
 
-    async def _follow(self) -> None:
+    async def _stored_position(self) -> int:
         self.position = (await asyncio.to_thread(self.store.position, self.name)).stream_sequence
-        psub = await self.js.pull_subscribe(
-            CATALOGUE_ACCEPTED_SUBJECT,
-            stream=CATALOGUE_STREAM,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.NONE,
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=self.position + 1,
-                inactive_threshold=300.0,
-            ),
-        )
-        try:
-            while True:
-                raise_if_cancelling()
-                msgs = await fetch_batch(psub, 500, timeout_s=1.0)
-                if msgs:
-                    await self.apply(msgs)
-        finally:
-            await psub.unsubscribe()
+        return self.position
 
     async def apply(self, msgs: list[Msg]) -> None:
         revisions = []

@@ -2,8 +2,8 @@
 content for items newer than the model.
 
 It follows JetStream ``FRESHREC_CATALOG`` (subject ``freshrec.catalog.accepted``, one protobuf
-``Item`` per message, published by the feature service after each accepted upsert) with an
-ordered consumer from the first message, so every replica holds the whole catalogue; at start
+``Item`` per message, published by the feature service after each accepted upsert) from the
+first message (``follow_stream``), so every replica holds the whole catalogue; at start
 it also pages ``FeatureService.ListItems`` so items upserted before the stream existed are known.
 """
 
@@ -14,17 +14,12 @@ import logging
 from dataclasses import dataclass
 
 import grpc
-import nats.errors
-import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
 from prometheus_client import Gauge
 
 from freshrec.v1 import feature_pb2, feature_pb2_grpc, item_pb2
-from shared.nats import CATALOGUE_ACCEPTED_SUBJECT, CATALOGUE_STREAM, ensure_catalogue_stream
-from shared.supervise import retry
+from shared.nats import CATALOGUE_ACCEPTED_SUBJECT, CATALOGUE_STREAM, ensure_catalogue_stream, follow_stream
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +83,8 @@ class CatalogueFollower:
         self.stub = feature_pb2_grpc.FeatureServiceStub(feature_channel)
         self.page_size = page_size
         self.retry_s = retry_s
-        self.following = False
+        #: The stream sequence of the last catalogue message applied.
+        self.position = 0
 
     async def list_all(self, deadline_s: float = 5.0) -> int:
         """Pages ListItems into the catalogue; returns how many items came (0 if unreachable)."""
@@ -110,43 +106,33 @@ class CatalogueFollower:
             return count
 
     async def run(self) -> None:
-        """Follows the catalogue stream from its first message (retrying until the stream exists)."""
+        """Follows the catalogue stream from its first message, so this replica holds it all."""
         js = self.nc.jetstream()
 
-        async def on_item(msg: Msg) -> None:
-            item = item_pb2.Item()
-            try:
-                item.ParseFromString(msg.data)
-            except Exception:
-                logger.warning("ignoring a malformed catalogue message (stream sequence %s)", msg.reply)
-                return
-            self.catalogue.upsert(item)
-
-        async def subscribe() -> JetStreamContext.PushSubscription:
+        async def position() -> int:
             await ensure_catalogue_stream(js)  # so inference may start before the feature service
-            return await js.subscribe(
-                CATALOGUE_ACCEPTED_SUBJECT,
-                stream=CATALOGUE_STREAM,
-                cb=on_item,
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.ALL,
-            )
+            return self.position
 
-        sub = await retry(
-            subscribe,
-            logger=logger,
-            failed=f"catalogue stream {CATALOGUE_STREAM} not available yet, retrying",
+        async def apply(msgs: list[Msg]) -> None:
+            for msg in msgs:
+                item = item_pb2.Item()
+                try:
+                    item.ParseFromString(msg.data)
+                except Exception:
+                    logger.warning(
+                        "ignoring a malformed catalogue message (stream sequence %d)",
+                        msg.metadata.sequence.stream,
+                    )
+                    continue
+                self.catalogue.upsert(item)
+            self.position = msgs[-1].metadata.sequence.stream
+
+        await follow_stream(
+            js,
+            CATALOGUE_STREAM,
+            CATALOGUE_ACCEPTED_SUBJECT,
+            position=position,
+            apply=apply,
+            name="inference",
             retry_s=self.retry_s,
-            errors=(nats.js.errors.NotFoundError, nats.errors.TimeoutError, nats.js.errors.APIError),
-            level=logging.INFO,
         )
-        self.following = True
-        logger.info("following the catalogue stream %s", CATALOGUE_STREAM)
-        try:
-            await asyncio.Event().wait()  # the subscription delivers in the background
-        finally:
-            self.following = False
-            try:
-                await sub.unsubscribe()
-            except Exception:  # the connection may already be closed during shutdown
-                logger.debug("catalogue unsubscribe failed", exc_info=True)

@@ -74,6 +74,7 @@ from shared.nats import (
     StreamReader,
     ensure_catalogue_stream,
     fetch_batch,
+    follow_stream,
 )
 from shared.signing import load_private_key
 from shared.watermark import watermark_proto
@@ -172,8 +173,6 @@ class TrainerLoop:
         self.strikes = 0
         self.next_watch_check = settings.rollback_min_events
         self.unacked_events: Msg | None = None
-        self.unacked_catalogue: Msg | None = None
-        self.catalogue_following = False
         #: The last bootstrap fit's figures (for GetTrainerStatus); ``bootstrapping`` while one runs.
         self.bootstrap_state: dict[str, float] = {}
         self.bootstrapping = False
@@ -228,7 +227,7 @@ class TrainerLoop:
         reseat = False
         while True:
             try:
-                if reseat:
+                if reseat:  # the learner's state is consistent: from its position nothing is lost
                     async with self.lock:
                         position = self.learner.position.stream_sequence
                     await reader.seat(position)
@@ -545,23 +544,21 @@ class TrainerLoop:
         self.last_export_seconds = exported.seconds
         return row
 
-    async def _save_checkpoint(self) -> tuple[Msg | None, Msg | None]:
-        """Writes the checkpoint (lock held); returns the messages it covers, to ack afterwards."""
+    async def _save_checkpoint(self) -> Msg | None:
+        """Writes the checkpoint (lock held); returns the last event it covers, to ack afterwards."""
         data = await asyncio.to_thread(to_bytes, self.learner)
-        ackable = (self.unacked_events, self.unacked_catalogue)
-        self.unacked_events = self.unacked_catalogue = None
+        ackable, self.unacked_events = self.unacked_events, None
         await asyncio.to_thread(self.checkpoint.save, data)
         return ackable
 
-    async def _ack(self, ackable: tuple[Msg | None, Msg | None]) -> None:
-        for msg in ackable:
-            if msg is None:
-                continue
-            try:
-                await msg.ack()
-            except Exception as exc:
-                # Redelivered events are skipped by the learner: a lost ack only costs a re-read.
-                logger.warning("ack failed: %s", exc)
+    async def _ack(self, ackable: Msg | None) -> None:
+        if ackable is None:
+            return
+        try:
+            await ackable.ack()
+        except Exception as exc:
+            # Redelivered events are skipped by the learner: a lost ack only costs a re-read.
+            logger.warning("ack failed: %s", exc)
 
     # -- the live version ------------------------------------------------------------------
     def _reset_watch(self) -> None:
@@ -635,46 +632,34 @@ class TrainerLoop:
 
     # -- the catalogue ---------------------------------------------------------------------
     async def follow_catalogue(self) -> None:
-        """Content features from FRESHREC_CATALOG (published by the feature service)."""
-        s = self.settings
-        # The feature service owns the stream; declaring it here lets the trainer start first.
-        await ensure_catalogue_stream(self.js, replicas=self.settings.nats.stream_replicas)
-        reader = StreamReader(
-            self.js,
-            s.catalogue_consumer_name,
-            stream=CATALOGUE_STREAM,
-            filter_subjects=[CATALOGUE_ACCEPTED_SUBJECT],
-            ack_wait_s=self._ack_wait_s(),
-        )
-        reseat = True
-        self.catalogue_following = True
-        try:
-            while True:
+        """Content features from FRESHREC_CATALOG (published by the feature service), from the
+        catalogue position the checkpoint holds."""
+
+        async def position() -> int:
+            # The feature service owns the stream; declaring it here lets the trainer start first.
+            await ensure_catalogue_stream(self.js, replicas=self.settings.nats.stream_replicas)
+            async with self.lock:
+                return self.learner.position.catalogue_sequence
+
+        async def apply(msgs: list[Msg]) -> None:
+            items = []
+            for msg in msgs:
                 try:
-                    if reseat:
-                        async with self.lock:
-                            position = self.learner.position.catalogue_sequence
-                        await reader.seat(position)
-                        reseat = False
-                    msgs = await reader.fetch(256, timeout_s=1.0)
-                except Exception:
-                    logger.exception("fetching catalogue entries failed; re-seating")
-                    await asyncio.sleep(1.0)
-                    reseat = True
-                    continue
-                if not msgs:
-                    continue
-                items = []
-                for msg in msgs:
-                    try:
-                        items.append((msg.metadata.sequence.stream, item_pb2.Item.FromString(msg.data)))
-                    except Exception as exc:  # protobuf raises DecodeError; skip what is not an Item
-                        logger.warning("skipping a catalogue message that is not an Item: %s", exc)
-                text = None
-                if self.text is not None and self.learner.config.model.text_dim and items:
-                    text = await asyncio.to_thread(self.text.encode, [item_text(i) for _, i in items])
-                async with self.lock:
-                    await asyncio.to_thread(self.learner.add_items, items, text)
-                    self.unacked_catalogue = msgs[-1]
-        finally:
-            await reader.close()
+                    items.append((msg.metadata.sequence.stream, item_pb2.Item.FromString(msg.data)))
+                except Exception as exc:  # protobuf raises DecodeError; skip what is not an Item
+                    logger.warning("skipping a catalogue message that is not an Item: %s", exc)
+            text = None
+            if self.text is not None and self.learner.config.model.text_dim and items:
+                text = await asyncio.to_thread(self.text.encode, [item_text(i) for _, i in items])
+            async with self.lock:
+                await asyncio.to_thread(self.learner.add_items, items, text)
+
+        await follow_stream(
+            self.js,
+            CATALOGUE_STREAM,
+            CATALOGUE_ACCEPTED_SUBJECT,
+            position=position,
+            apply=apply,
+            name="trainer",
+            batch=256,
+        )

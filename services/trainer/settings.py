@@ -51,9 +51,6 @@ class TrainerSettings(ServiceSettings):
         description="Ed25519 private key (PEM) that signs every manifest (python -m shared.signing keygen).",
     )
     consumer_name: str = Field("trainer", description="Durable JetStream consumer name on FRESHREC_EVENTS.")
-    catalogue_consumer_name: str = Field(
-        "trainer-catalog", description="Durable JetStream consumer name on FRESHREC_CATALOG."
-    )
 
     # -- update schedule ---------------------------------------------------------------------
     strategy: Literal["online", "incremental", "periodic"] = Field(

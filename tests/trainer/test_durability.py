@@ -34,7 +34,6 @@ def start_trainer(nats_url: str, folder: Path, consumer: str, port: int) -> subp
             "FRESHREC_MODEL_STORE": str(folder / "models"),
             "FRESHREC_CHECKPOINT_DIR": str(folder / "checkpoint"),
             "FRESHREC_CONSUMER_NAME": consumer,
-            "FRESHREC_CATALOGUE_CONSUMER_NAME": f"{consumer}-catalogue",
             "FRESHREC_DIM": "16",
             "FRESHREC_MAX_HISTORY": "10",
             "FRESHREC_BLOCKS": "1",
