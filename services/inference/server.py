@@ -8,6 +8,7 @@ import logging
 import sys
 
 import faiss
+import numpy as np
 from threadpoolctl import threadpool_limits
 
 from freshrec.v1 import inference_pb2, inference_pb2_grpc
@@ -15,7 +16,7 @@ from services.inference.batcher import UserTowerBatcher
 from services.inference.catalogue import Catalogue, CatalogueFollower
 from services.inference.features import FeatureClient, PopularCache
 from services.inference.index import ExplorationSettings
-from services.inference.policy import RankingSettings
+from services.inference.policy import RankingSettings, Recommender
 from services.inference.reloader import ModelHolder
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
@@ -88,7 +89,9 @@ class InferenceApp(ServiceApp):
         await self.serve(
             SERVICE_NAME,
             inference_pb2_grpc.add_InferenceServiceServicer_to_server,
-            InferenceServicer(holder, features, popular, ranking, limits=s.limits, tower=tower),
+            InferenceServicer(
+                Recommender(holder, features, popular, ranking, tower, np.random.default_rng()), s.limits
+            ),
             tasks={
                 "model-poll": holder.poll(s.poll_interval_s),
                 "catalogue-follower": follower.run(),

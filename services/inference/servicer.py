@@ -10,34 +10,19 @@ import json
 from typing import Any
 
 import grpc
-import numpy as np
 
 from freshrec.v1 import inference_pb2, inference_pb2_grpc
 from services.inference import validation
-from services.inference.batcher import UserTowerBatcher
-from services.inference.features import FeatureClient, PopularCache
-from services.inference.policy import RankingSettings, Recommender, freshness
-from services.inference.reloader import ModelHolder
+from services.inference.policy import Recommender, freshness
 from shared.settings import RequestLimits
 from shared.validation import answers
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(
-        self,
-        holder: ModelHolder,
-        features: FeatureClient,
-        popular: PopularCache,
-        ranking: RankingSettings,
-        seed: int | None = None,
-        limits: RequestLimits | None = None,
-        tower: UserTowerBatcher | None = None,
-    ) -> None:
-        self.limits = limits or RequestLimits()
-        self.holder = holder
-        self.recommender = Recommender(
-            holder, features, popular, ranking, tower or UserTowerBatcher(), np.random.default_rng(seed)
-        )
+    def __init__(self, recommender: Recommender, limits: RequestLimits) -> None:
+        self.recommender = recommender
+        self.holder = recommender.holder
+        self.limits = limits
 
     @answers
     async def Recommend(
