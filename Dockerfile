@@ -16,13 +16,14 @@ FROM python:3.11-slim AS build
 ARG EXTRAS=ingestion,feature,trainer,postgres,cli
 WORKDIR /src
 RUN python -m venv /opt/freshrec
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY shared/ shared/
 COPY services/ services/
 COPY cli/ cli/
 COPY --from=protos /src/freshrec/ freshrec/
 # torch==2.13.0 is pinned in pyproject.toml (trainer extra): the CPU wheel, not a CUDA build.
-RUN /opt/freshrec/bin/pip install --no-cache-dir \
+# requirements.lock fixes every version to the ones the tests ran with (as `make install` does).
+RUN /opt/freshrec/bin/pip install --no-cache-dir -c requirements.lock \
       --extra-index-url https://download.pytorch.org/whl/cpu ".[${EXTRAS}]"
 
 # Stage 3: the runtime image: the environment and the sources, no compilers, not root.
