@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 #: How long cancelled background tasks get to finish when a server stops.
 TASK_STOP_TIMEOUT_S = 5.0
 
+#: Methods whose wrapped handler ``CallInterceptor`` keeps (far more than any service has).
+MAX_CACHED_METHODS = 256
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -77,7 +80,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if known is not None and known[0] is handler:
             return known[1]
         wrapped = wrap_behaviour(handler, lambda behaviour: self._wrap(behaviour, method))
-        self._wrapped[method] = (handler, wrapped)
+        # The first handler seen for a method is kept, for a bounded number of methods: a caller
+        # without the auth token may name any method and gets a new refusal handler each time.
+        if method not in self._wrapped and len(self._wrapped) < MAX_CACHED_METHODS:
+            self._wrapped[method] = (handler, wrapped)
         return wrapped
 
     def _wrap(self, behaviour: Behaviour, method: str) -> Behaviour:

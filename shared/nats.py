@@ -318,6 +318,10 @@ async def fetch_batch(psub: JetStreamContext.PullSubscription, batch: int, timeo
         return []
 
 
+class DeliveryGap(Exception):
+    """A follower's consumer skipped a delivery (a fetch answer lost on the way)."""
+
+
 async def follow_stream(
     js: JetStreamContext,
     stream: str,
@@ -327,51 +331,52 @@ async def follow_stream(
     apply: Callable[[list[Msg]], Awaitable[None]],
     name: str,
     batch: int = 500,
+    wait_s: float = 0.25,
     retry_s: float = 1.0,
 ) -> NoReturn:
     """Applies a stream's messages in order, from just after ``position()``, until cancelled.
 
     The one way freshrec follows a stream whose position the follower keeps itself, with what it
     applied (a SQL row, a checkpoint, memory): the catalogue, in the feature service, inference
-    and the trainer. nats-py's ordered consumer delivers from ``position() + 1`` as messages
-    arrive, without acks, and starts itself again where it was after a lost delivery; what
-    arrived while ``apply`` was busy is applied next, up to ``batch`` messages at a time. After a
-    failure (NATS down, ``apply`` raising), the follower subscribes again from ``position()``, so
-    nothing is skipped, and a batch ``apply`` did not record comes again.
+    and the trainer. An ephemeral pull consumer without acks delivers from ``position() + 1``, up
+    to ``batch`` messages at a time, so a backlog never waits in memory beyond one batch; a new
+    message is applied within about ``wait_s``. A delivery gap (the consumer's sequence skipping:
+    an answer lost in transit), a failure (NATS down, the consumer gone, ``apply`` raising), each
+    makes the follower subscribe again from ``position()``: nothing is skipped, a batch ``apply``
+    did not record comes again, and nothing at or below what was received is passed on twice.
     """
 
     async def follow_once() -> None:
-        start = await position()
-        arrived: list[Msg] = []
-        ready = asyncio.Event()
-
-        async def on_message(msg: Msg) -> None:
-            arrived.append(msg)
-            ready.set()
-
-        sub = await js.subscribe(
+        received = await position()
+        psub = await js.pull_subscribe(
             subject,
             stream=stream,
-            cb=on_message,
-            ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start + 1),
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.NONE,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=received + 1,
+                inactive_threshold=300.0,
+            ),
         )
-        logger.info("%s follows %s from sequence %d", name, stream, start + 1)
+        logger.info("%s follows %s from sequence %d", name, stream, received + 1)
+        delivered = 0
         try:
             while True:
-                await ready.wait()
-                ready.clear()
-                while arrived:
-                    msgs = arrived[:batch]
-                    del arrived[:batch]
-                    await apply(msgs)
+                raise_if_cancelling()
+                fresh = []
+                for msg in await fetch_batch(psub, batch, timeout_s=wait_s):
+                    sequence = msg.metadata.sequence
+                    if sequence.consumer != delivered + 1:
+                        raise DeliveryGap(f"delivery {sequence.consumer} came after {delivered}")
+                    delivered = sequence.consumer
+                    if sequence.stream > received:
+                        received = sequence.stream
+                        fresh.append(msg)
+                if fresh:
+                    await apply(fresh)
         finally:
             with contextlib.suppress(Exception):  # the connection may be gone already
-                await sub.unsubscribe()
+                await psub.unsubscribe()
 
-    await forever(
-        follow_once,
-        logger=logger,
-        failed=f"{name}: following {stream} failed; resubscribing",
-        retry_s=retry_s,
-    )
+    failed = f"{name}: following {stream} failed; subscribing again from the recorded position"
+    await forever(follow_once, logger=logger, failed=failed, retry_s=retry_s)

@@ -7,8 +7,9 @@ nested names, for example ``FRESHREC_NATS__URL`` or ``FRESHREC_GRPC__PORT``; eac
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -122,6 +123,10 @@ class RequestLimits(BaseModel):
     max_context_entries: int = Field(32, ge=0, description="Most request context entries.")
 
 
+#: Environment variable names (or prefixes) an earlier version read, and what they are now.
+RENAMED_VARIABLES = {"FRESHREC_CATALOG__": "FRESHREC_CATALOGUE__"}
+
+
 class ServiceSettings(BaseSettings):
     """What every freshrec service is configured with; each service extends it."""
 
@@ -136,3 +141,13 @@ class ServiceSettings(BaseSettings):
     nats: NatsSettings = NatsSettings()
     grpc: GrpcSettings = GrpcSettings()
     metrics: MetricsSettings = MetricsSettings()
+
+    @model_validator(mode="after")
+    def _no_renamed_variables(self) -> Self:
+        """Refuses to start on a variable that an earlier version read under another name: it
+        would be ignored, and the service would run on the default instead."""
+        for name in os.environ:
+            for old, new in RENAMED_VARIABLES.items():
+                if name.startswith(old):
+                    raise ValueError(f"{name} is now named {new}{name[len(old) :]}; rename it")
+        return self

@@ -42,7 +42,7 @@ def to_bytes(learner: Learner) -> bytes:
         "user_seen_at": dict(learner.user_seen_at),
         "replay_waiting": {u: list(w) for u, w in learner.replay_waiting.items()},
         "replay": learner.replay.state(),
-        "position": learner.position.__dict__.copy(),
+        "position": _stored_position(learner.position),
         "prequential": learner.prequential.state(),
         "served": learner.served.state(),
         "popularity": learner.popularity.state(),
@@ -97,7 +97,7 @@ def restore(learner: Learner, data: bytes) -> None:
     learner.replay_waiting = {u: list(w) for u, w in doc.get("replay_waiting", {}).items()}
     learner.replay = ReplayBuffer(learner.config.replay_size, length, stored.max_context)
     learner.replay.load(doc["replay"])
-    learner.position = Position(**doc["position"])
+    learner.position = _loaded_position(doc["position"])
     learner.prequential = Running.from_state(doc["prequential"], learner.config.recent_window)
     if "served" in doc:
         learner.served = Running.from_state(doc["served"], learner.config.recent_window)
@@ -116,3 +116,17 @@ def restore(learner: Learner, data: bytes) -> None:
     torch.set_rng_state(doc["torch_rng"])
     learner.skipped_steps = int(doc.get("skipped_steps", 0))
     learner.shadows = {}
+
+
+# A stored name keeps the spelling it was first written with: checkpoints from before the code said
+# "catalogue" (and the code that reads them after a rollback) name the position "catalog_sequence".
+_STORED_NAMES = {"catalogue_sequence": "catalog_sequence"}
+
+
+def _stored_position(position: Position) -> dict[str, Any]:
+    return {_STORED_NAMES.get(name, name): value for name, value in position.__dict__.items()}
+
+
+def _loaded_position(stored: dict[str, Any]) -> Position:
+    names = {stored_name: name for name, stored_name in _STORED_NAMES.items()}
+    return Position(**{names.get(name, name): value for name, value in stored.items()})

@@ -41,6 +41,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from freshrec.v1 import event_pb2, item_pb2, trainer_pb2
 from services.trainer import metrics
@@ -80,6 +81,9 @@ from shared.signing import load_private_key
 from shared.watermark import watermark_proto
 
 logger = logging.getLogger(__name__)
+
+#: The durable consumer on FRESHREC_CATALOG that versions before ``follow_stream`` used.
+OLD_CATALOGUE_CONSUMER = "trainer-catalog"
 
 
 @dataclass
@@ -631,6 +635,17 @@ class TrainerLoop:
             logger.warning("announcing %s failed: %s", row.version, exc)
 
     # -- the catalogue ---------------------------------------------------------------------
+    async def _remove_old_catalogue_consumer(self) -> None:
+        """Deletes the durable consumer earlier versions read the catalogue through (it would keep
+        a growing pending count on the server for ever); nothing to do where it never existed."""
+        try:
+            await self.js.delete_consumer(CATALOGUE_STREAM, OLD_CATALOGUE_CONSUMER)
+            logger.info("removed the catalogue consumer %s of an earlier version", OLD_CATALOGUE_CONSUMER)
+        except NotFoundError:
+            pass
+        except Exception as exc:  # NATS not reachable yet: the next start tries again
+            logger.debug("could not remove %s: %s", OLD_CATALOGUE_CONSUMER, exc)
+
     async def follow_catalogue(self) -> None:
         """Content features from FRESHREC_CATALOG (published by the feature service), from the
         catalogue position the checkpoint holds."""
@@ -654,6 +669,7 @@ class TrainerLoop:
             async with self.lock:
                 await asyncio.to_thread(self.learner.add_items, items, text)
 
+        await self._remove_old_catalogue_consumer()
         await follow_stream(
             self.js,
             CATALOGUE_STREAM,

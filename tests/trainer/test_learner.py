@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import torch
 
@@ -46,6 +48,19 @@ def test_frozen_weights_still_follow_fresh_histories() -> None:
     assert all(torch.equal(v, learner.model.state_dict()[k]) for k, v in weights.items())
     assert learner.position.stream_sequence == len(stream)
     assert list(learner.histories["u0"])[-1][0] == learner.items.get(stream[-40][1].item_id)
+
+
+def test_checkpoints_keep_the_position_names_they_were_first_written_with() -> None:
+    """A checkpoint written before the code said "catalogue" loads, and one written now loads in
+    that older code: the stored name stays ``catalog_sequence``."""
+    learner = small_learner()
+    feed(learner, taste_stream(rounds=2)[:50])
+    learner.position.catalogue_sequence = 17
+    doc = torch.load(io.BytesIO(to_bytes(learner)), weights_only=False)
+    assert doc["position"]["catalog_sequence"] == 17 and "catalogue_sequence" not in doc["position"]
+    restored = small_learner(seed=3)
+    restore(restored, to_bytes(learner))
+    assert restored.position == learner.position
 
 
 def test_a_restored_checkpoint_continues_exactly_like_the_original() -> None:
