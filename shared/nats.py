@@ -318,6 +318,10 @@ async def fetch_batch(psub: JetStreamContext.PullSubscription, batch: int, timeo
         return []
 
 
+#: How long a follower waits for the rest of a batch once its first message has come.
+AVAILABLE_S = 0.05
+
+
 class DeliveryGap(Exception):
     """A follower's consumer skipped a delivery (a fetch answer lost on the way)."""
 
@@ -331,7 +335,7 @@ async def follow_stream(
     apply: Callable[[list[Msg]], Awaitable[None]],
     name: str,
     batch: int = 500,
-    wait_s: float = 0.25,
+    wait_s: float = 5.0,
     retry_s: float = 1.0,
 ) -> NoReturn:
     """Applies a stream's messages in order, from just after ``position()``, until cancelled.
@@ -340,10 +344,11 @@ async def follow_stream(
     applied (a SQL row, a checkpoint, memory): the catalogue, in the feature service, inference
     and the trainer. An ephemeral pull consumer without acks delivers from ``position() + 1``, up
     to ``batch`` messages at a time, so a backlog never waits in memory beyond one batch; a new
-    message is applied within about ``wait_s``. A delivery gap (the consumer's sequence skipping:
-    an answer lost in transit), a failure (NATS down, the consumer gone, ``apply`` raising), each
-    makes the follower subscribe again from ``position()``: nothing is skipped, a batch ``apply``
-    did not record comes again, and nothing at or below what was received is passed on twice.
+    message is passed on as it arrives (an idle follower sends one pull request per ``wait_s``).
+    A delivery gap (the consumer's sequence skipping: an answer lost in transit), a failure (NATS
+    down, the consumer gone, ``apply`` raising), each makes the follower subscribe again from
+    ``position()``: nothing is skipped, a batch ``apply`` did not record comes again, and
+    nothing at or below what was received is passed on twice.
     """
 
     async def follow_once() -> None:
@@ -363,8 +368,13 @@ async def follow_stream(
         try:
             while True:
                 raise_if_cancelling()
+                # One lingering request until a message comes (an idle follower asks every
+                # ``wait_s``), then what else is there at once, up to ``batch``.
+                msgs = await fetch_batch(psub, 1, timeout_s=wait_s)
+                if msgs and batch > 1:
+                    msgs += await fetch_batch(psub, batch - 1, timeout_s=AVAILABLE_S)
                 fresh = []
-                for msg in await fetch_batch(psub, batch, timeout_s=wait_s):
+                for msg in msgs:
                     sequence = msg.metadata.sequence
                     if sequence.consumer != delivered + 1:
                         raise DeliveryGap(f"delivery {sequence.consumer} came after {delivered}")
