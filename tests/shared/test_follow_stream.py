@@ -22,7 +22,7 @@ async def test_follows_from_its_position_and_resumes_after_a_failure(nats_client
     recorded = 3  # the follower had applied up to sequence 3 before it started
     starts: list[int] = []
     failed_once = False
-    done = asyncio.Event()
+    caught_up, done = asyncio.Event(), asyncio.Event()
 
     async def position() -> int:
         starts.append(recorded)
@@ -37,6 +37,8 @@ async def test_follows_from_its_position_and_resumes_after_a_failure(nats_client
             raise RuntimeError("the store is unavailable")
         applied.extend(int(m.data) for m in msgs)
         recorded = sequences[-1]
+        if recorded >= 10:
+            caught_up.set()
         if recorded >= 12:
             done.set()
 
@@ -54,8 +56,8 @@ async def test_follows_from_its_position_and_resumes_after_a_failure(nats_client
     )
     try:
         with caplog.at_level(logging.ERROR, logger="shared.nats"):
-            await asyncio.sleep(0.5)
-            for n in (11, 12):  # arriving while following
+            await asyncio.wait_for(caught_up.wait(), 10)
+            for n in (11, 12):  # arriving once the follower has caught up
                 await js.publish("follow.test", str(n).encode())
             await asyncio.wait_for(done.wait(), 10)
     finally:
