@@ -124,7 +124,13 @@ class RequestLimits(BaseModel):
 
 
 #: Environment variable names (or prefixes) an earlier version read, and what they are now.
-RENAMED_VARIABLES = {"FRESHREC_CATALOG__": "FRESHREC_CATALOGUE__"}
+RENAMED_VARIABLES = {
+    "FRESHREC_CATALOG__": "FRESHREC_CATALOGUE__",
+    # Popularity moved from seconds of event time to counts of events (values need converting).
+    "FRESHREC_POPULARITY__HALF_LIFE_S": "FRESHREC_POPULARITY__HALF_LIFE_EVENTS",
+    "FRESHREC_POPULARITY__TRENDING_WINDOW_S": "FRESHREC_POPULARITY__TRENDING_WINDOW_EVENTS",
+    "FRESHREC_POPULARITY__AFFINITY_HALF_LIFE_S": "FRESHREC_POPULARITY__AFFINITY_HALF_LIFE_EVENTS",
+}
 
 
 class ServiceSettings(BaseSettings):

@@ -1,13 +1,16 @@
-"""Decayed scores on event time, a sliding trending window, and rankings that answer top-k
+"""Decayed scores on a clock, a sliding trending window, and rankings that answer top-k
 without sorting.
 
-Decayed popularity is kept as a *time-invariant log key*: a score ``s`` last updated at event
-time ``t`` with half-life ``H`` is stored as ``key = log2(s) + (t - EPOCH) / H``; its value at
-any time ``T`` is ``2 ** (key - (T - EPOCH) / H)``. Two items' keys compare the same way their
-decayed scores do at every common time, so a ranking by key never needs re-sorting as time
-passes; adding a weight is a log-sum-exp, so nothing overflows or underflows however many
-half-lives separate the events (years of history at a one-second half-life are fine), and an
-event arriving out of order is simply added at its own time.
+The clock is whatever counts the stream's progress; the feature service uses the stream
+sequence (items) and a user's own event count (affinity), never seconds, so a half-life means
+the same on a stream that spans twenty years and on a backfill replayed in a minute.
+
+Decayed popularity is kept as a *clock-invariant log key*: a score ``s`` last updated at clock
+``t`` with half-life ``H`` is stored as ``key = log2(s) + t / H``; its value at any clock ``T``
+is ``2 ** (key - T / H)``. Two items' keys compare the same way their decayed scores do at
+every common clock, so a ranking by key never needs re-sorting as the clock advances; adding a
+weight is a log-sum-exp, so nothing overflows or underflows however many half-lives separate
+the events, and a weight can be added at any clock, earlier ones included.
 """
 
 from __future__ import annotations
@@ -18,33 +21,31 @@ from itertools import islice
 
 from sortedcontainers import SortedList
 
-#: Keys count half-lives from 2020-01-01T00:00:00Z, which keeps them small for real timestamps.
-EPOCH = 1_577_836_800.0
 NO_SCORE = -math.inf
 
 
 class Decay:
-    """Exponentially decayed sums with one half-life (``0``: no decay, a plain sum)."""
+    """Exponentially decayed sums with one half-life in clock units (``0``: no decay, a plain sum)."""
 
-    def __init__(self, half_life_s: float) -> None:
-        self.half_life_s = half_life_s
-        self.rate = 1.0 / half_life_s if half_life_s > 0 else 0.0
+    def __init__(self, half_life: float) -> None:
+        self.half_life = half_life
+        self.rate = 1.0 / half_life if half_life > 0 else 0.0
 
     def add(self, key: float, weight: float, t: float) -> float:
-        """The key after adding ``weight`` at event time ``t`` (non-positive weights add nothing)."""
+        """The key after adding ``weight`` at clock ``t`` (non-positive weights add nothing)."""
         if not weight > 0:
             return key
-        new = math.log2(weight) + (t - EPOCH) * self.rate
+        new = math.log2(weight) + t * self.rate
         if key == NO_SCORE:
             return new
         hi, lo = (key, new) if key >= new else (new, key)
         return hi + math.log1p(2.0 ** (lo - hi)) / math.log(2.0)
 
     def value(self, key: float, at: float) -> float:
-        """The decayed score at event time ``at`` (0 for no score; inf only if ``at`` is absurdly early)."""
+        """The decayed score at clock ``at`` (0 for no score; inf only if ``at`` is absurdly early)."""
         if key == NO_SCORE:
             return 0.0
-        exponent = key - (at - EPOCH) * self.rate
+        exponent = key - at * self.rate
         return 2.0**exponent if exponent < 1023 else math.inf
 
 
@@ -97,19 +98,18 @@ class Ranking:
 
 
 class TrendingWindow:
-    """Weighted event counts per item over the last ``window_s`` of event time.
+    """Weighted event counts per item over the last ``span`` units of a clock.
 
     The window is cut into ``buckets`` slices; an item's trending score is the sum of its
-    slices newer than ``newest event time - window_s``. As the newest event time advances,
-    expired slices are dropped and their items reported for re-ranking (each event's slice
-    expires once, so the work is constant per event). Events older than the window are not
-    counted.
+    slices newer than ``newest clock - span``. As the clock advances, expired slices are
+    dropped and their items reported for re-ranking (each event's slice expires once, so the
+    work is constant per event). Weights older than the window are not counted.
     """
 
-    def __init__(self, window_s: float, buckets: int) -> None:
-        self.width = window_s / buckets
+    def __init__(self, span: float, buckets: int) -> None:
+        self.width = span / buckets
         self.buckets = buckets
-        self.current: int | None = None  # slice of the newest event time seen
+        self.current: int | None = None  # slice of the newest clock seen
         self._holders: dict[int, set[str]] = {}  # slice -> items with a count in it
 
     def slice_of(self, t: float) -> int:
@@ -127,8 +127,16 @@ class TrendingWindow:
         self._holders.setdefault(index, set()).add(item_id)
         return True
 
+    def expiring(self, t: float) -> set[str]:
+        """The items whose score ``advance(t)`` would lower (what it is about to change)."""
+        index = self.slice_of(t)
+        if self.current is None or index <= self.current:
+            return set()
+        horizon = index - self.buckets
+        return set().union(*(items for s, items in self._holders.items() if s <= horizon))
+
     def advance(self, t: float, slices_of: Callable[[str], dict[int, float] | None]) -> set[str]:
-        """Moves the window's end to event time ``t`` (if later); returns the items whose score fell."""
+        """Moves the window's end to clock ``t`` (if later); returns the items whose score fell."""
         index = self.slice_of(t)
         if self.current is not None and index <= self.current:
             return set()
@@ -143,10 +151,14 @@ class TrendingWindow:
         return changed
 
     def restore(self, newest: float | None, items: Iterable[tuple[str, dict[int, float]]]) -> None:
-        """Rebuilds the bookkeeping from persisted slices and the newest event time."""
+        """Rebuilds the bookkeeping from persisted slices and the newest clock, dropping the
+        slices that had left the window (an item is not written again when its slices expire,
+        so its stored document may still hold them)."""
         self.current = None if newest is None else self.slice_of(newest)
         self._holders = {}
         for item_id, slices in items:
+            for index in [i for i in slices if not self.live(i)]:
+                del slices[index]
             for index in slices:
                 self._holders.setdefault(index, set()).add(item_id)
 

@@ -13,15 +13,23 @@ from shared.settings import DatabaseSettings, GrpcSettings, RequestLimits, Servi
 
 
 class PopularitySettings(BaseModel):
-    """How item popularity and user category affinity decay (all on event time)."""
+    """How item popularity and user category affinity decay: counted in events, not seconds,
+    so the same values hold on a stream of any speed (years of history or a backfill replayed
+    in seconds)."""
 
-    half_life_s: float = Field(
-        7 * 24 * 3600.0, ge=0, description="Half-life of all-time item popularity (0: no decay)."
+    half_life_events: int = Field(
+        10_000,
+        ge=0,
+        description="Half-life of item popularity, in accepted events (stream sequence; 0: no decay).",
     )
-    trending_window_s: float = Field(24 * 3600.0, gt=0, description="Window of trending popularity.")
-    trending_buckets: int = Field(24, gt=0, le=1000, description="Slices the trending window moves by.")
-    affinity_half_life_s: float = Field(
-        30 * 24 * 3600.0, ge=0, description="Half-life of a user's category affinity (0: no decay)."
+    trending_window_events: int = Field(
+        1_000, gt=0, description="Window of trending popularity: the last this many accepted events."
+    )
+    trending_buckets: int = Field(20, gt=0, le=1000, description="Slices the trending window moves by.")
+    affinity_half_life_events: int = Field(
+        20,
+        ge=0,
+        description="Half-life of a user's category affinity, in that user's own events (0: no decay).",
     )
 
 

@@ -2,9 +2,11 @@
 
 The consumer applies events here in stream order, then persists what changed (the "dirty"
 users and items) to SQL together with the stream position, so memory and SQL describe the
-same prefix of the stream. Everything time-based runs on event time, and everything the
-state holds is persisted exactly (floats round-trip through JSON), so a restart or a replay
-of the stream reaches the same state as living through it.
+same prefix of the stream. Decay and the trending window count events, not seconds (item
+popularity on the stream sequence, a user's category affinity on that user's own events), so
+they mean the same however fast the stream's clock runs; the preprocessing rules run on event
+time. Everything the state holds is persisted exactly (floats round-trip through JSON), so a
+restart or a replay of the stream reaches the same state as living through it.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ Interaction = tuple[str, int, float, float, float | None]
 
 
 class UserState:
-    __slots__ = ("recent", "counts", "last_event_at", "affinity", "seen")
+    __slots__ = ("recent", "counts", "last_event_at", "affinity", "affinity_clock", "seen")
 
     def __init__(self, max_recent: int) -> None:
         self.recent: deque[Interaction] = deque(maxlen=max_recent)
         self.counts: dict[str, int] = {}
         self.last_event_at = 0.0
-        self.affinity: dict[str, float] = {}  # category -> decay key
+        self.affinity: dict[str, float] = {}  # category -> decay key on affinity_clock
+        self.affinity_clock = 0  # the user's kept events that carried a positive weight
         #: Every item touched, oldest first (a dict as an ordered set), capped at ``max_seen``.
         self.seen: dict[str, None] = {}
 
@@ -48,6 +51,7 @@ class UserState:
             "counts": dict(self.counts),
             "last_event_at": self.last_event_at,
             "affinity": dict(self.affinity),
+            "affinity_clock": self.affinity_clock,
             "seen": tuple(self.seen),
         }
 
@@ -67,6 +71,7 @@ class UserState:
         user.counts = {str(k): int(v) for k, v in doc["counts"].items()}
         user.last_event_at = float(doc["last_event_at"])
         user.affinity = {str(k): float(v) for k, v in doc.get("affinity", {}).items()}
+        user.affinity_clock = int(doc.get("affinity_clock", 0))
         return user
 
 
@@ -74,11 +79,11 @@ class ItemState:
     __slots__ = ("popularity", "counts", "first_seen_at", "last_seen_at", "trending")
 
     def __init__(self, t: float) -> None:
-        self.popularity = NO_SCORE  # decay key of all-time popularity
+        self.popularity = NO_SCORE  # decay key of popularity on the stream sequence
         self.counts: dict[str, int] = {}
         self.first_seen_at = t
         self.last_seen_at = t
-        self.trending: dict[int, float] = {}  # trending-window slice -> weight
+        self.trending: dict[int, float] = {}  # trending-window slice (of stream sequence) -> weight
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -137,9 +142,9 @@ class FeatureState:
         self.catalogue_revisions: dict[str, int] = {}
         self.watermark = Watermark()
         p = self.popularity_settings
-        self.all_time = Decay(p.half_life_s)
-        self.affinity_decay = Decay(p.affinity_half_life_s)
-        self.trending_window = TrendingWindow(p.trending_window_s, p.trending_buckets)
+        self.all_time = Decay(p.half_life_events)
+        self.affinity_decay = Decay(p.affinity_half_life_events)
+        self.trending_window = TrendingWindow(p.trending_window_events, p.trending_buckets)
         self.ranking_all_time = Ranking()
         self.ranking_trending = Ranking()
         #: Changed since the last snapshot began (what the next commit must write).
@@ -161,28 +166,22 @@ class FeatureState:
         snapshot = self._snapshot
         if snapshot is not None:
             # Copy on write: what the snapshot still has to serialise is serialised before
-            # this event changes it. Moving the trending window expires slices of any item,
-            # so a step into a new slice finishes the whole snapshot first.
-            if (
-                ts > self.watermark.event_time
-                and self.trending_window.slice_of(ts) != self.trending_window.current
-            ):
-                self.snapshot_step(None)
-            else:
-                if user_id in snapshot.pending_users:
-                    snapshot.pending_users.discard(user_id)
-                    snapshot.users[user_id] = orjson.dumps(self.user_doc(user_id)).decode()
-                if item_id in snapshot.pending_items:
-                    snapshot.pending_items.discard(item_id)
-                    snapshot.items[item_id] = orjson.dumps(self.items[item_id].to_json()).decode()
+            # this event changes it, including the items whose trending slices it expires.
+            if user_id in snapshot.pending_users:
+                snapshot.pending_users.discard(user_id)
+                snapshot.users[user_id] = orjson.dumps(self.user_doc(user_id)).decode()
+            for changing in (item_id, *self.trending_window.expiring(stream_sequence)):
+                if changing in snapshot.pending_items:
+                    snapshot.pending_items.discard(changing)
+                    snapshot.items[changing] = orjson.dumps(self.items[changing].to_json()).decode()
         out = self.preprocessor.process(user_id, item_id, event.type, event.value, ts)
         watermark = self.watermark
         watermark.stream_sequence = stream_sequence
         if ts > watermark.event_time:
             watermark.event_time = ts
-            expired = self.trending_window.advance(ts, self._trending_slices)
-            if expired:
-                self._unranked |= expired
+        expired = self.trending_window.advance(stream_sequence, self._trending_slices)
+        if expired:
+            self._unranked |= expired
 
         self.dirty_users.add(user_id)  # the preprocessing state changed in any case
         user = self.users.get(user_id)
@@ -198,9 +197,10 @@ class FeatureState:
         if ts > user.last_event_at:
             user.last_event_at = ts
         if weight > 0:
+            user.affinity_clock += 1
             for category in self.item_categories.get(item_id, ()):
                 user.affinity[category] = self.affinity_decay.add(
-                    user.affinity.get(category, NO_SCORE), weight, ts
+                    user.affinity.get(category, NO_SCORE), weight, user.affinity_clock
                 )
         if not out.signal:
             return True  # a likely bot: kept out of item popularity
@@ -214,8 +214,8 @@ class FeatureState:
         if ts > item.last_seen_at:
             item.last_seen_at = ts
         if weight > 0:
-            item.popularity = self.all_time.add(item.popularity, weight, ts)
-            self.trending_window.add(item_id, item.trending, weight, ts)
+            item.popularity = self.all_time.add(item.popularity, weight, stream_sequence)
+            self.trending_window.add(item_id, item.trending, weight, stream_sequence)
             self._unranked.add(item_id)
         self.dirty_items.add(item_id)
         return True
@@ -260,14 +260,14 @@ class FeatureState:
         self.rank()
         if trending:
             return list(self.ranking_trending.top(k, category))
-        at = self.watermark.event_time
+        at = self.watermark.stream_sequence
         return [(i, self.all_time.value(key, at)) for i, key in self.ranking_all_time.top(k, category)]
 
     def item_popularity(self, item: ItemState) -> float:
-        return self.all_time.value(item.popularity, self.watermark.event_time)
+        return self.all_time.value(item.popularity, self.watermark.stream_sequence)
 
     def affinities(self, user: UserState) -> dict[str, float]:
-        at = self.watermark.event_time
+        at = user.affinity_clock
         return {c: self.affinity_decay.value(key, at) for c, key in user.affinity.items()}
 
     def is_likely_bot(self, user_id: str) -> bool:
@@ -347,7 +347,7 @@ class FeatureState:
         """Called once after ``restore_*``: sets the position and derived bookkeeping."""
         self.watermark = watermark
         self.trending_window.restore(
-            watermark.event_time if watermark.stream_sequence else None,
+            watermark.stream_sequence if watermark.stream_sequence else None,
             ((i, s.trending) for i, s in self.items.items()),
         )
         self.dirty_users.clear()

@@ -1,4 +1,4 @@
-"""Decay arithmetic, rankings and the trending window, on event time."""
+"""Decay arithmetic, rankings and the trending window, on a clock of any unit."""
 
 from __future__ import annotations
 
@@ -106,14 +106,14 @@ def test_top_k_stays_fast_with_many_items() -> None:
 
 
 def test_trending_window_counts_only_recent_events() -> None:
-    window = TrendingWindow(window_s=100.0, buckets=10)  # slices of 10 s
+    window = TrendingWindow(span=100.0, buckets=10)  # slices of 10 clock units
     slices: dict[str, dict[int, float]] = {"a": {}, "b": {}}
     window.advance(T0, slices.get)
     assert window.add("a", slices["a"], 2.0, T0)
     assert window.add("b", slices["b"], 1.0, T0 + 55)
     assert window.advance(T0 + 55, slices.get) == set()
     assert TrendingWindow.score(slices["a"]) == 2.0
-    # a's slice leaves the window once the newest event time is 100 s past it.
+    # a's slice leaves the window once the newest clock is 100 units past it.
     assert window.advance(T0 + 105, slices.get) == {"a"}
     assert TrendingWindow.score(slices["a"]) == 0.0 and TrendingWindow.score(slices["b"]) == 1.0
     assert not window.add("a", slices["a"], 5.0, T0 + 1)  # too old for the window

@@ -56,19 +56,19 @@ def test_weights_and_normalised_ratings_are_what_the_features_show() -> None:
 
 def test_popularity_per_category_and_trending_window() -> None:
     state = FeatureState(
-        50, popularity=PopularitySettings(half_life_s=0, trending_window_s=3600, trending_buckets=6)
+        50, popularity=PopularitySettings(half_life_events=0, trending_window_events=4, trending_buckets=4)
     )
     state.set_categories("old-hit", ["drama"], 1)
     state.set_categories("new", ["drama", "comedy"], 1)
     state.set_categories("joke", ["comedy"], 1)
     events = [event(f"u{n}", "old-hit", type=PURCHASE, at=T0 + n) for n in range(10)]
-    events += [event(f"v{n}", "new", at=T0 + 7200 + n) for n in range(3)]
-    events += [event("w", "joke", at=T0 + 7200)]
+    events += [event(f"v{n}", "new", at=T0 + 10 + n) for n in range(3)]
+    events += [event("w", "joke", at=T0 + 13)]
     feed(state, events)
     assert [i for i, _ in state.popular(5)] == ["old-hit", "new", "joke"]
     assert state.popular(1)[0][1] == pytest.approx(50.0)  # no decay: 10 purchases of weight 5
     assert [i for i, _ in state.popular(5, "comedy")] == ["new", "joke"]
-    # Two hours later the old hit has left the one-hour trending window.
+    # Four events later the old hit has left the four-event trending window.
     assert state.popular(5, trending=True) == [("new", 6.0), ("joke", 2.0)]
     assert [i for i, _ in state.popular(5, "drama", trending=True)] == ["new"]
     # A catalogue change moves an item between categories.
@@ -77,12 +77,52 @@ def test_popularity_per_category_and_trending_window() -> None:
     assert state.set_categories("joke", ["comedy"], 1) is False  # an older revision is ignored
 
 
-def test_category_affinity_decays_on_event_time() -> None:
-    day = 86_400.0
-    state = FeatureState(50, popularity=PopularitySettings(affinity_half_life_s=day))
+def test_popularity_halves_every_half_life_of_events() -> None:
+    state = FeatureState(50, popularity=PopularitySettings(half_life_events=10))
+    feed(state, [event("u", "a", type=PURCHASE, at=T0)] + [event(f"v{n}", "b", at=T0) for n in range(10)])
+    # a's weight of 5 is ten events old; b's ten clicks of 2 are 0 to 9 events old.
+    (a,) = (score for item, score in state.popular(5) if item == "a")
+    assert a == pytest.approx(2.5)
+
+
+def test_category_affinity_decays_over_the_users_own_events() -> None:
+    state = FeatureState(50, popularity=PopularitySettings(affinity_half_life_events=1))
     state.set_categories("m", ["drama", "crime"], 1)
-    feed(state, [event("u", "m", type=PURCHASE, at=T0), event("u2", "x", at=T0 + day)])
+    feed(state, [event("u", "m", type=PURCHASE, at=T0), event("other", "x", at=T0 + 1)])
+    # Other users' events do not age u's taste; u's next one (without a category) does.
+    assert state.affinities(state.users["u"]) == {"drama": pytest.approx(5.0), "crime": pytest.approx(5.0)}
+    feed(state, [event("u", "x", at=T0 + 2)], start=3)
     assert state.affinities(state.users["u"]) == {"drama": pytest.approx(2.5), "crime": pytest.approx(2.5)}
+
+
+@pytest.mark.parametrize("span_s", [1.0, 20 * 365 * 86_400.0], ids=["one-second", "twenty-years"])
+def test_popularity_and_affinity_do_not_depend_on_how_fast_the_clock_runs(span_s: float) -> None:
+    """The same events in the same order give the same popularity, trending and affinity
+    whether their timestamps span one second (a backfill) or twenty years (a slow stream):
+    no default assumes how fast a stream's clock runs."""
+    events = workload(3000)
+    first, last = events[0].occurred_at.seconds, events[-1].occurred_at.seconds
+    states = []
+    for span in (3600.0, span_s):
+        rescaled = []
+        for e in events:
+            copy = event_pb2.Event()
+            copy.CopyFrom(e)
+            at = T0 + (e.occurred_at.seconds - first) / max(last - first, 1) * span
+            copy.occurred_at.FromNanoseconds(int(at * 1e9))
+            rescaled.append(copy)
+        state = FeatureState(10, PreprocessingSettings(repeat_window_s=0, bot_max_events=10**6))
+        for n in range(60):
+            state.set_categories(f"i{n}", [f"c{n % 3}"], 1)
+        feed(state, rescaled)
+        states.append(state)
+    reference, other = states
+    assert other.popular(50) == reference.popular(50)
+    assert other.popular(50, trending=True) == reference.popular(50, trending=True)
+    assert {u: other.affinities(s) for u, s in other.users.items()} == {
+        u: reference.affinities(s) for u, s in reference.users.items()
+    }
+    assert reference.popular(1)[0][1] > 0 and reference.popular(1, trending=True)
 
 
 def test_state_round_trips_exactly_through_sql(tmp_path: Path) -> None:
@@ -107,14 +147,14 @@ def test_state_round_trips_exactly_through_sql(tmp_path: Path) -> None:
     engine.dispose()
 
 
-@pytest.mark.parametrize("trending_window_s", [24 * 3600.0, 600.0], ids=["one-slice", "many-slices"])
+@pytest.mark.parametrize("trending_window_events", [100_000, 60], ids=["one-slice", "many-slices"])
 def test_a_snapshot_serialised_while_events_arrive_shows_the_state_at_its_watermark(
-    trending_window_s: float,
+    trending_window_events: int,
 ) -> None:
     """The consumer keeps applying while a commit serialises its snapshot a slice at a time:
     every document must still be the one at the snapshot's watermark (copy on write), also when
     the trending window moves on and expires slices of items the snapshot still holds."""
-    settings = PopularitySettings(trending_window_s=trending_window_s, trending_buckets=6)
+    settings = PopularitySettings(trending_window_events=trending_window_events, trending_buckets=6)
     events = workload(2000)
     live, reference = FeatureState(10, popularity=settings), FeatureState(10, popularity=settings)
     feed(live, events[:1000])
