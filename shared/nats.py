@@ -180,7 +180,10 @@ def kept_stream_config(
     duplicate_window_s: float = 120.0,
 ) -> StreamConfig:
     """A stream of one subject kept on file: limits retention, the oldest messages go first, kept
-    ``max_age_s`` (forever when None), repeats of a ``Nats-Msg-Id`` dropped within the window."""
+    ``max_age_s`` (forever when None), repeats of a ``Nats-Msg-Id`` dropped within the window
+    (which JetStream requires to be no longer than the age limit)."""
+    if max_age_s is not None:
+        duplicate_window_s = min(duplicate_window_s, max_age_s)
     return StreamConfig(
         num_replicas=replicas,
         name=name,
@@ -194,15 +197,25 @@ def kept_stream_config(
 
 
 async def ensure_events_stream(
-    js: JetStreamContext, duplicate_window_s: float = 120.0, *, owner: bool = False, replicas: int = 1
+    js: JetStreamContext,
+    duplicate_window_s: float = 120.0,
+    *,
+    owner: bool = False,
+    replicas: int = 1,
+    max_age_s: float | None = None,
 ) -> None:
-    """Declares ``FRESHREC_EVENTS`` idempotently at start.
+    """Declares ``FRESHREC_EVENTS`` idempotently at start, keeping events ``max_age_s`` (the
+    retention; forever when None).
 
     Consumers call it so they can start before ingestion; only the owner (ingestion) brings
-    an existing stream's configuration up to date.
+    an existing stream's configuration (its age limit included) up to date.
     """
     config = kept_stream_config(
-        EVENTS_STREAM, ACCEPTED_SUBJECTS, replicas=replicas, duplicate_window_s=duplicate_window_s
+        EVENTS_STREAM,
+        ACCEPTED_SUBJECTS,
+        replicas=replicas,
+        duplicate_window_s=duplicate_window_s,
+        max_age_s=max_age_s,
     )
     await ensure_stream(js, config, update=owner)
 

@@ -337,6 +337,10 @@ class Preprocessor:
         """Restores one user's state from ``export_user``."""
         self.users[user_id] = UserPreprocessing.from_json(doc)
 
+    def forget_user(self, user_id: str) -> None:
+        """Drops one user's state (a user seen again starts afresh)."""
+        self.users.pop(user_id, None)
+
     def state_dict(self) -> dict[str, Any]:
         """Every user's state as JSON-able data (for checkpoints)."""
         return {"version": 1, "users": {u: s.to_json() for u, s in self.users.items()}}

@@ -8,6 +8,7 @@ nested names, for example ``FRESHREC_NATS__URL`` or ``FRESHREC_GRPC__PORT``; eac
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal, Self
 
@@ -121,6 +122,44 @@ class RequestLimits(BaseModel):
     max_ids_per_request: int = Field(1000, gt=0, description="Most ids in one request's list of ids.")
     max_k: int = Field(1000, gt=0, description="Most items one request may ask for (k).")
     max_context_entries: int = Field(32, ge=0, description="Most request context entries.")
+
+
+class RetentionSettings(BaseModel):
+    """How long accepted events are kept. Ages count from when ingestion accepted the event (the
+    time JetStream stored it), so a backfill of old history is kept as long as live traffic."""
+
+    events: timedelta | None = Field(
+        None,
+        description="Keep each accepted event, and the per-user records of it, at most this long "
+        "after it was accepted: seconds or an ISO 8601 duration such as P30D (unset: forever). "
+        "Applies to the SQL event log, FRESHREC_RAW, FRESHREC_EVENTS and the dead-letter stream "
+        "(JetStream max_age) and the feature service's user histories; give every service the same value.",
+    )
+    sweep_interval_s: float = Field(
+        60.0, gt=0, description="How often records older than the retention are removed."
+    )
+
+    @model_validator(mode="after")
+    def _positive(self) -> Self:
+        if self.events is not None and self.events.total_seconds() <= 0:
+            raise ValueError("retention.events must be a positive duration (leave it unset to keep forever)")
+        return self
+
+    @property
+    def events_s(self) -> float | None:
+        return None if self.events is None else self.events.total_seconds()
+
+    def cutoff(self, now: float) -> float | None:
+        """Records accepted before this Unix time are expired (None: nothing expires)."""
+        age = self.events_s
+        return None if age is None else now - age
+
+    def max_age_s(self, default: float | None = None) -> float | None:
+        """A stream's age limit: the retention, or the stream's own default if that is shorter."""
+        age = self.events_s
+        if age is None:
+            return default
+        return age if default is None else min(age, default)
 
 
 #: Environment variable names (or prefixes) an earlier version read, and what they are now.

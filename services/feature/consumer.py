@@ -173,7 +173,7 @@ class FeatureConsumer:
                 if sequence > state.watermark.stream_sequence:
                     state.watermark.stream_sequence = sequence
                 continue
-            if state.apply(event, sequence):
+            if state.apply(event, sequence, accepted_ns / 1e9):
                 applied += 1
                 if n % LAG_SAMPLE == 0:
                     accepted = accepted_ns / 1e9
@@ -210,7 +210,7 @@ class FeatureConsumer:
         if self._broken:
             return
         state = self.state
-        if self._unacked is None and not state.dirty_users and not state.dirty_items:
+        if self._unacked is None and not (state.dirty_users or state.dirty_items or state.deleted_users):
             return
         if not force and time.monotonic() - self._commit_started < self.settings.commit_interval_s:
             return
@@ -226,7 +226,9 @@ class FeatureConsumer:
             # Serialised on the loop a slice at a time, while events keep being applied.
             while not self.state.snapshot_step(SNAPSHOT_SLICE):
                 await asyncio.sleep(0)
-            await asyncio.to_thread(self.store.save, snapshot.users, snapshot.items, snapshot.watermark)
+            await asyncio.to_thread(
+                self.store.save, snapshot.users, snapshot.items, snapshot.watermark, snapshot.deleted_users
+            )
         except Exception:
             self.state.abandon_snapshot()
             metrics.COMMIT_FAILURES.inc()

@@ -15,6 +15,12 @@ REDELIVERIES_SKIPPED = Counter(
     "freshrec_feature_redeliveries_skipped_total",
     "Events delivered again whose effect was already applied (skipped by stream sequence).",
 )
+USERS_EXPIRED = Counter(
+    "freshrec_feature_users_expired_total",
+    "Users changed by the retention: trimmed (older interactions dropped) or forgotten (every "
+    "event older than the retention: the user's features are deleted).",
+    ["outcome"],
+)
 PREPROCESSING = Counter(
     "freshrec_feature_preprocessing_total",
     "Events per preprocessing rule: events, collapsed_repeats, bot_events, bot_flags, "

@@ -99,7 +99,8 @@ async def rebuild(settings: FeatureSettings, batch: int = 5000, force: bool = Fa
                 for msg in msgs:
                     event = event_pb2.Event()
                     event.ParseFromString(msg.data)
-                    state.apply(event, stream_position(msg.reply)[0])
+                    sequence, accepted_ns = stream_position(msg.reply)
+                    state.apply(event, sequence, accepted_ns / 1e9)
                 applied += len(msgs)
                 remaining = pending_after(msgs[-1].reply)
                 if time.monotonic() > next_report:

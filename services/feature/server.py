@@ -11,6 +11,7 @@ from services.feature import metrics
 from services.feature.catalogue import Catalogue, CatalogueFollower, CatalogueIntake, ensure_intake_streams
 from services.feature.consumer import FeatureConsumer
 from services.feature.rebuild import MIGRATIONS, VERSION_TABLE
+from services.feature.retention import expire_users
 from services.feature.servicer import FeatureServicer
 from services.feature.settings import FeatureSettings
 from services.feature.state import FeatureState
@@ -19,6 +20,7 @@ from shared import gc_tuning
 from shared import nats as fnats
 from shared.db import make_engine, make_sessionmaker, upgrade_schema
 from shared.grpc_server import ServiceApp, full_service_name
+from shared.supervise import forever
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +77,20 @@ class FeatureApp(ServiceApp):
                 "feature-catalogue-follower": follower.run(),
                 "feature-catalogue-intake": intake.run(),
                 "feature-catalogue-relay": catalogue.relay(s.catalogue.relay_interval_s),
+                **({"feature-retention": self._expire_forever(state)} if s.retention.events else {}),
             },
             cleanups=[nc.drain, partial(asyncio.to_thread, engine.dispose)],
         )
         logger.info("feature listening on %s:%d", s.grpc.host, self.port)
+
+    async def _expire_forever(self, state: FeatureState) -> None:
+        retention = self.settings.retention
+        await forever(
+            lambda: expire_users(state, retention),
+            logger=logger,
+            failed="retention sweep of the user histories failed; retrying",
+            every_s=retention.sweep_interval_s,
+        )
 
     async def stop(self) -> None:
         await super().stop()

@@ -51,7 +51,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
         limit = min(max_recent or state.max_recent, len(user.recent))
         recent = features.recent
         for n in range(1, limit + 1):
-            item_id, kind, occurred_at, weight, normalized_rating = user.recent[-n]
+            item_id, kind, occurred_at, weight, normalized_rating, _ = user.recent[-n]
             entry = recent.add(item_id=item_id, type=kind, weight=weight)
             if normalized_rating is not None:
                 entry.normalized_rating = normalized_rating

@@ -9,7 +9,7 @@ from pydantic_settings import CliSubCommand, SettingsConfigDict
 
 from shared.nats import EVENT_PARTITIONS, partition_filter_subjects
 from shared.preprocessing import PreprocessingSettings
-from shared.settings import DatabaseSettings, GrpcSettings, RequestLimits, ServiceSettings
+from shared.settings import DatabaseSettings, GrpcSettings, RequestLimits, RetentionSettings, ServiceSettings
 
 
 class PopularitySettings(BaseModel):
@@ -81,6 +81,7 @@ class FeatureSettings(ServiceSettings):
 
     grpc: GrpcSettings = GrpcSettings(port=50052)
     database: DatabaseSettings = DatabaseSettings(url="sqlite:///var/feature.db")
+    retention: RetentionSettings = RetentionSettings()
     consumer_name: str = Field(
         "feature",
         pattern=r"^[A-Za-z0-9_-]{1,40}$",

@@ -28,48 +28,76 @@ _TYPE_NAMES = {v.number: v.name for v in event_pb2.EventType.DESCRIPTOR.values}
 
 
 #: One recent interaction: (item_id, type, occurred_at unix seconds, preprocessed weight,
-#: normalised rating or None). A plain tuple of plain values, which the garbage collector stops
+#: normalised rating or None, accepted_at unix seconds: when JetStream stored the event, what
+#: retention counts from). A plain tuple of plain values, which the garbage collector stops
 #: tracking; tens of thousands of objects would otherwise lengthen every full collection.
-Interaction = tuple[str, int, float, float, float | None]
+Interaction = tuple[str, int, float, float, float | None, float]
 
 
 class UserState:
-    __slots__ = ("recent", "counts", "last_event_at", "affinity", "affinity_clock", "seen")
+    __slots__ = (
+        "recent",
+        "counts",
+        "last_event_at",
+        "last_accepted_at",
+        "affinity",
+        "affinity_clock",
+        "seen",
+    )
 
     def __init__(self, max_recent: int) -> None:
         self.recent: deque[Interaction] = deque(maxlen=max_recent)
         self.counts: dict[str, int] = {}
         self.last_event_at = 0.0
+        self.last_accepted_at = 0.0  # when the user's newest event was accepted
         self.affinity: dict[str, float] = {}  # category -> decay key on affinity_clock
         self.affinity_clock = 0  # the user's kept events that carried a positive weight
-        #: Every item touched, oldest first (a dict as an ordered set), capped at ``max_seen``.
-        self.seen: dict[str, None] = {}
+        #: Every item touched -> when the last event touching it was accepted, least recently
+        #: touched first, capped at ``max_seen``.
+        self.seen: dict[str, float] = {}
 
     def to_json(self) -> dict[str, Any]:
         return {
             "recent": tuple(self.recent),  # tuples serialise as JSON arrays
             "counts": dict(self.counts),
             "last_event_at": self.last_event_at,
+            "last_accepted_at": self.last_accepted_at,
             "affinity": dict(self.affinity),
             "affinity_clock": self.affinity_clock,
-            "seen": tuple(self.seen),
+            "seen": tuple(self.seen.items()),
         }
 
-    def touch(self, item_id: str, max_seen: int) -> None:
-        if item_id in self.seen or not max_seen:
+    def touch(self, item_id: str, max_seen: int, accepted_at: float) -> None:
+        if not max_seen:
             return
-        self.seen[sys.intern(item_id)] = None
-        if len(self.seen) > max_seen:
-            del self.seen[next(iter(self.seen))]
+        seen = self.seen
+        if seen.pop(item_id, None) is None:
+            item_id = sys.intern(item_id)
+        seen[item_id] = accepted_at  # to the end: the most recently touched
+        if len(seen) > max_seen:
+            del seen[next(iter(seen))]
+
+    def expire(self, cutoff: float) -> bool:
+        """Forgets the interactions and touched items accepted before ``cutoff``; True if any went."""
+        recent, seen = self.recent, self.seen
+        n = len(recent) + len(seen)
+        while recent and recent[0][5] < cutoff:
+            recent.popleft()
+        while seen:
+            oldest = next(iter(seen))
+            if seen[oldest] >= cutoff:
+                break
+            del seen[oldest]
+        return len(recent) + len(seen) < n
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], max_recent: int) -> UserState:
         user = cls(max_recent)
         user.recent.extend(tuple(r) for r in doc["recent"])
-        # Rows written before seen items were kept: what the recent history holds.
-        user.seen = dict.fromkeys(sys.intern(str(i)) for i in doc.get("seen", [r[0] for r in doc["recent"]]))
+        user.seen = {sys.intern(str(i)): float(t) for i, t in doc["seen"]}
         user.counts = {str(k): int(v) for k, v in doc["counts"].items()}
         user.last_event_at = float(doc["last_event_at"])
+        user.last_accepted_at = float(doc["last_accepted_at"])
         user.affinity = {str(k): float(v) for k, v in doc.get("affinity", {}).items()}
         user.affinity_clock = int(doc.get("affinity_clock", 0))
         return user
@@ -117,6 +145,8 @@ class Snapshot:
     watermark: Watermark
     pending_users: set[str]
     pending_items: set[str]
+    #: Users gone since the last snapshot (expired): their rows are deleted.
+    deleted_users: set[str] = field(default_factory=set)
     users: dict[str, str] = field(default_factory=dict)
     items: dict[str, str] = field(default_factory=dict)
 
@@ -150,6 +180,7 @@ class FeatureState:
         #: Changed since the last snapshot began (what the next commit must write).
         self.dirty_users: set[str] = set()
         self.dirty_items: set[str] = set()
+        self.deleted_users: set[str] = set()
         #: The snapshot being serialised, if any (see ``begin_snapshot``).
         self._snapshot: Snapshot | None = None
         #: Changed since the rankings were last brought up to date.
@@ -157,11 +188,15 @@ class FeatureState:
 
     # -- applying events -------------------------------------------------------------------
 
-    def apply(self, event: event_pb2.Event, stream_sequence: int) -> bool:
-        """Applies one event; returns False (and changes nothing) for one already applied."""
+    def apply(self, event: event_pb2.Event, stream_sequence: int, accepted_at: float | None = None) -> bool:
+        """Applies one event stored at ``stream_sequence`` at ``accepted_at`` (Unix seconds; by
+        default its event time, for callers without a stream); returns False (and changes
+        nothing) for one already applied."""
         if stream_sequence <= self.watermark.stream_sequence:
             return False
         ts = event.occurred_at.seconds + event.occurred_at.nanos / 1e9
+        if accepted_at is None:
+            accepted_at = ts
         user_id, item_id = event.user_id, event.item_id
         snapshot = self._snapshot
         if snapshot is not None:
@@ -187,12 +222,15 @@ class FeatureState:
         user = self.users.get(user_id)
         if user is None:
             user = self.users[user_id] = UserState(self.max_recent)
+            self.deleted_users.discard(user_id)
+        if accepted_at > user.last_accepted_at:
+            user.last_accepted_at = accepted_at
         if not out.kept:
             return True
         weight = out.weight
         type_name = _TYPE_NAMES.get(event.type, str(event.type))
-        user.recent.append((item_id, event.type, ts, weight, out.normalized_rating))
-        user.touch(item_id, self.max_seen)
+        user.recent.append((item_id, event.type, ts, weight, out.normalized_rating, accepted_at))
+        user.touch(item_id, self.max_seen, accepted_at)
         user.counts[type_name] = user.counts.get(type_name, 0) + 1
         if ts > user.last_event_at:
             user.last_event_at = ts
@@ -223,6 +261,39 @@ class FeatureState:
     def _trending_slices(self, item_id: str) -> dict[int, float] | None:
         item = self.items.get(item_id)
         return None if item is None else item.trending
+
+    # -- retention ---------------------------------------------------------------------------
+
+    def expire_users(self, user_ids: Iterable[str], cutoff: float) -> tuple[int, int]:
+        """Applies the retention to these users: a user whose newest event was accepted before
+        ``cutoff`` is forgotten whole (features, preprocessing state, row); others lose the
+        interactions and touched items accepted before it. Returns (trimmed, forgotten)."""
+        trimmed = forgotten = 0
+        snapshot = self._snapshot
+        for user_id in user_ids:
+            user = self.users.get(user_id)
+            if user is None:
+                continue
+            whole = user.last_accepted_at < cutoff
+            if not whole and not (
+                (user.recent and user.recent[0][5] < cutoff)
+                or (user.seen and next(iter(user.seen.values())) < cutoff)
+            ):
+                continue
+            if snapshot is not None and user_id in snapshot.pending_users:
+                # Copy on write, as in ``apply``: the snapshot shows the user at its watermark.
+                snapshot.pending_users.discard(user_id)
+                snapshot.users[user_id] = orjson.dumps(self.user_doc(user_id)).decode()
+            if whole:
+                del self.users[user_id]
+                self.preprocessor.forget_user(user_id)
+                self.dirty_users.discard(user_id)
+                self.deleted_users.add(user_id)
+                forgotten += 1
+            elif user.expire(cutoff):
+                self.dirty_users.add(user_id)
+                trimmed += 1
+        return trimmed, forgotten
 
     # -- the catalogue -----------------------------------------------------------------------
 
@@ -297,9 +368,11 @@ class FeatureState:
             Watermark(self.watermark.stream_sequence, self.watermark.event_time),
             pending_users=self.dirty_users,
             pending_items=self.dirty_items,
+            deleted_users=self.deleted_users,
         )
         self.dirty_users = set()
         self.dirty_items = set()
+        self.deleted_users = set()
         return snapshot
 
     def snapshot_step(self, most: int | None = 256) -> bool:
@@ -328,11 +401,11 @@ class FeatureState:
         """Drops the snapshot in progress (its changes are not marked dirty again)."""
         self._snapshot = None
 
-    def take_dirty(self) -> tuple[dict[str, str], dict[str, str], Watermark]:
-        """A whole snapshot at once: (users, items, position), documents as JSON text."""
+    def take_dirty(self) -> tuple[dict[str, str], dict[str, str], Watermark, set[str]]:
+        """A whole snapshot at once: (users, items, position, users deleted), documents as JSON text."""
         snapshot = self.begin_snapshot()
         self.snapshot_step(None)
-        return snapshot.users, snapshot.items, snapshot.watermark
+        return snapshot.users, snapshot.items, snapshot.watermark, snapshot.deleted_users
 
     def restore_user(self, user_id: str, doc: dict[str, Any]) -> None:
         self.users[user_id] = UserState.from_json(doc, self.max_recent)
@@ -352,6 +425,7 @@ class FeatureState:
         )
         self.dirty_users.clear()
         self.dirty_items.clear()
+        self.deleted_users.clear()
         self.rank()
 
     def dump(self) -> dict[str, Any]:

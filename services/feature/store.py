@@ -176,10 +176,23 @@ class FeatureStore:
             row = session.get(ConsumerPosition, consumer or self.replica)
             return Watermark() if row is None else Watermark(row.stream_sequence, row.event_time)
 
-    def save(self, users: dict[str, str], items: dict[str, str], watermark: Watermark) -> None:
-        """Writes changed users and items (each as its JSON text, from ``FeatureState.take_dirty``)
-        and the stream position in one transaction."""
+    def save(
+        self,
+        users: dict[str, str],
+        items: dict[str, str],
+        watermark: Watermark,
+        deleted_users: Iterable[str] = (),
+    ) -> None:
+        """Writes changed users and items (each as its JSON text, from ``FeatureState.take_dirty``),
+        deletes the rows of users gone, and stores the stream position, in one transaction."""
         with self.sessions.begin() as session:
+            gone = list(deleted_users)
+            for start in range(0, len(gone), 500):
+                session.execute(
+                    delete(UserRow).where(
+                        UserRow.replica == self.replica, UserRow.user_id.in_(gone[start : start + 500])
+                    )
+                )
             self._write(session, users, items)
             self._set_position(session, self.replica, watermark)
 

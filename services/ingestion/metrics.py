@@ -22,6 +22,12 @@ REJECTED = Counter(
     "Events refused by validation, by rule (the code of services/ingestion/validation.py).",
     ["source", "reason"],
 )
+EXPIRED = Counter(
+    "freshrec_ingestion_events_expired_total",
+    "Events deleted from the SQL event log for being older than the retention "
+    '(unpublished="true": deleted before JetStream had them).',
+    ["unpublished"],
+)
 BATCHES_REFUSED = Counter(
     "freshrec_ingestion_batches_refused_total",
     "Whole batches refused (over the size limit), by source.",

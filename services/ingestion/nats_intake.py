@@ -51,6 +51,7 @@ from shared.nats import (
     fetch_batch,
     kept_stream_config,
 )
+from shared.settings import RetentionSettings
 
 logger = logging.getLogger(__name__)
 
@@ -68,16 +69,28 @@ EVENT_TYPE = event_pb2.Event.DESCRIPTOR.full_name
 BATCH_TYPE = ingestion_pb2.IngestEventsRequest.DESCRIPTOR.full_name
 
 
+#: How long the raw intake and dead-letter streams keep messages when no retention is set.
+RAW_MAX_AGE_S = 7 * 24 * 3600.0
+DLQ_MAX_AGE_S = 30 * 24 * 3600.0
+
+
 async def ensure_intake_streams(
-    js: JetStreamContext, dlq_duplicate_window_s: float = 600.0, replicas: int = 1
+    js: JetStreamContext,
+    dlq_duplicate_window_s: float = 600.0,
+    replicas: int = 1,
+    retention: RetentionSettings | None = None,
 ) -> None:
-    """Declares the raw intake and dead-letter streams (owned by ingestion)."""
-    raw = kept_stream_config(RAW_STREAM, RAW_SUBJECT, replicas=replicas, max_age_s=7 * 24 * 3600)
+    """Declares the raw intake and dead-letter streams (owned by ingestion), kept for their own
+    age limit or the retention, whichever is shorter."""
+    retention = retention or RetentionSettings()
+    raw = kept_stream_config(
+        RAW_STREAM, RAW_SUBJECT, replicas=replicas, max_age_s=retention.max_age_s(RAW_MAX_AGE_S)
+    )
     dlq = kept_stream_config(
         DLQ_STREAM,
         DLQ_SUBJECT,
         replicas=replicas,
-        max_age_s=30 * 24 * 3600,
+        max_age_s=retention.max_age_s(DLQ_MAX_AGE_S),
         duplicate_window_s=dlq_duplicate_window_s,
     )
     for config in (raw, dlq):

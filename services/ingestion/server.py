@@ -24,6 +24,7 @@ from services.ingestion.nats_intake import RawIntake, ensure_intake_streams, ens
 from services.ingestion.publisher import PUBLISHER_HEALTH, Publisher
 from services.ingestion.reconcile import Reconciler
 from services.ingestion.relay import Relay
+from services.ingestion.retention import expire_events
 from services.ingestion.servicer import IngestionServicer
 from services.ingestion.settings import IngestionSettings
 from services.ingestion.store import EventLog
@@ -32,7 +33,7 @@ from services.ingestion.writer import GroupCommitter, Heartbeat
 from shared import nats as fnats
 from shared.db import make_engine, upgrade_schema
 from shared.grpc_server import NOT_SERVING, SERVING, ServiceApp, full_service_name
-from shared.supervise import retry
+from shared.supervise import forever, retry
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,11 @@ class IngestionApp(ServiceApp):
             SERVICE_NAME,
             ingestion_pb2_grpc.add_IngestionServiceServicer_to_server,
             IngestionServicer(ingestor, s.max_batch),
-            tasks={"publisher-health": self._watch_publisher(), "outbox-relay": relay.run()},
+            tasks={
+                "publisher-health": self._watch_publisher(),
+                "outbox-relay": relay.run(),
+                **({"retention": self._expire_forever()} if s.retention.events else {}),
+            },
             # Run in reverse: publisher, writer (commits the last marks), NATS, replica row, engine.
             cleanups=[dispose, deregister, self._drain_nats, committer.stop, publisher.close],
         )
@@ -123,9 +128,13 @@ class IngestionApp(ServiceApp):
         try:
             js = nc.jetstream()
             await fnats.ensure_events_stream(
-                js, s.duplicate_window_s, owner=True, replicas=s.nats.stream_replicas
+                js,
+                s.duplicate_window_s,
+                owner=True,
+                replicas=s.nats.stream_replicas,
+                max_age_s=s.retention.max_age_s(),
             )
-            await ensure_intake_streams(js, s.dlq_duplicate_window_s, s.nats.stream_replicas)
+            await ensure_intake_streams(js, s.dlq_duplicate_window_s, s.nats.stream_replicas, s.retention)
             await ensure_raw_consumer(js, s.raw_ack_wait_s)
         except BaseException:
             await nc.close()
@@ -159,6 +168,16 @@ class IngestionApp(ServiceApp):
             clock_skew_s=s.reconcile_clock_skew_s,
         )
         self.server.tasks.append(asyncio.create_task(intake.run(), name="raw-intake"))
+
+    async def _expire_forever(self) -> None:
+        log = self.log
+        assert log is not None
+        await forever(
+            lambda: expire_events(log, self.settings.retention),
+            logger=logger,
+            failed="retention sweep of the event log failed; retrying",
+            every_s=self.settings.retention.sweep_interval_s,
+        )
 
     async def _keep_connecting(self, ingestor: Ingestor) -> None:
         wait_s = self.settings.nats.reconnect_wait_s

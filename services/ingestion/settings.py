@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import DatabaseSettings, GrpcSettings, ServiceSettings
+from shared.settings import DatabaseSettings, GrpcSettings, RetentionSettings, ServiceSettings
 
 
 class IngestionSettings(ServiceSettings):
@@ -20,6 +20,7 @@ class IngestionSettings(ServiceSettings):
 
     grpc: GrpcSettings = GrpcSettings(port=50051)
     database: DatabaseSettings = DatabaseSettings(url="sqlite:///var/ingestion.db")
+    retention: RetentionSettings = RetentionSettings()
 
     # What an event must look like (services/ingestion/validation.py).
     max_batch: int = Field(

@@ -311,6 +311,38 @@ class EventLog:
         with self.engine.connect() as connection:
             return int(connection.execute(stmt).scalar_one())
 
+    # -- retention ------------------------------------------------------------------------------
+
+    def expire(self, received_before_us: int, batch: int = 1000) -> tuple[int, int]:
+        """Deletes the events accepted before ``received_before_us``, oldest first by position;
+        returns (deleted, of which unpublished).
+
+        It walks the log a batch at a time from its oldest position (the primary key, so the hot
+        path's table needs no index on the time) and stops after the first batch holding an event
+        young enough to keep. Acceptance times follow positions to within a commit's delay, so an
+        old event committed after a younger one beyond that batch goes on the next sweep.
+        """
+        deleted = unpublished = 0
+        while True:
+            with self.engine.begin() as connection:
+                rows = connection.execute(
+                    select(_events.c.seq, _events.c.received_at_us, _events.c.published)
+                    .order_by(_events.c.seq)
+                    .limit(batch)
+                ).all()
+                old = [published for _, received, published in rows if received < received_before_us]
+                if old:
+                    connection.execute(
+                        delete(_events).where(
+                            _events.c.seq <= rows[-1][0], _events.c.received_at_us < received_before_us
+                        )
+                    )
+                    deleted += len(old)
+                    unpublished += old.count(False)
+                young = len(old) < len(rows)
+            if young or len(rows) < batch:
+                return deleted, unpublished
+
     # -- replicas -------------------------------------------------------------------------------
 
     def register_replica(self, replica_id: str, name: str, now_us: int) -> None:

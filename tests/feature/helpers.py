@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from pathlib import Path
 from typing import Any
 
 import grpc
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from freshrec.v1 import event_pb2, feature_pb2_grpc
+from services.feature.pull import Puller, stream_position
 from services.feature.server import FeatureApp
 from services.feature.settings import FeatureSettings
 from services.feature.state import FeatureState
@@ -65,6 +68,33 @@ async def publish(nats_client: Any, events: list[event_pb2.Event]) -> None:
             await asyncio.gather(*futures)
             futures = []
     await asyncio.gather(*futures)
+
+
+async def accepted_times(nats_client: Any, event_ids: list[str]) -> list[float]:
+    """When the stream accepted each of its events (Unix seconds), checked to be these events in
+    this order: what a consumer passes to ``FeatureState.apply``."""
+    js = nats_client.jetstream()
+    name = f"accepted-{uuid.uuid4().hex[:8]}"
+    await js.add_consumer(
+        EVENTS_STREAM,
+        ConsumerConfig(
+            name=name, ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0
+        ),
+    )
+    puller = await Puller(nats_client, EVENTS_STREAM, name).start()
+    got: list[tuple[str, float]] = []
+    try:
+        while len(got) < len(event_ids):
+            msgs = await puller.fetch(len(event_ids) - len(got), 2.0)
+            assert msgs, f"the stream holds {len(got)} events, not {len(event_ids)}"
+            got += [
+                (event_pb2.Event.FromString(m.data).event_id, stream_position(m.reply)[1] / 1e9) for m in msgs
+            ]
+    finally:
+        await puller.close()
+        await js.delete_consumer(EVENTS_STREAM, name)
+    assert [i for i, _ in got] == event_ids
+    return [t for _, t in got]
 
 
 async def last_sequence(nats_client: Any) -> int:

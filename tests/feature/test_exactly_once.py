@@ -27,6 +27,7 @@ from shared.db import make_engine, make_sessionmaker, upgrade_schema
 from shared.nats import EVENTS_STREAM
 from tests.conftest import eventually
 from tests.feature.helpers import (
+    accepted_times,
     caught_up,
     last_sequence,
     publish,
@@ -37,13 +38,15 @@ from tests.feature.helpers import (
 )
 
 
-def reference(settings, events: list[event_pb2.Event]) -> dict:  # type: ignore[no-untyped-def]
-    """The state one uninterrupted pass over the stream produces (stream sequences from 1)."""
+async def reference(nats_client, settings, events: list[event_pb2.Event]) -> dict:  # type: ignore[no-untyped-def]
+    """The state one uninterrupted pass over the stream produces (stream sequences from 1, and
+    the times the stream accepted the events, which must be these events in this order)."""
+    accepted = await accepted_times(nats_client, [e.event_id for e in events])
     state = FeatureState(
         settings.recent_items, settings.preprocessing, settings.popularity, settings.seen_items
     )
-    for seq, e in enumerate(events, 1):
-        state.apply(e, seq)
+    for seq, (e, at) in enumerate(zip(events, accepted, strict=True), 1):
+        state.apply(e, seq, at)
     return state.dump()
 
 
@@ -84,7 +87,8 @@ async def test_forced_redelivery_is_skipped(nats_server, nats_client, tmp_path: 
     first = await fetch_exactly(puller, 300)
     # Applied and committed, but the ack is lost (as if the process died right after the commit).
     for msg in first:
-        state.apply(event_pb2.Event.FromString(msg.data), stream_position(msg.reply)[0])
+        sequence, accepted_ns = stream_position(msg.reply)
+        state.apply(event_pb2.Event.FromString(msg.data), sequence, accepted_ns / 1e9)
     store.save(*state.take_dirty())
     before = canonical(state.dump())
     skipped = metric("freshrec_feature_redeliveries_skipped_total")
@@ -99,7 +103,7 @@ async def test_forced_redelivery_is_skipped(nats_server, nats_client, tmp_path: 
     assert all(m.metadata.num_delivered >= 2 for m in redelivered)
     await consumer.apply(redelivered)  # applies nothing
     assert await consumer.flush()  # commits the position, acks
-    assert canonical(state.dump()) == before == canonical(reference(settings, events))
+    assert canonical(state.dump()) == before == canonical(await reference(nats_client, settings, events))
     assert metric("freshrec_feature_redeliveries_skipped_total") - skipped == 300
     assert canonical(stored_state(settings)) == before
     # Acked now: nothing comes back.
@@ -123,7 +127,7 @@ async def test_events_delivered_but_never_committed_are_not_lost(
     app = await started(settings)
     await caught_up(app, len(events), timeout_s=30)  # well before ack_wait would redeliver
     assert app.state is not None
-    assert canonical(app.state.dump()) == canonical(reference(settings, events))
+    assert canonical(app.state.dump()) == canonical(await reference(nats_client, settings, events))
     await app.stop()
 
 
@@ -152,7 +156,7 @@ async def test_restart_reaches_the_state_of_never_stopping(nats_server, nats_cli
     await caught_up(a, total)
     await caught_up(b, total)
     assert a.state is not None and b.state is not None
-    expected = canonical(reference(steady, events))
+    expected = canonical(await reference(nats_client, steady, events))
     assert canonical(a.state.dump()) == expected
     assert canonical(b.state.dump()) == expected
     await a.stop()
@@ -193,7 +197,7 @@ async def test_rebuild_from_the_stream_equals_the_live_state(
     await publish(nats_client, more)
     app = await started(settings)
     await caught_up(app, len(events) + len(more))
-    assert canonical(app.state.dump()) == canonical(reference(settings, events + more))
+    assert canonical(app.state.dump()) == canonical(await reference(nats_client, settings, events + more))
     await app.stop()
 
 
@@ -214,7 +218,7 @@ async def test_rebuild_command_line(nats_server, nats_client, tmp_path: Path) ->
     )
     assert result.returncode == 0, result.stderr
     assert "rebuilt" in result.stderr
-    assert canonical(stored_state(settings)) == canonical(reference(settings, events))
+    assert canonical(stored_state(settings)) == canonical(await reference(nats_client, settings, events))
 
 
 def test_help_explains_rebuild(capsys: pytest.CaptureFixture[str]) -> None:
@@ -251,7 +255,7 @@ async def test_a_failed_commit_reloads_from_sql_and_applies_again(
     await caught_up(app, len(events))
     assert app.state is not None
 
-    expected = canonical(reference(settings, events))
+    expected = canonical(await reference(nats_client, settings, events))
 
     async def recovered() -> bool:
         # Memory had everything even before the failed commit; what matters is SQL: the service
@@ -261,4 +265,4 @@ async def test_a_failed_commit_reloads_from_sql_and_applies_again(
     await eventually(recovered, what="SQL holding the state of one clean pass")
     assert canonical(app.state.dump()) == expected
     await app.stop()
-    assert canonical(stored_state(settings)) == canonical(reference(settings, events))
+    assert canonical(stored_state(settings)) == canonical(await reference(nats_client, settings, events))

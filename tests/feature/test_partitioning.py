@@ -12,7 +12,16 @@ import pytest
 from freshrec.v1 import feature_pb2
 from services.feature.state import FeatureState
 from shared.nats import user_partition
-from tests.feature.helpers import caught_up, publish, settings_for, started, stored_state, stub, workload
+from tests.feature.helpers import (
+    accepted_times,
+    caught_up,
+    publish,
+    settings_for,
+    started,
+    stored_state,
+    stub,
+    workload,
+)
 
 
 def canonical(dump: dict) -> str:
@@ -40,15 +49,16 @@ async def test_two_replicas_split_the_stream_with_nothing_applied_twice(
         last = max(seq for seq, o in enumerate(owner, 1) if o == r)
         await caught_up(app, last)
     states = [app.state for app in apps]
+    accepted = await accepted_times(nats_client, [e.event_id for e in events])
     assert states[0] is not None and states[1] is not None
     # Each replica holds exactly its users, and equals a single pass over its share of the stream.
     for r, state in enumerate(states):
         assert state is not None
         assert {user_partition(u) % 2 for u in state.users} == {r}
         expected = FeatureState(replicas[r].recent_items, replicas[r].preprocessing, replicas[r].popularity)
-        for seq, (e, o) in enumerate(zip(events, owner, strict=True), 1):
+        for seq, (e, o, at) in enumerate(zip(events, owner, accepted, strict=True), 1):
             if o == r:
-                expected.apply(e, seq)
+                expected.apply(e, seq, at)
         assert canonical(state.dump()) == canonical(expected.dump())
     # Together they applied every event once: the same per-user counts and preprocessing state
     # as one process reading the whole stream (as the trainer does).

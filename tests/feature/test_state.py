@@ -49,7 +49,7 @@ def test_rapid_repeats_change_nothing_but_the_watermark() -> None:
 def test_weights_and_normalised_ratings_are_what_the_features_show() -> None:
     state = FeatureState(50)
     feed(state, [event("u", "a", type=PURCHASE, at=T0), event("u", "b", type=RATE, value=5.0, at=T0 + 1)])
-    (_, _, _, purchase_weight, purchase_z), (_, _, _, rating_weight, rating_z) = state.users["u"].recent
+    (_, _, _, purchase_weight, purchase_z, _), (_, _, _, rating_weight, rating_z, _) = state.users["u"].recent
     assert purchase_weight == 5.0 and purchase_z is None
     assert rating_z is not None and rating_z > 0 and rating_weight > 1.0
 
@@ -168,7 +168,7 @@ def test_a_snapshot_serialised_while_events_arrive_shows_the_state_at_its_waterm
             live.snapshot_step(2)
     assert live.snapshot_step(None)
 
-    users, items, watermark = reference.take_dirty()
+    users, items, watermark, _ = reference.take_dirty()
     assert snapshot.watermark == watermark
     assert snapshot.users == users and snapshot.items == items
     # And what changed after the watermark is the next snapshot's.
