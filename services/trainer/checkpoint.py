@@ -40,6 +40,7 @@ def to_bytes(learner: Learner) -> bytes:
         "histories": {u: list(h) for u, h in learner.histories.items()},
         "seen": {u: sorted(r) for u, r in learner.seen.items()},
         "user_seen_at": dict(learner.user_seen_at),
+        "user_last_sequence": dict(learner.user_last_sequence),
         "replay_waiting": {u: list(w) for u, w in learner.replay_waiting.items()},
         "replay": learner.replay.state(),
         "position": _stored_position(learner.position),
@@ -98,6 +99,14 @@ def restore(learner: Learner, data: bytes) -> None:
     learner.replay = ReplayBuffer(learner.config.replay_size, length, stored.max_context)
     learner.replay.load(doc["replay"])
     learner.position = _loaded_position(doc["position"])
+    # Checkpoints from before users' newest sequences were kept: as recent as the position, so
+    # retention forgets them once the log has moved past it.
+    learner.user_last_sequence = {
+        u: int(seq)
+        for u, seq in doc.get(
+            "user_last_sequence", dict.fromkeys(learner.user_seen_at, learner.position.stream_sequence)
+        ).items()
+    }
     learner.prequential = Running.from_state(doc["prequential"], learner.config.recent_window)
     if "served" in doc:
         learner.served = Running.from_state(doc["served"], learner.config.recent_window)

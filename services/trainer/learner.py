@@ -139,6 +139,8 @@ class Learner:
         self.histories: dict[str, deque[Entry]] = {}
         self.seen: dict[str, set[int]] = {}
         self.user_seen_at: dict[str, float] = {}
+        #: Per user: the stream sequence of their newest event (what retention judges by).
+        self.user_last_sequence: dict[str, int] = {}
         #: Per user: weights of the newest items not yet offered to the replay reservoir.
         self.replay_waiting: dict[str, list[float]] = {}
         self.replay = ReplayBuffer(config.replay_size, m.max_history, m.max_context)
@@ -281,6 +283,7 @@ class Learner:
         for it in interactions:
             p.event_time = max(p.event_time, it.time)
             self.user_seen_at[it.user_id] = max(self.user_seen_at.get(it.user_id, 0.0), it.time)
+            self.user_last_sequence[it.user_id] = max(self.user_last_sequence.get(it.user_id, 0), it.sequence)
             if it.item_id not in self.items.rows:
                 new_rows.add(self.items.add(it.item_id, it.time))
             else:
@@ -920,6 +923,41 @@ class Learner:
             for name in ("item_learned", "item_categories", "item_tags", "item_text"):
                 setattr(self.model, name, getattr(self.trained, name))
 
+    def forget_users(self, user_ids: Iterable[str]) -> int:
+        """Erases users from every per-user table: the id row (weights and optimizer moments
+        reset), histories, touched items, pending counts, items waiting for the replay and the
+        replay's chunks of theirs. Returns how many users were held."""
+        held = 0
+        rows: list[int] = []
+        for u in dict.fromkeys(user_ids):
+            found = False
+            if u in self.users.rows:
+                rows.append(self.users.remove(u))
+                found = True
+            for table in (
+                self.user_seen_at,
+                self.user_last_sequence,
+                self.histories,
+                self.seen,
+                self.pending_users,
+                self.replay_waiting,
+            ):
+                found = table.pop(u, None) is not None or found
+            self.signals.preprocessor.forget_user(u)
+            held += found
+        if rows:
+            self.trained.reset_rows(self.trained.user_ids, rows, self.optimizer)
+            if self.averaging:
+                self.model.reset_rows(self.model.user_ids, rows, None)
+            self.replay.forget_users(np.array(rows))
+        return held
+
+    def forget_users_before(self, first_sequence: int) -> int:
+        """Forgets the users whose newest event is before ``first_sequence``: the event log no
+        longer holds anything of theirs (retention). Returns how many."""
+        gone = [u for u, seq in self.user_last_sequence.items() if seq < first_sequence]
+        return self.forget_users(gone)
+
     def expire(self) -> tuple[int, int]:
         """Frees rows of items and users unseen (in event time) for longer than ``row_ttl_s``."""
         ttl = self.config.row_ttl_s
@@ -1012,6 +1050,7 @@ class Learner:
             p.event_time = max(p.event_time, it.time)
             p.stream_sequence = max(p.stream_sequence, it.sequence)
             self.user_seen_at[it.user_id] = max(self.user_seen_at.get(it.user_id, 0.0), it.time)
+            self.user_last_sequence[it.user_id] = max(self.user_last_sequence.get(it.user_id, 0), it.sequence)
             row = self.items.add(it.item_id, it.time)
             if not it.positive:
                 self.seen.setdefault(it.user_id, set()).add(row)

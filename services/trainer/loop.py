@@ -457,6 +457,23 @@ class TrainerLoop:
             request.done.set_result(row)
 
     # -- exports ---------------------------------------------------------------------------
+    async def _forget_what_the_log_dropped(self) -> None:
+        """With a retention set, forgets (before each export, under the lock) the users whose
+        every event has left FRESHREC_EVENTS, which ingestion keeps for the retention."""
+        if self.settings.retention.events is None:
+            return
+        try:
+            first = int((await self.js.stream_info(EVENTS_STREAM)).state.first_seq)
+        except Exception as exc:
+            logger.warning("retention: could not read where the event log begins (%s); next export", exc)
+            return
+        forgotten = await asyncio.to_thread(self.learner.forget_users_before, first)
+        if forgotten:
+            metrics.USERS_FORGOTTEN.labels("retention").inc(forgotten)
+            logger.info(
+                "retention: forgot %d users with no event left in the log (it begins at %d)", forgotten, first
+            )
+
     async def export(self, judged: Paired | None = None, reason: str = "published") -> ModelRow:
         """Exports a candidate, judges it against the live version, publishes or rejects it."""
         s = self.settings
@@ -467,6 +484,7 @@ class TrainerLoop:
             expired_items, expired_users = await asyncio.to_thread(learner.expire)
             metrics.EXPIRED.labels("items").inc(expired_items)
             metrics.EXPIRED.labels("users").inc(expired_users)
+            await self._forget_what_the_log_dropped()
             try:
                 exported = await asyncio.to_thread(export_learner, learner, parent, item_tower=s.item_tower)
             except Exception:

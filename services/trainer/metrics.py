@@ -29,6 +29,11 @@ LIVE_TRAINED_THROUGH = Gauge(
 )
 TABLE_ROWS = Gauge("freshrec_trainer_table_rows", "Rows in use in the embedding tables.", ["table"])
 EXPIRED = Counter("freshrec_trainer_expired_rows_total", "Rows freed by expiry.", ["table"])
+USERS_FORGOTTEN = Counter(
+    "freshrec_trainer_users_forgotten_total",
+    "Users erased from every per-user table (id row, histories, replay), by reason.",
+    ["reason"],
+)
 SKIPPED_STEPS = Gauge("freshrec_trainer_skipped_steps", "Training steps skipped for a non-finite loss.")
 RETRAIN_SECONDS = Histogram(
     "freshrec_trainer_retrain_seconds",

@@ -293,8 +293,19 @@ class ReplayBuffer:
         self.counts[:n] = (self.targets[:n] > 0).sum(1)
 
     def forget_users(self, rows: np.ndarray) -> None:
+        """Drops the chunks of these user rows whole (their items are that user's history)."""
         n = self.size
-        self.users[:n][np.isin(self.users[:n], rows)] = 0
+        keep = np.flatnonzero(~np.isin(self.users[:n], rows))
+        if len(keep) == n:
+            return
+        arrays = ["inputs", "types", "targets", "weights", "users", "counts"]
+        if self.contexts is not None:
+            arrays.append("contexts")
+        for name in arrays:
+            array = getattr(self, name)
+            array[: len(keep)] = array[keep]
+            array[len(keep) : n] = 0
+        self.size = len(keep)
 
     def state(self) -> dict[str, Any]:
         n = self.size

@@ -11,7 +11,7 @@ from pydantic_settings import CliSubCommand, SettingsConfigDict
 from services.trainer.learner import LearnerConfig
 from services.trainer.model import ModelConfig
 from shared.preprocessing import PreprocessingSettings
-from shared.settings import DatabaseSettings, GrpcSettings, ServiceSettings
+from shared.settings import DatabaseSettings, GrpcSettings, RetentionSettings, ServiceSettings
 
 
 class PretrainCommand(BaseModel):
@@ -44,6 +44,8 @@ class TrainerSettings(ServiceSettings):
 
     grpc: GrpcSettings = GrpcSettings(port=50053)
     database: DatabaseSettings = DatabaseSettings(url="sqlite:///var/trainer.db")
+    #: Only ``events`` is read here: set, the trainer forgets users with no event left in the log.
+    retention: RetentionSettings = RetentionSettings()
     model_store: Path = Field(Path("var/models"), description="Folder of the model store.")
     checkpoint_dir: Path = Field(Path("var/trainer"), description="Folder of the trainer's checkpoint.")
     signing_key_file: Path | None = Field(

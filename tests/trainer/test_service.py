@@ -16,8 +16,15 @@ from freshrec.v1 import trainer_pb2, trainer_pb2_grpc
 from services.trainer.server import TrainerApp
 from services.trainer.settings import TrainerSettings
 from shared.model_store import ModelStore
-from shared.nats import CATALOGUE_ACCEPTED_SUBJECT, MODELS_PUBLISHED_SUBJECT, ensure_catalogue_stream
+from shared.nats import (
+    CATALOGUE_ACCEPTED_SUBJECT,
+    EVENTS_STREAM,
+    MODELS_PUBLISHED_SUBJECT,
+    ensure_catalogue_stream,
+    ensure_events_stream,
+)
 from tests.conftest import eventually, service_settings
+from tests.factories import event
 from tests.feature.helpers import publish
 from tests.trainer.streams import catalogue_item, taste_stream
 
@@ -256,3 +263,29 @@ async def test_incremental_and_periodic_schedules_publish_through_the_same_path(
     retrained = await t.export(trainer_pb2.TRAINING_KIND_RETRAIN)
     assert retrained.status in (trainer_pb2.MODEL_STATUS_LIVE, trainer_pb2.MODEL_STATUS_REJECTED)
     assert retrained.trained_through.stream_sequence == len(stream)
+
+
+async def test_with_a_retention_the_export_forgets_users_the_log_no_longer_holds(
+    trainer, nats_client
+) -> None:
+    """The trainer reads where FRESHREC_EVENTS begins (ingestion keeps it for the retention) and,
+    before an export, erases the users with nothing left in it."""
+    js = nats_client.jetstream()
+    await ensure_events_stream(js, max_age_s=2.0)
+    await publish(nats_client, [event("leaver", f"i{n % 5}", event_id=f"a{n}") for n in range(20)])
+    running = await trainer(**QUIET, retention={"events": 2.0})
+    await running.learned(20)
+    learner = running.app.loop.learner  # type: ignore[union-attr]
+    assert "leaver" in learner.user_last_sequence
+
+    async def expired() -> bool:
+        return (await js.stream_info(EVENTS_STREAM)).state.messages == 0
+
+    await eventually(expired, what="the leaver's events aged out of the stream")
+    await publish(nats_client, [event("stayer", f"i{n % 5}", event_id=f"b{n}") for n in range(20)])
+    await running.learned(40)
+    await running.export()
+    assert "leaver" not in learner.user_last_sequence and "leaver" not in learner.histories
+    assert learner.users.get("leaver") == 0 and "stayer" in learner.histories
+    status = await running.status()
+    assert status.watermark.stream_sequence == 40
