@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from itertools import islice
 
 from sortedcontainers import SortedList
 
 NO_SCORE = -math.inf
+_NOTHING: frozenset[str] = frozenset()
 
 
 class Decay:
@@ -110,6 +112,8 @@ class TrendingWindow:
         self.width = span / buckets
         self.buckets = buckets
         self.current: int | None = None  # slice of the newest clock seen
+        #: Where the slice after ``current`` begins: below it ``advance`` has nothing to do.
+        self.next_start = -math.inf
         self._holders: dict[int, set[str]] = {}  # slice -> items with a count in it
 
     def slice_of(self, t: float) -> int:
@@ -124,23 +128,27 @@ class TrendingWindow:
         if not weight > 0 or not self.live(index):
             return False
         slices[index] = slices.get(index, 0.0) + weight
-        self._holders.setdefault(index, set()).add(item_id)
+        holders = self._holders.get(index)
+        if holders is None:
+            holders = self._holders[index] = set()
+        holders.add(item_id)
         return True
 
-    def expiring(self, t: float) -> set[str]:
+    def expiring(self, t: float) -> AbstractSet[str]:
         """The items whose score ``advance(t)`` would lower (what it is about to change)."""
         index = self.slice_of(t)
         if self.current is None or index <= self.current:
-            return set()
+            return _NOTHING
         horizon = index - self.buckets
         return set().union(*(items for s, items in self._holders.items() if s <= horizon))
 
-    def advance(self, t: float, slices_of: Callable[[str], dict[int, float] | None]) -> set[str]:
+    def advance(self, t: float, slices_of: Callable[[str], dict[int, float] | None]) -> AbstractSet[str]:
         """Moves the window's end to clock ``t`` (if later); returns the items whose score fell."""
         index = self.slice_of(t)
         if self.current is not None and index <= self.current:
-            return set()
+            return _NOTHING
         self.current = index
+        self.next_start = (index + 1) * self.width
         horizon = index - self.buckets
         changed: set[str] = set()
         for old in [s for s in self._holders if s <= horizon]:
@@ -155,6 +163,7 @@ class TrendingWindow:
         slices that had left the window (an item is not written again when its slices expire,
         so its stored document may still hold them)."""
         self.current = None if newest is None else self.slice_of(newest)
+        self.next_start = -math.inf if self.current is None else (self.current + 1) * self.width
         self._holders = {}
         for item_id, slices in items:
             for index in [i for i in slices if not self.live(i)]:

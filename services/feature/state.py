@@ -205,7 +205,9 @@ class FeatureState:
             if user_id in snapshot.pending_users:
                 snapshot.pending_users.discard(user_id)
                 snapshot.users[user_id] = orjson.dumps(self.user_doc(user_id)).decode()
-            for changing in (item_id, *self.trending_window.expiring(stream_sequence)):
+            trending = self.trending_window
+            steps = stream_sequence >= trending.next_start
+            for changing in (item_id, *trending.expiring(stream_sequence)) if steps else (item_id,):
                 if changing in snapshot.pending_items:
                     snapshot.pending_items.discard(changing)
                     snapshot.items[changing] = orjson.dumps(self.items[changing].to_json()).decode()
@@ -214,9 +216,10 @@ class FeatureState:
         watermark.stream_sequence = stream_sequence
         if ts > watermark.event_time:
             watermark.event_time = ts
-        expired = self.trending_window.advance(stream_sequence, self._trending_slices)
-        if expired:
-            self._unranked |= expired
+        if stream_sequence >= self.trending_window.next_start:  # into a new slice (rare)
+            expired = self.trending_window.advance(stream_sequence, self._trending_slices)
+            if expired:
+                self._unranked |= expired
 
         self.dirty_users.add(user_id)  # the preprocessing state changed in any case
         user = self.users.get(user_id)
