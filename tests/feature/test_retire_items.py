@@ -58,7 +58,9 @@ async def test_hidden_expired_and_deleted_items_leave_the_catalogue_answers(
     try:
         items = [item_pb2.Item(item_id=f"m{n}", title=f"Movie {n}", categories=["drama"]) for n in range(4)]
         await feature.UpsertItems(feature_pb2.UpsertItemsRequest(items=items))
-        await publish(nats_client, [event(f"u{n}", f"m{m}", at=T0 + n) for n in range(4) for m in range(n + 1)])
+        await publish(
+            nats_client, [event(f"u{n}", f"m{m}", at=T0 + n) for n in range(4) for m in range(n + 1)]
+        )
 
         async def ranked() -> list[str] | None:
             r = await feature.GetPopularItems(feature_pb2.GetPopularItemsRequest(k=10, category="drama"))
@@ -97,7 +99,9 @@ async def test_hidden_expired_and_deleted_items_leave_the_catalogue_answers(
         assert response.deleted == 1 and list(response.missing_item_ids) == ["nope"]
         got = await feature.GetItems(feature_pb2.GetItemsRequest(item_ids=["m3", "m0"]))
         assert [i.item_id for i in got.items] == ["m0"] and list(got.missing_item_ids) == ["m3"]
-        assert "m3" not in [i.item_id for i in (await feature.ListItems(feature_pb2.ListItemsRequest())).items]
+        assert "m3" not in [
+            i.item_id for i in (await feature.ListItems(feature_pb2.ListItemsRequest())).items
+        ]
         popular = await feature.GetPopularItems(feature_pb2.GetPopularItemsRequest(k=10))
         assert [p.item_id for p in popular.items] == []
         stats = await feature.GetItemFeatures(feature_pb2.GetItemFeaturesRequest(item_ids=["m3", "m0"]))
@@ -108,7 +112,12 @@ async def test_hidden_expired_and_deleted_items_leave_the_catalogue_answers(
         # The tombstone is on the catalogue stream at the entry's next revision.
         msgs = await catalogue_messages(nats_client, 8)
         last = item_pb2.Item.FromString(msgs[-1].data)
-        assert (last.item_id, last.deleted, last.title, msgs[-1].headers[REVISION_HEADER]) == ("m3", True, "", "2")
+        assert (last.item_id, last.deleted, last.title, msgs[-1].headers[REVISION_HEADER]) == (
+            "m3",
+            True,
+            "",
+            "2",
+        )
 
         # Unhiding brings m0 back; a re-upsert of m3 continues its revisions (a new item, no stats).
         await feature.UpsertItems(
