@@ -928,6 +928,7 @@ class Learner:
         cutoff = self.position.event_time - ttl
         item_rows = [self.items.remove(i) for i in self.items.unseen_since(cutoff)]
         user_rows = [self.users.remove(u) for u in self.users.unseen_since(cutoff)]
+        self._free_item_rows(item_rows)
         gone_users = [u for u, t in self.user_seen_at.items() if t < cutoff]
         for u in gone_users:
             self.user_seen_at.pop(u, None)
@@ -935,24 +936,6 @@ class Learner:
             self.seen.pop(u, None)
             self.pending_users.pop(u, None)
             self.replay_waiting.pop(u, None)
-        if item_rows:
-            dead = set(item_rows)
-            for u, history in self.histories.items():
-                if any(e[0] in dead for e in history):
-                    self.histories[u] = deque(
-                        (e for e in history if e[0] not in dead), maxlen=self.max_history
-                    )
-            for rows in self.seen.values():
-                rows -= dead
-            self.item_counts[item_rows] = 0
-            self.trained.reset_rows(self.trained.item_ids, item_rows, self.optimizer)
-            if self.averaging:
-                self.model.reset_rows(self.model.item_ids, item_rows, None)
-                with torch.no_grad():
-                    self.model.item_ids.weight[item_rows] = self.trained.item_ids.weight[item_rows]
-            self.replay.forget_items(np.array(item_rows))
-            self.follow_ups.forget_rows(item_rows)
-            self.popularity.reset_rows(np.array(item_rows))
         if user_rows:
             self.trained.reset_rows(self.trained.user_ids, user_rows, self.optimizer)
             if self.averaging:
@@ -961,6 +944,36 @@ class Learner:
         if item_rows or user_rows:
             logger.info("expired %d items and %d users unseen for %.0fs", len(item_rows), len(user_rows), ttl)
         return len(item_rows), len(user_rows)
+
+    def _free_item_rows(self, item_rows: list[int]) -> None:
+        """Resets rows whose ids were removed from the map: weights and optimizer moments,
+        histories, seen sets, counts, replay, follow-ups and popularity."""
+        if not item_rows:
+            return
+        dead = set(item_rows)
+        for u, history in self.histories.items():
+            if any(e[0] in dead for e in history):
+                self.histories[u] = deque((e for e in history if e[0] not in dead), maxlen=self.max_history)
+        for rows in self.seen.values():
+            rows -= dead
+        self.item_counts[item_rows] = 0
+        self.trained.reset_rows(self.trained.item_ids, item_rows, self.optimizer)
+        if self.averaging:
+            self.model.reset_rows(self.model.item_ids, item_rows, None)
+            with torch.no_grad():
+                self.model.item_ids.weight[item_rows] = self.trained.item_ids.weight[item_rows]
+        self.replay.forget_items(np.array(item_rows))
+        self.follow_ups.forget_rows(item_rows)
+        self.popularity.reset_rows(np.array(item_rows))
+
+    def remove_items(self, item_ids: Iterable[str]) -> int:
+        """Drops deleted catalogue items: their rows leave every table, so the next export has no
+        row, embedding, popularity or follow-up entry for them. Returns how many were held."""
+        rows = [self.items.remove(i) for i in dict.fromkeys(item_ids) if i in self.items.rows]
+        self._free_item_rows(rows)
+        if rows:
+            logger.info("removed %d deleted catalogue items from the model", len(rows))
+        return len(rows)
 
     # -- the catalogue ---------------------------------------------------------------------
     def add_items(self, items: Sequence[tuple[int, item_pb2.Item]], text: np.ndarray | None = None) -> int:
@@ -977,6 +990,9 @@ class Learner:
         ]
         for index, (_seq, item) in fresh:
             if not item.item_id:
+                continue
+            if item.deleted:  # a tombstone: DeleteItems removed it from the catalogue
+                self.remove_items([item.item_id])
                 continue
             row = self.items.add(item.item_id, self.position.event_time)
             self._ensure_capacity()
