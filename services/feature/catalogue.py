@@ -275,7 +275,6 @@ class Catalogue:
             logger.info("deleted %d catalogue entries (%d ids had none)", len(tombstones), len(missing))
         return len(tombstones), missing
 
-
     async def publish(self, revisions: list[Revision]) -> int:
         """Publishes stored revisions to FRESHREC_CATALOG and marks the acknowledged ones published;
         failures stay in the outbox for the relay."""

@@ -83,6 +83,8 @@ def count_rules(counts: dict[str, int]) -> None:
     for rule, n in counts.items():
         if n:
             PREPROCESSING.labels(rule).inc(n)
+
+
 CATALOGUE_DELETED = Counter(
     "freshrec_feature_catalog_deleted_total", "Catalogue entries deleted through DeleteItems."
 )
