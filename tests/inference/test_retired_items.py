@@ -151,3 +151,22 @@ async def test_a_deleted_item_is_never_served_though_the_model_still_has_it(repl
     assert top in app.holder.state.model.item_rows and top not in app.holder.catalogue.items
     scored = await stub.ScoreItems(inference_pb2.ScoreItemsRequest(user_id="u1", item_ids=[top]))
     assert list(scored.unavailable_item_ids) == [top]
+
+
+async def test_without_a_model_a_hidden_item_leaves_the_popular_answers(
+    start_inference, nats_client, feature
+) -> None:
+    await upsert_items(feature.port, [item_pb2.Item(item_id="hit"), item_pb2.Item(item_id="other")])
+    await publish_events(
+        nats_client,
+        [event("a", "hit", event_id="1"), event("b", "hit", event_id="2"), event("c", "other", event_id="3")],
+    )
+    _app, stub = await start_inference()
+
+    async def answered(expected: list[str]) -> bool:
+        r = await stub.Recommend(inference_pb2.RecommendRequest(user_id="new", k=2))
+        return [i.item_id for i in r.items] == expected
+
+    await eventually(lambda: answered(["hit", "other"]), what="popular items")
+    await upsert_items(feature.port, [item_pb2.Item(item_id="hit", hidden=True)])
+    await eventually(lambda: answered(["other"]), what="the hidden item out of the popular answer")
