@@ -186,8 +186,11 @@ class FeatureStore:
         """Fills an empty state from SQL: catalogue categories, then (unless ``features`` is
         False) this replica's features and stream position."""
         with self.sessions.begin() as session:
+            deleted: set[str] = set()
             for row in session.scalars(select(CatalogueItem)):
                 state.set_catalogue_entry(row.to_proto(), row.revision)
+                if row.deleted:
+                    deleted.add(row.item_id)
             if not features:
                 return
             for user_id, doc in session.execute(
@@ -197,7 +200,8 @@ class FeatureStore:
             for item_id, doc in session.execute(
                 select(ItemStatsRow.item_id, ItemStatsRow.state).where(ItemStatsRow.replica == self.replica)
             ):
-                state.restore_item(item_id, doc)
+                if item_id not in deleted:  # a commit that raced the delete: not brought back
+                    state.restore_item(item_id, doc)
             position = session.get(ConsumerPosition, self.replica)
             watermark = (
                 Watermark() if position is None else Watermark(position.stream_sequence, position.event_time)

@@ -40,6 +40,7 @@ def to_bytes(learner: Learner) -> bytes:
         "histories": {u: list(h) for u, h in learner.histories.items()},
         "seen": {u: sorted(r) for u, r in learner.seen.items()},
         "user_seen_at": dict(learner.user_seen_at),
+        "deleted_items": sorted(learner.deleted_items),
         "replay_waiting": {u: list(w) for u, w in learner.replay_waiting.items()},
         "replay": learner.replay.state(),
         "position": _stored_position(learner.position),
@@ -94,6 +95,7 @@ def restore(learner: Learner, data: bytes) -> None:
     }
     learner.seen = {u: set(r) for u, r in doc["seen"].items()}
     learner.user_seen_at = dict(doc["user_seen_at"])
+    learner.deleted_items = set(doc.get("deleted_items", ()))
     learner.replay_waiting = {u: list(w) for u, w in doc.get("replay_waiting", {}).items()}
     learner.replay = ReplayBuffer(learner.config.replay_size, length, stored.max_context)
     learner.replay.load(doc["replay"])

@@ -139,6 +139,8 @@ class Learner:
         self.histories: dict[str, deque[Entry]] = {}
         self.seen: dict[str, set[int]] = {}
         self.user_seen_at: dict[str, float] = {}
+        #: Items deleted from the catalogue: their events are dropped (an upsert brings one back).
+        self.deleted_items: set[str] = set()
         #: Per user: weights of the newest items not yet offered to the replay reservoir.
         self.replay_waiting: dict[str, list[float]] = {}
         self.replay = ReplayBuffer(config.replay_size, m.max_history, m.max_context)
@@ -272,6 +274,7 @@ class Learner:
         Scores and step share one forward pass without dropout; the scores are read before the
         step changes anything, so every event is predicted before it is learned.
         """
+        interactions = list(self._not_deleted(interactions))
         p = self.position
         rows_before = self.items.capacity_needed
         free_before = list(self.items.free)
@@ -968,12 +971,19 @@ class Learner:
 
     def remove_items(self, item_ids: Iterable[str]) -> int:
         """Drops deleted catalogue items: their rows leave every table, so the next export has no
-        row, embedding, popularity or follow-up entry for them. Returns how many were held."""
-        rows = [self.items.remove(i) for i in dict.fromkeys(item_ids) if i in self.items.rows]
+        row, embedding, popularity or follow-up entry for them, and their later events (in flight,
+        or replayed from the event log by a retrain) are dropped. Returns how many were held."""
+        wanted = list(dict.fromkeys(item_ids))
+        self.deleted_items.update(wanted)
+        rows = [self.items.remove(i) for i in wanted if i in self.items.rows]
         self._free_item_rows(rows)
         if rows:
             logger.info("removed %d deleted catalogue items from the model", len(rows))
         return len(rows)
+
+    def _not_deleted(self, interactions: Iterable[Interaction]) -> Iterable[Interaction]:
+        deleted = self.deleted_items
+        return (it for it in interactions if it.item_id not in deleted) if deleted else interactions
 
     # -- the catalogue ---------------------------------------------------------------------
     def add_items(self, items: Sequence[tuple[int, item_pb2.Item]], text: np.ndarray | None = None) -> int:
@@ -994,6 +1004,7 @@ class Learner:
             if item.deleted:  # a tombstone: DeleteItems removed it from the catalogue
                 self.remove_items([item.item_id])
                 continue
+            self.deleted_items.discard(item.item_id)
             row = self.items.add(item.item_id, self.position.event_time)
             self._ensure_capacity()
             categories = [self.categories.add(x) for x in list(item.categories)[: c.max_categories]]
@@ -1022,8 +1033,11 @@ class Learner:
         counted = 0
         p = self.position
         interactions_seen: list[Interaction] = []
+        deleted = self.deleted_items
         for it in interactions:
-            counted += 1
+            counted += 1  # an event of a deleted item counts as consumed, like a repeat
+            if it.item_id in deleted:
+                continue
             interactions_seen.append(it)
             p.event_time = max(p.event_time, it.time)
             p.stream_sequence = max(p.stream_sequence, it.sequence)

@@ -69,3 +69,27 @@ async def test_a_deleted_item_is_not_in_the_next_export(
     finally:
         await channel.close()
         await feature.stop()
+
+
+def test_events_of_a_deleted_item_are_dropped_until_it_is_upserted_again(tmp_path: Path) -> None:
+    from services.trainer import checkpoint
+    from tests.trainer.streams import small_learner
+
+    learner = small_learner()
+    learner.add_items([(1, catalogue_item("gone", ["drama"])), (2, catalogue_item("kept", ["drama"]))])
+    tombstone = catalogue_item("gone", [])
+    tombstone.deleted = True
+    learner.add_items([(3, tombstone)])
+    assert "gone" not in learner.items.rows and "kept" in learner.items.rows
+    late = [(seq, e) for seq, e in taste_stream(n_users=4, rounds=2, start_seq=10)]
+    for n, (_, e) in enumerate(late):
+        e.item_id = "gone" if n % 2 else "kept"
+    learner.learn(late)
+    learner.absorb_events(late)
+    assert "gone" not in learner.items.rows  # late or replayed events do not bring it back
+
+    restored = small_learner()
+    checkpoint.restore(restored, checkpoint.to_bytes(learner))
+    assert restored.deleted_items == {"gone"}
+    restored.add_items([(4, catalogue_item("gone", ["drama"]))])  # upserted again: a new item
+    assert "gone" in restored.items.rows and not restored.deleted_items
