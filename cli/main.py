@@ -37,7 +37,11 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List model versions, promote one, or roll back.", no_args_is_help=True)
 db_app = typer.Typer(help="Schema migrations of the services' SQL tables (Alembic).", no_args_is_help=True)
+items_app = typer.Typer(
+    help="Retire catalogue items: hide them, bring them back, or delete them for good.", no_args_is_help=True
+)
 app.add_typer(models_app, name="models")
+app.add_typer(items_app, name="items")
 app.add_typer(db_app, name="db")
 
 console = Console()
@@ -395,6 +399,60 @@ def models_rollback(
     endpoints = ctx.obj.endpoints()
     response = run(_trainer_call(endpoints, "RollbackModel", trainer_pb2.RollbackModelRequest(version=to)))
     _report_switch(endpoints, "rolled back to", response, wait, timeout)
+
+
+# -- items ------------------------------------------------------------------------------------------
+
+ItemIds = Annotated[list[str], typer.Argument(help="Catalogue item ids.", show_default=False)]
+
+
+def _report_items(verb: str, outcome: Any, already: str) -> None:
+    """One line per kind of outcome; exit status 1 if the feature service refused any."""
+    if outcome.changed:
+        console.print(f"{verb} {len(outcome.changed)}: {', '.join(outcome.changed)}", highlight=False)
+    if outcome.unchanged:
+        console.print(f"{already} {', '.join(outcome.unchanged)}", highlight=False)
+    if outcome.missing:
+        console.print(f"not in the catalogue: {', '.join(outcome.missing)}", highlight=False)
+    for item_id, reason in outcome.rejected:
+        errors.print(f"[bold red]refused[/] {item_id}: {reason}", highlight=False)
+    if outcome.rejected:
+        raise typer.Exit(1)
+
+
+@items_app.command("hide")
+def items_hide(ctx: typer.Context, item_ids: ItemIds) -> None:
+    """Keep items out of every answer on every inference replica, within about a second.
+
+    Recommend, ScoreItems, SimilarItems and the popular lists leave them out; they stay in the
+    catalogue and the model, and `freshrec items unhide` brings them back.
+    """
+    from cli import catalogue
+
+    outcome = run(catalogue.set_hidden(ctx.obj.endpoints(), item_ids, True))
+    _report_items("hidden", outcome, "already hidden:")
+
+
+@items_app.command("unhide")
+def items_unhide(ctx: typer.Context, item_ids: ItemIds) -> None:
+    """Serve hidden items again (within about a second, on every inference replica)."""
+    from cli import catalogue
+
+    outcome = run(catalogue.set_hidden(ctx.obj.endpoints(), item_ids, False))
+    _report_items("unhidden", outcome, "not hidden:")
+
+
+@items_app.command("delete")
+def items_delete(ctx: typer.Context, item_ids: ItemIds) -> None:
+    """Delete items for good: from the catalogue, every answer, and the model's next export.
+
+    The catalogue entry, popularity and item features go at once; every inference replica stops
+    serving them within about a second; the trainer's next export has no row for them.
+    """
+    from cli import catalogue
+
+    outcome = run(catalogue.delete(ctx.obj.endpoints(), item_ids))
+    _report_items("deleted", outcome, "")
 
 
 # -- replay -----------------------------------------------------------------------------------------

@@ -14,6 +14,10 @@ Subjects and streams (names in ``shared/nats.py`` where other services need them
   and the header ``Freshrec-Item-Revision`` (each upsert of an item increments its
   revision; a consumer keeps the highest). An outbox relay publishes whatever a NATS outage
   left unpublished.
+- **Deletes**: ``FeatureService.DeleteItems`` turns entries into tombstones: a protobuf ``Item``
+  with only ``item_id`` and ``deleted`` set, published on the same subject at the entry's next
+  revision (so followers that keep the highest revision apply it in order). A follower drops the
+  item. ``hidden`` and ``available_until`` travel inside ordinary entries.
 - **Dead letters**: ``freshrec.catalog.dlq`` (stream ``FRESHREC_CATALOG_DLQ``, kept 30 days):
   an undecodable message as it came, or each rejected ``Item`` of a batch, with the reason in
   the header ``Freshrec-Dlq-Reason``; the valid items of a batch are accepted.
@@ -34,6 +38,7 @@ from dataclasses import dataclass
 
 from google.protobuf import json_format, unknown_fields
 from google.protobuf.message import DecodeError, Message
+from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -125,11 +130,19 @@ def validate_item(item: item_pb2.Item, limits: CatalogueSettings, now: float | N
             return f"attribute {key[:64]!r} contains control characters"
     if item.HasField("created_at"):
         ts = item.created_at
-        if not (_MIN_SECONDS <= ts.seconds <= _MAX_SECONDS and 0 <= ts.nanos < 1_000_000_000):
+        if not _valid_timestamp(ts):
             return "created_at is not a valid timestamp"
         if ts.seconds > (time.time() if now is None else now) + limits.max_future_s:
             return f"created_at is more than {limits.max_future_s:g} s in the future"
+    if item.HasField("available_until") and not _valid_timestamp(item.available_until):
+        return "available_until is not a valid timestamp"
+    if item.deleted:
+        return "deleted is set only on the catalogue stream's tombstones; call DeleteItems to delete"
     return None
+
+
+def _valid_timestamp(ts: Timestamp) -> bool:
+    return _MIN_SECONDS <= ts.seconds <= _MAX_SECONDS and 0 <= ts.nanos < 1_000_000_000
 
 
 def _clean(message: Message) -> bool:
@@ -193,6 +206,11 @@ async def ensure_intake_streams(js: JetStreamContext, replicas: int = 1) -> None
         await ensure_stream(js, config)
 
 
+def count_unservable(state: FeatureState) -> None:
+    metrics.CATALOGUE_HIDDEN.set(len(state.hidden_items))
+    metrics.CATALOGUE_TIME_LIMITED.set(len(state.available_until))
+
+
 class Catalogue:
     """Validates, stores, indexes and publishes catalogue entries."""
 
@@ -235,10 +253,27 @@ class Catalogue:
         if valid:
             revisions = await asyncio.to_thread(self.store.upsert_items, valid)
             for r in revisions:
-                self.state.set_categories(r.item.item_id, r.item.categories, r.revision)
+                self.state.set_catalogue_entry(r.item, r.revision)
             metrics.CATALOGUE_ITEMS.labels(source, "accepted").inc(len(valid))
             await self.publish(revisions)
+            count_unservable(self.state)
         return len(valid), errors
+
+    async def delete(self, item_ids: list[str]) -> tuple[int, list[str]]:
+        """Deletes entries (SQL row content, every replica's item features, this replica's memory)
+        and publishes their tombstones; returns the count deleted and the ids that had no entry.
+
+        Raises if SQL fails (nothing is then deleted or published).
+        """
+        tombstones, missing = await asyncio.to_thread(self.store.delete_items, item_ids)
+        for r in tombstones:
+            self.state.set_catalogue_entry(r.item, r.revision)
+        metrics.CATALOGUE_DELETED.inc(len(tombstones))
+        await self.publish(tombstones)
+        count_unservable(self.state)
+        if tombstones:
+            logger.info("deleted %d catalogue entries (%d ids had none)", len(tombstones), len(missing))
+        return len(tombstones), missing
 
     async def publish(self, revisions: list[Revision]) -> int:
         """Publishes stored revisions to FRESHREC_CATALOG and marks the acknowledged ones published;
@@ -391,6 +426,7 @@ class CatalogueFollower:
         last = msgs[-1].metadata.sequence.stream
         fresh = await asyncio.to_thread(self.store.follow, revisions, last, self.name)
         for r in revisions:
-            self.state.set_categories(r.item.item_id, r.item.categories, r.revision)
+            self.state.set_catalogue_entry(r.item, r.revision)
+        count_unservable(self.state)
         self.position = last
         metrics.CATALOGUE_FOLLOWED.inc(len(fresh))

@@ -83,3 +83,13 @@ def count_rules(counts: dict[str, int]) -> None:
     for rule, n in counts.items():
         if n:
             PREPROCESSING.labels(rule).inc(n)
+
+
+CATALOGUE_DELETED = Counter(
+    "freshrec_feature_catalog_deleted_total", "Catalogue entries deleted through DeleteItems."
+)
+CATALOGUE_HIDDEN = Gauge("freshrec_feature_catalog_hidden", "Catalogue entries held hidden (served nowhere).")
+CATALOGUE_TIME_LIMITED = Gauge(
+    "freshrec_feature_catalog_time_limited",
+    "Catalogue entries with an available_until (served nowhere once it passes).",
+)

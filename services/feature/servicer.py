@@ -132,6 +132,20 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
         return response
 
     @answers
+    async def DeleteItems(
+        self, request: feature_pb2.DeleteItemsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> feature_pb2.DeleteItemsResponse:
+        validation.delete_items(request, self.settings)
+        try:
+            deleted, missing = await self.catalogue.delete(list(request.item_ids))
+        except Exception as exc:
+            raise RequestError(
+                f"the catalogue could not be changed: {type(exc).__name__}; retry the call",
+                grpc.StatusCode.UNAVAILABLE,
+            ) from exc
+        return feature_pb2.DeleteItemsResponse(deleted=deleted, missing_item_ids=missing)
+
+    @answers
     async def GetItems(
         self, request: feature_pb2.GetItemsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feature_pb2.GetItemsResponse:

@@ -11,15 +11,18 @@ restart or a replay of the stream reaches the same state as living through it.
 
 from __future__ import annotations
 
+import math
 import sys
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import orjson
 
-from freshrec.v1 import event_pb2
+from freshrec.v1 import event_pb2, item_pb2
 from services.feature.popularity import NO_SCORE, Decay, Ranking, TrendingWindow
 from services.feature.settings import PopularitySettings
 from shared.preprocessing import PreprocessingSettings, Preprocessor
@@ -170,6 +173,9 @@ class FeatureState:
         #: Catalogue categories per item, and the catalogue revision they came from.
         self.item_categories: dict[str, tuple[str, ...]] = {}
         self.catalogue_revisions: dict[str, int] = {}
+        #: Catalogue entries served nowhere: hidden ones, and when each of the others expires.
+        self.hidden_items: set[str] = set()
+        self.available_until: dict[str, float] = {}
         self.watermark = Watermark()
         p = self.popularity_settings
         self.all_time = Decay(p.half_life_events)
@@ -311,6 +317,48 @@ class FeatureState:
             self._unranked.add(item_id)
         return True
 
+    def set_catalogue_entry(self, item: item_pb2.Item, revision: int) -> bool:
+        """Records a catalogue entry's categories and availability, or forgets a deleted item
+        (``item.deleted``): its statistics, rankings and categories. An older revision than the
+        one held is ignored."""
+        item_id = item.item_id
+        if item.deleted:
+            if revision < self.catalogue_revisions.get(item_id, -1):
+                return False
+            self.catalogue_revisions[item_id] = revision
+            self.forget_item(item_id)
+            return True
+        if not self.set_categories(item_id, item.categories, revision):
+            return False
+        if item.hidden:
+            self.hidden_items.add(item_id)
+        else:
+            self.hidden_items.discard(item_id)
+        if item.HasField("available_until"):
+            until = item.available_until
+            self.available_until[item_id] = until.seconds + until.nanos / 1e9
+        else:
+            self.available_until.pop(item_id, None)
+        return True
+
+    def forget_item(self, item_id: str) -> None:
+        """Drops everything held about an item (its catalogue revision stays, so an older entry
+        read late does not bring it back)."""
+        self.items.pop(item_id, None)
+        self.item_categories.pop(item_id, None)
+        self.hidden_items.discard(item_id)
+        self.available_until.pop(item_id, None)
+        self.dirty_items.discard(item_id)
+        snapshot = self._snapshot
+        if snapshot is not None:
+            snapshot.pending_items.discard(item_id)
+            snapshot.items.pop(item_id, None)
+        self._unranked.add(item_id)
+
+    def servable(self, item_id: str, now: float) -> bool:
+        """False for an item hidden or past its ``available_until`` (wall clock ``now``)."""
+        return item_id not in self.hidden_items and self.available_until.get(item_id, math.inf) > now
+
     # -- reads -------------------------------------------------------------------------------
 
     def rank(self) -> None:
@@ -329,13 +377,22 @@ class FeatureState:
             self.ranking_trending.update(item_id, trending if trending > 0 else None, cats)
         self._unranked.clear()
 
-    def popular(self, k: int, category: str = "", trending: bool = False) -> list[tuple[str, float]]:
-        """The k most popular items (optionally within one category), best first, with scores."""
+    def popular(
+        self, k: int, category: str = "", trending: bool = False, now: float | None = None
+    ) -> list[tuple[str, float]]:
+        """The k most popular items (optionally within one category), best first, with scores;
+        hidden and expired items (at wall clock ``now``) are skipped."""
         self.rank()
+        ranking = self.ranking_trending if trending else self.ranking_all_time
+        ranked: Iterable[tuple[str, float]] = ranking.top(len(ranking), category)
+        if self.hidden_items or self.available_until:
+            at_now = time.time() if now is None else now
+            ranked = ((i, key) for i, key in ranked if self.servable(i, at_now))
+        top = list(islice(ranked, k))
         if trending:
-            return list(self.ranking_trending.top(k, category))
+            return top
         at = self.watermark.stream_sequence
-        return [(i, self.all_time.value(key, at)) for i, key in self.ranking_all_time.top(k, category)]
+        return [(i, self.all_time.value(key, at)) for i, key in top]
 
     def item_popularity(self, item: ItemState) -> float:
         return self.all_time.value(item.popularity, self.watermark.stream_sequence)

@@ -84,6 +84,13 @@ class CatalogueItem(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revision: Mapped[int] = mapped_column(Integer, server_default=text("1"))
     published: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    #: Served nowhere while true (the entry stays, and may come back).
+    hidden: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    #: Served nowhere from this time on (None: forever).
+    available_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: A tombstone: DeleteItems removed the entry; only its id and revision remain (revisions stay
+    #: monotonic across a later re-upsert) until the outbox has published it.
+    deleted: Mapped[bool] = mapped_column(Boolean, server_default=false())
 
     __table_args__ = (
         # The catalogue outbox: a small partial index over revisions not yet published.
@@ -96,6 +103,8 @@ class CatalogueItem(Base):
     )
 
     def to_proto(self) -> item_pb2.Item:
+        if self.deleted:
+            return item_pb2.Item(item_id=self.item_id, deleted=True)
         item = item_pb2.Item(
             item_id=self.item_id,
             title=self.title,
@@ -103,11 +112,18 @@ class CatalogueItem(Base):
             categories=self.categories,
             tags=self.tags,
             attributes=self.attributes,
+            hidden=self.hidden,
         )
         if self.created_at is not None:
-            created = self.created_at if self.created_at.tzinfo else self.created_at.replace(tzinfo=UTC)
-            item.created_at.FromDatetime(created)
+            item.created_at.FromDatetime(_aware(self.created_at))
+        if self.available_until is not None:
+            item.available_until.FromDatetime(_aware(self.available_until))
         return item
+
+
+def _aware(t: datetime) -> datetime:
+    """SQLite hands timestamps back naive; they were stored in UTC."""
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,9 @@ def _insert(session: Session) -> Callable[[Any], postgresql.Insert | sqlite.Inse
 
 
 def _catalogue_row(item: item_pb2.Item, now: datetime) -> dict[str, Any]:
+    """The row's content columns (all cleared for a tombstone)."""
+    if item.deleted:
+        item = item_pb2.Item(item_id=item.item_id, deleted=True)
     return {
         "item_id": item.item_id,
         "title": item.title,
@@ -132,10 +151,26 @@ def _catalogue_row(item: item_pb2.Item, now: datetime) -> dict[str, Any]:
         "attributes": dict(item.attributes),
         "created_at": item.created_at.ToDatetime(tzinfo=UTC) if item.HasField("created_at") else None,
         "updated_at": now,
+        "hidden": item.hidden,
+        "available_until": (
+            item.available_until.ToDatetime(tzinfo=UTC) if item.HasField("available_until") else None
+        ),
+        "deleted": item.deleted,
     }
 
 
-_CONTENT = ("title", "description", "categories", "tags", "attributes", "created_at", "updated_at")
+_CONTENT = (
+    "title",
+    "description",
+    "categories",
+    "tags",
+    "attributes",
+    "created_at",
+    "updated_at",
+    "hidden",
+    "available_until",
+    "deleted",
+)
 
 
 class FeatureStore:
@@ -151,10 +186,11 @@ class FeatureStore:
         """Fills an empty state from SQL: catalogue categories, then (unless ``features`` is
         False) this replica's features and stream position."""
         with self.sessions.begin() as session:
-            for item_id, categories, revision in session.execute(
-                select(CatalogueItem.item_id, CatalogueItem.categories, CatalogueItem.revision)
-            ):
-                state.set_categories(item_id, categories, revision)
+            deleted: set[str] = set()
+            for row in session.scalars(select(CatalogueItem)):
+                state.set_catalogue_entry(row.to_proto(), row.revision)
+                if row.deleted:
+                    deleted.add(row.item_id)
             if not features:
                 return
             for user_id, doc in session.execute(
@@ -164,7 +200,8 @@ class FeatureStore:
             for item_id, doc in session.execute(
                 select(ItemStatsRow.item_id, ItemStatsRow.state).where(ItemStatsRow.replica == self.replica)
             ):
-                state.restore_item(item_id, doc)
+                if item_id not in deleted:  # a commit that raced the delete: not brought back
+                    state.restore_item(item_id, doc)
             position = session.get(ConsumerPosition, self.replica)
             watermark = (
                 Watermark() if position is None else Watermark(position.stream_sequence, position.event_time)
@@ -259,6 +296,33 @@ class FeatureStore:
             revisions = {item_id: revision for item_id, revision in session.execute(upsert, rows)}
         return [Revision(latest[item_id], revisions[item_id]) for item_id in latest]
 
+    def delete_items(self, item_ids: list[str]) -> tuple[list[Revision], list[str]]:
+        """Turns the named entries into tombstones (content cleared, next revision, unpublished) and
+        drops every replica's item features for them, in one transaction; returns the tombstones
+        and the ids that had no entry (or were deleted already)."""
+        wanted = list(dict.fromkeys(item_ids))
+        now = datetime.now(UTC)
+        cleared = _catalogue_row(item_pb2.Item(deleted=True), now)
+        cleared.pop("item_id")
+        with self.sessions.begin() as session:
+            held = session.scalars(
+                select(CatalogueItem.item_id).where(
+                    CatalogueItem.item_id.in_(wanted), CatalogueItem.deleted == false()
+                )
+            ).all()
+            revisions: dict[str, int] = {}
+            if held:
+                stmt = (
+                    update(CatalogueItem)
+                    .where(CatalogueItem.item_id.in_(held))
+                    .values(**cleared, revision=CatalogueItem.revision + 1, published=False)
+                    .returning(CatalogueItem.item_id, CatalogueItem.revision)
+                )
+                revisions = {item_id: revision for item_id, revision in session.execute(stmt)}
+            session.execute(delete(ItemStatsRow).where(ItemStatsRow.item_id.in_(wanted)))
+        tombstones = [Revision(item_pb2.Item(item_id=i, deleted=True), revisions[i]) for i in held]
+        return tombstones, [i for i in wanted if i not in revisions]
+
     def follow(self, revisions: list[Revision], position: int, consumer: str) -> list[Revision]:
         """Stores entries read from FRESHREC_CATALOG unless a newer revision is already here, with
         the follower's stream position, in one transaction; returns those newer than what was here."""
@@ -291,6 +355,13 @@ class FeatureStore:
                         for r in fresh
                     ],
                 )
+                gone = [r.item.item_id for r in fresh if r.item.deleted]
+                if gone:
+                    session.execute(
+                        delete(ItemStatsRow).where(
+                            ItemStatsRow.replica == self.replica, ItemStatsRow.item_id.in_(gone)
+                        )
+                    )
             self._set_position(session, consumer, Watermark(position, 0.0))
         return fresh
 
@@ -324,14 +395,18 @@ class FeatureStore:
 
     def get_items(self, item_ids: list[str]) -> dict[str, item_pb2.Item]:
         with self.sessions.begin() as session:
-            rows = session.scalars(select(CatalogueItem).where(CatalogueItem.item_id.in_(item_ids))).all()
+            rows = session.scalars(
+                select(CatalogueItem).where(
+                    CatalogueItem.item_id.in_(item_ids), CatalogueItem.deleted == false()
+                )
+            ).all()
             return {row.item_id: row.to_proto() for row in rows}
 
     def list_items(self, after: str, limit: int) -> list[item_pb2.Item]:
         with self.sessions.begin() as session:
             rows = session.scalars(
                 select(CatalogueItem)
-                .where(CatalogueItem.item_id > after)
+                .where(CatalogueItem.item_id > after, CatalogueItem.deleted == false())
                 .order_by(CatalogueItem.item_id)
                 .limit(limit)
             ).all()

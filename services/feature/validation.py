@@ -49,6 +49,12 @@ def upsert_items(request: feature_pb2.UpsertItemsRequest, settings: FeatureSetti
         raise RequestError(f"UpsertItems takes at most {limit} items per call; split the batch")
 
 
+def delete_items(request: feature_pb2.DeleteItemsRequest, settings: FeatureSettings) -> None:
+    if not request.item_ids:
+        raise RequestError("item_ids is empty: name at least one item to delete")
+    check_ids(request.item_ids, "item_ids", settings.limits)
+
+
 def list_items(request: feature_pb2.ListItemsRequest, settings: FeatureSettings) -> int:
     """Checks a ``ListItemsRequest``; returns its page size."""
     most = settings.limits.max_ids_per_request

@@ -5,6 +5,10 @@ It follows JetStream ``FRESHREC_CATALOG`` (subject ``freshrec.catalog.accepted``
 ``Item`` per message, published by the feature service after each accepted upsert) from the
 first message (``follow_stream``), so every replica holds the whole catalogue; at start
 it also pages ``FeatureService.ListItems`` so items upserted before the stream existed are known.
+
+An entry may be hidden or carry an ``available_until``; a tombstone (``Item.deleted``) removes the
+entry and records the id as deleted, since the loaded model may still have a row for it. The
+serving state turns these into the positions no answer may contain (``index.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ from shared.nats import CATALOGUE_ACCEPTED_SUBJECT, CATALOGUE_STREAM, ensure_cat
 logger = logging.getLogger(__name__)
 
 CATALOGUE_ITEMS = Gauge("freshrec_inference_catalogue_items", "Catalogue entries held in memory.")
+CATALOGUE_HIDDEN = Gauge(
+    "freshrec_inference_catalogue_hidden", "Catalogue entries held hidden (never in an answer)."
+)
+CATALOGUE_DELETED = Gauge(
+    "freshrec_inference_catalogue_deleted", "Deleted catalogue items this replica keeps out of answers."
+)
 
 
 @dataclass(frozen=True)
@@ -34,13 +44,33 @@ class CatalogueEntry:
     categories: tuple[str, ...]
     tags: tuple[str, ...]
     created_at: float  # unix seconds; 0 when the producer gave none
+    hidden: bool = False
+    available_until: float = 0.0  # unix seconds; 0 = forever
 
     @classmethod
     def from_proto(cls, item: item_pb2.Item) -> CatalogueEntry:
-        created = (
-            item.created_at.seconds + item.created_at.nanos / 1e9 if item.HasField("created_at") else 0.0
+        def seconds(field: str) -> float:
+            if not item.HasField(field):
+                return 0.0
+            ts = getattr(item, field)
+            return float(ts.seconds + ts.nanos / 1e9)
+
+        return cls(
+            item.title,
+            tuple(item.categories),
+            tuple(item.tags),
+            seconds("created_at"),
+            item.hidden,
+            seconds("available_until"),
         )
-        return cls(item.title, tuple(item.categories), tuple(item.tags), created)
+
+    def servable(self, now: float) -> bool:
+        """False when hidden or past ``available_until`` at wall clock ``now``."""
+        return not self.hidden and (not self.available_until or self.available_until > now)
+
+    def same_content(self, other: CatalogueEntry | None) -> bool:
+        """Whether ``other`` embeds the same (availability aside)."""
+        return other is not None and (self.categories, self.tags) == (other.categories, other.tags)
 
 
 class Catalogue:
@@ -48,23 +78,45 @@ class Catalogue:
 
     def __init__(self) -> None:
         self.items: dict[str, CatalogueEntry] = {}
+        #: Ids deleted from the catalogue (kept out of answers while a model still has their row).
+        self.deleted: set[str] = set()
+        self.hidden: set[str] = set()
         self.version = 0
         self.changed = asyncio.Event()
 
     def upsert(self, item: item_pb2.Item) -> None:
+        """Applies one catalogue message: an entry, or a tombstone (``item.deleted``)."""
         if not item.item_id:
             return
-        entry = CatalogueEntry.from_proto(item)
-        if self.items.get(item.item_id) == entry:
-            return
-        self.items[item.item_id] = entry
+        if item.deleted:
+            if self.items.pop(item.item_id, None) is None and item.item_id in self.deleted:
+                return
+            self.deleted.add(item.item_id)
+            self.hidden.discard(item.item_id)
+        else:
+            entry = CatalogueEntry.from_proto(item)
+            if self.items.get(item.item_id) == entry:
+                return
+            self.items[item.item_id] = entry
+            self.deleted.discard(item.item_id)
+            (self.hidden.add if entry.hidden else self.hidden.discard)(item.item_id)
         self.version += 1
         self.changed.set()
         CATALOGUE_ITEMS.set(len(self.items))
+        CATALOGUE_HIDDEN.set(len(self.hidden))
+        CATALOGUE_DELETED.set(len(self.deleted))
 
-    def snapshot(self) -> tuple[int, dict[str, CatalogueEntry]]:
-        """A copy that a worker thread may read while the loop keeps updating the original."""
-        return self.version, dict(self.items)
+    def servable(self, item_id: str, now: float) -> bool:
+        """False for an item deleted, hidden or past its ``available_until`` (wall clock ``now``)."""
+        if item_id in self.deleted:
+            return False
+        entry = self.items.get(item_id)
+        return entry is None or entry.servable(now)
+
+    def snapshot(self) -> tuple[int, dict[str, CatalogueEntry], frozenset[str]]:
+        """A copy that a worker thread may read while the loop keeps updating the original:
+        version, entries, deleted ids."""
+        return self.version, dict(self.items), frozenset(self.deleted)
 
 
 class CatalogueFollower:

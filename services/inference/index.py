@@ -5,6 +5,11 @@ changes) and swapped in by one assignment. Item *positions* number every retriev
 positions below ``base_rows`` are the model's item rows (0 is padding), the rest are catalogue
 items that arrived after the export, embedded through the model's item tower (or, for a model
 without one, from the centroid of the model's items in the same categories).
+
+Some positions may never be in an answer: hidden and deleted items (``blocked``, fixed for the
+state) and items past their ``available_until`` (kept sorted by that time, so the expired ones
+at any moment are a prefix: one binary search per request, no catalogue event needed).
+``unservable(now)`` is what every ranker adds to its banned positions.
 """
 
 from __future__ import annotations
@@ -77,11 +82,15 @@ class ServingState:
     created_at: np.ndarray  # [total] unix seconds, 0 = unknown
     impressions: np.ndarray  # [total] times this replica returned the item
     exploration: ExplorationSettings
+    blocked: np.ndarray = field(default_factory=lambda: EMPTY)  # hidden or deleted positions
+    expiry_at: np.ndarray = field(default_factory=lambda: np.zeros(0))  # ascending unix seconds
+    expiry_positions: np.ndarray = field(default_factory=lambda: EMPTY)  # position of each expiry
     built_at: float = field(default_factory=time.time)
     _bitmaps: dict[str, np.ndarray] = field(default_factory=dict)
     _pool: np.ndarray = field(default_factory=lambda: EMPTY)
     _new: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     _pool_at: float = 0.0
+    _unservable: tuple[int, np.ndarray] = (0, EMPTY)
 
     # -- positions -------------------------------------------------------------------------------
     @property
@@ -115,6 +124,30 @@ class ServingState:
     def title(self, item_id: str) -> str:
         entry = self.catalogue.get(item_id)
         return entry.title if entry and entry.title else item_id
+
+    # -- availability ----------------------------------------------------------------------------
+    def unservable(self, now: float) -> np.ndarray:
+        """Positions no answer may hold at wall clock ``now``: hidden, deleted, expired."""
+        expired = int(np.searchsorted(self.expiry_at, now, side="right"))
+        if not expired:
+            return self.blocked
+        cached_n, cached = self._unservable
+        if cached_n != expired:
+            cached = np.concatenate([self.blocked, self.expiry_positions[:expired]])
+            self._unservable = (expired, cached)
+        return cached
+
+    def banned(self, item_ids: set[str] | list[str], now: float) -> np.ndarray:
+        """The positions of ``item_ids`` and every unservable one."""
+        unservable = self.unservable(now)
+        if not item_ids:
+            return unservable
+        named = self.positions(item_ids)
+        return np.concatenate([named, unservable]) if len(unservable) else named
+
+    def servable(self, position: int, now: float) -> bool:
+        """Whether the position may be in an answer at wall clock ``now``."""
+        return bool(position) and not bool(np.any(self.unservable(now) == position))
 
     # -- vectors ---------------------------------------------------------------------------------
     def embeddings(self, positions: np.ndarray) -> np.ndarray:
@@ -268,8 +301,10 @@ def build_state(
     catalogue: dict[str, CatalogueEntry],
     previous: ServingState | None,
     exploration: ExplorationSettings,
+    deleted: frozenset[str] = frozenset(),
 ) -> ServingState:
-    """Derives a serving state for ``model`` and a catalogue snapshot (runs in a worker thread)."""
+    """Derives a serving state for ``model`` and a catalogue snapshot (runs in a worker thread);
+    ``deleted``: ids removed from the catalogue, kept out of answers while the model has them."""
     item_rows = model.item_rows
     fresh_ids = [i for i in catalogue if i not in item_rows]
     vectors, fresh_via = _embed_fresh(model, catalogue, fresh_ids, previous)
@@ -286,6 +321,8 @@ def build_state(
 
     members: defaultdict[str, list[int]] = defaultdict(list)
     created_at = np.zeros(total, dtype=np.float64)
+    blocked = [item_rows[i] for i in deleted if i in item_rows]
+    expiring: list[tuple[float, int]] = []
     for item_id, entry in catalogue.items():
         position = item_rows.get(item_id) or fresh_positions.get(item_id, 0)
         if not position:
@@ -293,7 +330,12 @@ def build_state(
         for category in entry.categories:
             members[category].append(position)
         created_at[position] = entry.created_at
+        if entry.hidden:
+            blocked.append(position)
+        elif entry.available_until:
+            expiring.append((entry.available_until, position))
     category_positions = {c: np.unique(np.array(p, dtype=np.int64)) for c, p in members.items()}
+    expiring.sort()
 
     impressions = np.zeros(total, dtype=np.int64)
     if previous is not None:
@@ -322,6 +364,9 @@ def build_state(
         created_at=created_at,
         impressions=impressions,
         exploration=exploration,
+        blocked=np.unique(np.array(blocked, dtype=np.int64)),
+        expiry_at=np.array([t for t, _ in expiring], dtype=np.float64),
+        expiry_positions=np.array([p for _, p in expiring], dtype=np.int64),
     )
 
 
@@ -340,7 +385,11 @@ def _embed_fresh(
             if previous is not None and previous.model is model
             else None
         )
-        if old is not None and previous is not None and previous.catalogue.get(item_id) == catalogue[item_id]:
+        if (
+            old is not None
+            and previous is not None
+            and catalogue[item_id].same_content(previous.catalogue.get(item_id))
+        ):
             out[j] = previous.fresh_matrix[old - previous.base_rows]
         else:
             todo.append(j)

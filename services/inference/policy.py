@@ -140,7 +140,7 @@ class Recommender:
                     break
         else:
             column = model.popularity_columns.index(ranker)
-        positions, scores = state.popular(column, k, state.positions(excluded), allowed, after)
+        positions, scores = state.popular(column, k, state.banned(excluded, time.time()), allowed, after)
         follow_ups = model.follow_ups[0][after] if after and model.follow_ups is not None else ()
         half_life = (model.follow_up_backoff if ranker == "follow-up" else ranker).partition(":")[2]
         for position, score in zip(positions, scores, strict=True):
@@ -167,7 +167,7 @@ class Recommender:
         categories = list(request.categories)
         found = await self.tower.vector(state, [], request.user_id, dict(request.context))
         vector = found.vector
-        banned = state.positions(excluded)
+        banned = state.banned(excluded, time.time())
         n_explore = exploration_slots(k, request.exploration)
         taken = np.zeros(0, dtype=np.int64)
         if not model.policy:  # a version without a policy: the feature service's lists first
@@ -216,7 +216,7 @@ class Recommender:
             state, user.recent, request.user_id, dict(request.context), score_all=exact
         )
         vector = found.vector
-        banned = state.positions(excluded)
+        banned = state.banned(excluded, time.time())
         n_explore = exploration_slots(k, request.exploration)
         if request.diversity > 0:
             pool = max(self.ranking.mmr_candidates, 2 * k)
@@ -316,12 +316,13 @@ class Recommender:
             return
         suffix = "" if source == COLD_START else " (no model loaded yet)"
         seen = set(excluded)
+        catalogue, now = self.holder.catalogue, time.time()
         depth = 0
         while len(response.items) < k and any(depth < len(entries) for entries in lists):
             for entries in lists:  # round-robin over the requested categories
                 if depth < len(entries) and len(response.items) < k:
                     item_id, score, reason = entries[depth]
-                    if item_id not in seen:
+                    if item_id not in seen and catalogue.servable(item_id, now):
                         seen.add(item_id)
                         response.items.add(
                             item_id=item_id, score=score, reason=reason + suffix, source=source
@@ -345,11 +346,15 @@ class Recommender:
         vector = (await self.tower.vector(state, recent, request.user_id)).vector
         ids = list(request.item_ids)
         positions = np.array([state.position(i) for i in ids], dtype=np.int64)
-        scores = state.score_positions(positions[positions > 0], vector)
+        # Hidden, expired or deleted items are not scored: they are named as unavailable.
+        unavailable = np.isin(positions, state.unservable(time.time())) & (positions > 0)
+        scores = state.score_positions(positions[(positions > 0) & ~unavailable], vector)
         response = inference_pb2.ScoreItemsResponse(model_version=version, trained_through=trained_through)
         known = iter(scores)
-        for item_id, position in zip(ids, positions, strict=True):
-            if position:
+        for item_id, position, withheld in zip(ids, positions, unavailable, strict=True):
+            if withheld:
+                response.unavailable_item_ids.append(item_id)
+            elif position:
                 response.scores.add(item_id=item_id, score=float(next(known)))
             else:
                 response.unknown_item_ids.append(item_id)
@@ -365,14 +370,20 @@ class Recommender:
                 f"item {request.item_id!r} is unknown to model {state.model.version} and the catalogue",
                 grpc.StatusCode.NOT_FOUND,
             )
+        unservable = state.unservable(time.time())
+        if np.any(unservable == position):
+            raise RequestError(
+                f"item {request.item_id!r} is hidden, past its available_until or deleted",
+                grpc.StatusCode.NOT_FOUND,
+            )
         version, trained_through = freshness(state)
         anchor = state.unit_embeddings(np.array([position]))[0]
-        banned = np.array([position], dtype=np.int64)
+        banned = np.concatenate([[position], unservable]).astype(np.int64)
         if state.model.ann is None:
             candidates = np.arange(1, state.total)
         else:  # inner-product neighbours of the unit vector, re-ranked by cosine below
             candidates, _ = state.retrieve(anchor, max(4 * k, 100), banned)
-        candidates = candidates[candidates != position]
+        candidates = candidates[~np.isin(candidates, banned)]
         cosine = state.unit_embeddings(candidates) @ anchor
         best = top_k(cosine, k)
         mine = (

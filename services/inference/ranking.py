@@ -138,10 +138,12 @@ def model_reasons(
         if position and event_type != event_pb2.EVENT_TYPE_DISLIKE:
             recent.pop(position, None)
             recent[position] = event_type  # newest last
-    if not recent or not len(positions):
+    history_positions = np.fromiter(recent, dtype=np.int64)
+    # An item no longer served explains nothing either.
+    history_positions = history_positions[~np.isin(history_positions, state.unservable(time.time()))]
+    if not len(history_positions) or not len(positions):
         generic = f"matches your taste as learned by model {version}"
         return [_fresh_note(state, p, generic) for p in positions]
-    history_positions = np.fromiter(recent, dtype=np.int64)
     similarity = state.unit_embeddings(positions) @ state.unit_embeddings(history_positions).T
     closest = history_positions[np.argmax(similarity, axis=1)]
     reasons = []

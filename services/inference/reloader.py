@@ -155,9 +155,9 @@ class ModelHolder:
                     self._reject(version, exc)
                     return False
                 LOAD_SECONDS.observe(time.perf_counter() - started)
-            catalogue_version, snapshot = self.catalogue.snapshot()
+            catalogue_version, snapshot, deleted = self.catalogue.snapshot()
             state = await asyncio.to_thread(
-                build_state, model, catalogue_version, snapshot, self.state, self.exploration
+                build_state, model, catalogue_version, snapshot, self.state, self.exploration, deleted
             )
             self.loaded[version] = model
             self.loaded.move_to_end(version)
@@ -188,9 +188,9 @@ class ModelHolder:
             state = self.state
             if state is None or state.catalogue_version == self.catalogue.version:
                 return False
-            catalogue_version, snapshot = self.catalogue.snapshot()
+            catalogue_version, snapshot, deleted = self.catalogue.snapshot()
             self.state = await asyncio.to_thread(
-                build_state, state.model, catalogue_version, snapshot, state, self.exploration
+                build_state, state.model, catalogue_version, snapshot, state, self.exploration, deleted
             )
             settle_long_lived_objects()
             CATALOGUE_REBUILDS.inc()

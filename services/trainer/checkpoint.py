@@ -41,6 +41,7 @@ def to_bytes(learner: Learner) -> bytes:
         "seen": {u: sorted(r) for u, r in learner.seen.items()},
         "user_seen_at": dict(learner.user_seen_at),
         "user_last_sequence": dict(learner.user_last_sequence),
+        "deleted_items": sorted(learner.deleted_items),
         "replay_waiting": {u: list(w) for u, w in learner.replay_waiting.items()},
         "replay": learner.replay.state(),
         "position": _stored_position(learner.position),
@@ -95,6 +96,7 @@ def restore(learner: Learner, data: bytes) -> None:
     }
     learner.seen = {u: set(r) for u, r in doc["seen"].items()}
     learner.user_seen_at = dict(doc["user_seen_at"])
+    learner.deleted_items = set(doc.get("deleted_items", ()))
     learner.replay_waiting = {u: list(w) for u, w in doc.get("replay_waiting", {}).items()}
     learner.replay = ReplayBuffer(learner.config.replay_size, length, stored.max_context)
     learner.replay.load(doc["replay"])

@@ -141,6 +141,8 @@ class Learner:
         self.user_seen_at: dict[str, float] = {}
         #: Per user: the stream sequence of their newest event (what retention judges by).
         self.user_last_sequence: dict[str, int] = {}
+        #: Items deleted from the catalogue: their events are dropped (an upsert brings one back).
+        self.deleted_items: set[str] = set()
         #: Per user: weights of the newest items not yet offered to the replay reservoir.
         self.replay_waiting: dict[str, list[float]] = {}
         self.replay = ReplayBuffer(config.replay_size, m.max_history, m.max_context)
@@ -274,6 +276,7 @@ class Learner:
         Scores and step share one forward pass without dropout; the scores are read before the
         step changes anything, so every event is predicted before it is learned.
         """
+        interactions = list(self._not_deleted(interactions))
         p = self.position
         rows_before = self.items.capacity_needed
         free_before = list(self.items.free)
@@ -965,40 +968,50 @@ class Learner:
             return 0, 0
         cutoff = self.position.event_time - ttl
         item_rows = [self.items.remove(i) for i in self.items.unseen_since(cutoff)]
-        user_rows = [self.users.remove(u) for u in self.users.unseen_since(cutoff)]
-        gone_users = [u for u, t in self.user_seen_at.items() if t < cutoff]
-        for u in gone_users:
-            self.user_seen_at.pop(u, None)
-            self.histories.pop(u, None)
-            self.seen.pop(u, None)
-            self.pending_users.pop(u, None)
-            self.replay_waiting.pop(u, None)
-        if item_rows:
-            dead = set(item_rows)
-            for u, history in self.histories.items():
-                if any(e[0] in dead for e in history):
-                    self.histories[u] = deque(
-                        (e for e in history if e[0] not in dead), maxlen=self.max_history
-                    )
-            for rows in self.seen.values():
-                rows -= dead
-            self.item_counts[item_rows] = 0
-            self.trained.reset_rows(self.trained.item_ids, item_rows, self.optimizer)
-            if self.averaging:
-                self.model.reset_rows(self.model.item_ids, item_rows, None)
-                with torch.no_grad():
-                    self.model.item_ids.weight[item_rows] = self.trained.item_ids.weight[item_rows]
-            self.replay.forget_items(np.array(item_rows))
-            self.follow_ups.forget_rows(item_rows)
-            self.popularity.reset_rows(np.array(item_rows))
-        if user_rows:
-            self.trained.reset_rows(self.trained.user_ids, user_rows, self.optimizer)
-            if self.averaging:
-                self.model.reset_rows(self.model.user_ids, user_rows, None)
-            self.replay.forget_users(np.array(user_rows))
+        self._free_item_rows(item_rows)
+        gone = set(self.users.unseen_since(cutoff)) | {u for u, t in self.user_seen_at.items() if t < cutoff}
+        user_rows = sum(1 for u in gone if u in self.users.rows)
+        self.forget_users(gone)
         if item_rows or user_rows:
-            logger.info("expired %d items and %d users unseen for %.0fs", len(item_rows), len(user_rows), ttl)
-        return len(item_rows), len(user_rows)
+            logger.info("expired %d items and %d users unseen for %.0fs", len(item_rows), user_rows, ttl)
+        return len(item_rows), user_rows
+
+    def _free_item_rows(self, item_rows: list[int]) -> None:
+        """Resets rows whose ids were removed from the map: weights and optimizer moments,
+        histories, seen sets, counts, replay, follow-ups and popularity."""
+        if not item_rows:
+            return
+        dead = set(item_rows)
+        for u, history in self.histories.items():
+            if any(e[0] in dead for e in history):
+                self.histories[u] = deque((e for e in history if e[0] not in dead), maxlen=self.max_history)
+        for rows in self.seen.values():
+            rows -= dead
+        self.item_counts[item_rows] = 0
+        self.trained.reset_rows(self.trained.item_ids, item_rows, self.optimizer)
+        if self.averaging:
+            self.model.reset_rows(self.model.item_ids, item_rows, None)
+            with torch.no_grad():
+                self.model.item_ids.weight[item_rows] = self.trained.item_ids.weight[item_rows]
+        self.replay.forget_items(np.array(item_rows))
+        self.follow_ups.forget_rows(item_rows)
+        self.popularity.reset_rows(np.array(item_rows))
+
+    def remove_items(self, item_ids: Iterable[str]) -> int:
+        """Drops deleted catalogue items: their rows leave every table, so the next export has no
+        row, embedding, popularity or follow-up entry for them, and their later events (in flight,
+        or replayed from the event log by a retrain) are dropped. Returns how many were held."""
+        wanted = list(dict.fromkeys(item_ids))
+        self.deleted_items.update(wanted)
+        rows = [self.items.remove(i) for i in wanted if i in self.items.rows]
+        self._free_item_rows(rows)
+        if rows:
+            logger.info("removed %d deleted catalogue items from the model", len(rows))
+        return len(rows)
+
+    def _not_deleted(self, interactions: Iterable[Interaction]) -> Iterable[Interaction]:
+        deleted = self.deleted_items
+        return (it for it in interactions if it.item_id not in deleted) if deleted else interactions
 
     # -- the catalogue ---------------------------------------------------------------------
     def add_items(self, items: Sequence[tuple[int, item_pb2.Item]], text: np.ndarray | None = None) -> int:
@@ -1016,6 +1029,10 @@ class Learner:
         for index, (_seq, item) in fresh:
             if not item.item_id:
                 continue
+            if item.deleted:  # a tombstone: DeleteItems removed it from the catalogue
+                self.remove_items([item.item_id])
+                continue
+            self.deleted_items.discard(item.item_id)
             row = self.items.add(item.item_id, self.position.event_time)
             self._ensure_capacity()
             categories = [self.categories.add(x) for x in list(item.categories)[: c.max_categories]]
@@ -1044,8 +1061,11 @@ class Learner:
         counted = 0
         p = self.position
         interactions_seen: list[Interaction] = []
+        deleted = self.deleted_items
         for it in interactions:
-            counted += 1
+            counted += 1  # an event of a deleted item counts as consumed, like a repeat
+            if it.item_id in deleted:
+                continue
             interactions_seen.append(it)
             p.event_time = max(p.event_time, it.time)
             p.stream_sequence = max(p.stream_sequence, it.sequence)
