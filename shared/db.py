@@ -44,9 +44,23 @@ def make_engine(settings: DatabaseSettings) -> Engine:
             cursor.execute(SQLITE_SYNCHRONOUS[synchronous])
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
+            # Deleted rows are overwritten, not left in free pages: erasure (forget, retention)
+            # leaves no trace in the file.
+            cursor.execute("PRAGMA secure_delete=ON")
             cursor.close()
 
     return engine
+
+
+def scrub_wal(engine: Engine) -> bool:
+    """SQLite: moves the write-ahead log into the database and truncates it, so no old page image
+    (with rows deleted since) stays in the WAL file. True when the checkpoint completed; readers
+    can hold it back, so callers try again. Other databases: nothing to do."""
+    if engine.dialect.name != "sqlite":
+        return True
+    with engine.connect() as connection:
+        busy, _log, _moved = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+        return not busy
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
