@@ -4,7 +4,7 @@ A replica first catches up with ``FRESHREC_EVENTS`` (its durable consumer has no
 before the request), so no event of the user it has not applied yet is applied after the forget;
 events still on their way (accepted just before the tombstone, erased from the stream by
 ingestion) are skipped for a while. The user's row goes at the next commit; the replica reports
-done once SQL no longer has it and SQLite's write-ahead log is truncated.
+done once SQL no longer has it and (SQLite) the file is vacuumed and its write-ahead log truncated.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ class FeatureForget:
                 return None
             self.consumer.state.forget_user(user_id)  # a late event may have brought them back
             await asyncio.sleep(0.1)
-        for _ in range(50):
-            if await asyncio.to_thread(scrub_wal, self.engine):
+        for attempt in range(50):
+            if await asyncio.to_thread(scrub_wal, self.engine, vacuum=attempt == 0):
                 break
             await asyncio.sleep(0.1)
         else:

@@ -225,8 +225,9 @@ class IngestionEraser:
         rows = await asyncio.to_thread(self.store.forget_events, task.user_id)
         metrics.FORGET_ERASED.labels("events").inc(rows)
         erased, waiting = await erase_user_messages(self.js, task.user_id)
-        for _ in range(20):
-            if await asyncio.to_thread(scrub_wal, self.store.engine):
+        for attempt in range(20):
+            vacuum = self.settings.vacuum and attempt == 0
+            if await asyncio.to_thread(scrub_wal, self.store.engine, vacuum=vacuum):
                 break
             await asyncio.sleep(0.1)
         else:

@@ -36,6 +36,11 @@ class ForgetSettings(BaseModel):
         description="How long ingestion waits after a request before erasing the event log and the streams, "
         "so events accepted just before the tombstone (being committed or published) are erased too.",
     )
+    vacuum: bool = Field(
+        True,
+        description="SQLite: rebuild the event log's file (VACUUM) after erasing a user's rows, so no stale "
+        "byte of them stays in a page; takes time in proportion to the log's size.",
+    )
     services: list[str] = Field(
         list(FORGET_SERVICES),
         description="Services that must report done before a request is complete (one report of each).",
