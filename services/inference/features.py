@@ -126,6 +126,14 @@ class FeatureClient:
                 if not future.done():  # a caller that gave up (cancelled) is skipped
                     future.set_result(views[user_id])
 
+    async def forget(self, user_id: str) -> bool:
+        """Drops the user's cached features; True once the feature service no longer knows them
+        either (then nothing can fill the cache with them again)."""
+        self.cache.pop(user_id, None)
+        view = await self._one(user_id)
+        self.cache.pop(user_id, None)
+        return view.fresh and not view.known
+
     async def _one(self, user_id: str) -> UserView:
         try:
             response = await self.stub.GetUserFeatures(
