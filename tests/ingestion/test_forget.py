@@ -231,3 +231,27 @@ async def test_producers_ask_over_nats(make_app: AppFactory, nats_server: NatsSe
     channel, stub = stub_for(app)
     async with channel:
         assert (await status(stub, answer.request_id)).request_id == answer.request_id
+
+
+async def test_after_the_tombstone_expires_the_user_comes_back_as_new(make_app: AppFactory) -> None:
+    app = await make_app(**forget_settings(tombstone_ttl=1.0, tombstone_refresh_s=0.1))
+    channel, stub = stub_for(app)
+    async with channel:
+        await stub.IngestEvents(
+            ingestion_pb2.IngestEventsRequest(events=[event("alice", "i1", event_id="a1")])
+        )
+        answer = await stub.ForgetUser(ingestion_pb2.ForgetUserRequest(user_id="alice"))
+        await eventually(lambda: _done(stub, answer.request_id), what="the request done")
+
+        async def accepted_again() -> bool:
+            response = await stub.IngestEvents(
+                ingestion_pb2.IngestEventsRequest(events=[event("alice", "i2", event_id="a2")])
+            )
+            return response.accepted == 1
+
+        # Once the tombstone has expired, her events are accepted again, as a new user's.
+        await eventually(accepted_again, what="alice's event accepted after the tombstone expired")
+
+
+async def _done(stub, request_id: str) -> bool:  # type: ignore[no-untyped-def]
+    return bool((await status(stub, request_id)).done)
