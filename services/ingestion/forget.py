@@ -37,6 +37,7 @@ from services.ingestion.validation import MAX_ID_CHARS
 from shared.db import scrub_wal
 from shared.forget import ensure_forget_streams
 from shared.nats import (
+    AVAILABLE_S,
     FORGET_PROGRESS_STREAM,
     FORGET_PROGRESS_SUBJECT,
     FORGET_REQUEST_SUBJECT,
@@ -275,7 +276,11 @@ class ProgressRecorder:
         try:
             while True:
                 raise_if_cancelling()
-                for msg in await fetch_batch(psub, 100, timeout_s=5.0):
+                # One lingering pull until a report comes, then whatever else is there at once.
+                msgs = await fetch_batch(psub, 1, timeout_s=5.0)
+                if msgs:
+                    msgs += await fetch_batch(psub, 99, timeout_s=AVAILABLE_S)
+                for msg in msgs:
                     try:
                         report = ingestion_pb2.ForgetReport.FromString(msg.data)
                     except Exception:  # DecodeError
