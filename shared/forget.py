@@ -78,7 +78,7 @@ class ForgetWorker:
         durable: str,
         handle: Handler,
         retry_s: float = 2.0,
-        ack_wait_s: float = 300.0,
+        ack_wait_s: float = 30.0,
         stream_replicas: int = 1,
     ) -> None:
         self.js = js

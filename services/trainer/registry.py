@@ -150,6 +150,14 @@ class CheckpointFile:
     def save(self, data: bytes) -> None:
         self.save_as(self.path.name, data)
 
+    def clean_temporaries(self) -> None:
+        """Removes half-written files a crash left (beside the checkpoint and the version weights):
+        they hold an older learner state, perhaps of users forgotten since."""
+        for folder in (self.path.parent, self.path.parent / "versions"):
+            if folder.is_dir():
+                for leftover in folder.glob(".tmp-checkpoint-*"):
+                    leftover.unlink(missing_ok=True)
+
     def save_as(self, name: str, data: bytes) -> None:
         """Writes ``name`` in the checkpoint folder atomically (temporary file, fsync, rename)."""
         target = self.path.parent / name

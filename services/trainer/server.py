@@ -100,6 +100,7 @@ class TrainerApp(ServiceApp):
 
         learner, text = build_learner(s)
         checkpoint = CheckpointFile(s.checkpoint_dir)
+        checkpoint.clean_temporaries()
         saved = await asyncio.to_thread(checkpoint.load)
         if saved is not None:
             await asyncio.to_thread(restore, learner, saved)
