@@ -17,7 +17,7 @@ import grpc
 import nats
 import pytest
 
-from cli.stack import Stack
+from cli.stack import Stack, wait_healthy
 from freshrec.v1 import (
     event_pb2,
     inference_pb2,
@@ -213,3 +213,70 @@ async def test_forget_under_live_load_leaves_no_byte_of_the_user(stack: Stack, t
     scanned = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.suffix == ".db" for p in scanned) and any("jetstream" in str(p) for p in scanned)
     assert any(p.name == "checkpoint.pt" for p in scanned) and any(p.suffix == ".log" for p in scanned)
+
+
+def kill(stack: Stack, name: str) -> None:
+    process = stack.services[name].process
+    assert process is not None
+    process.kill()
+    process.wait()
+
+
+async def restart_dead(stack: Stack) -> None:
+    """What ``freshrec up`` does for a service that died: start it again, then wait for SERVING."""
+    for instance in stack.supervise_once():
+        service = stack.services[instance]
+        await asyncio.to_thread(wait_healthy, service.address, 120.0, service.process)
+
+
+async def test_every_service_killed_mid_forget_still_leaves_no_byte(stack: Stack, tmp_path: Path) -> None:
+    user = TARGET + "-killed"
+    address = stack.address("ingestion")
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = ingestion_pb2_grpc.IngestionServiceStub(channel)
+        mine = [event(user, ITEMS[i % 8], event_id=f"{user}-{i}") for i in range(20)]
+        others = [event(u, ITEMS[i], event_id=f"{u}-{i}") for u in LOAD_USERS[:5] for i in range(10)]
+        await stub.IngestEvents(ingestion_pb2.IngestEventsRequest(events=mine + others))
+    models = tmp_path / "var" / "models"
+
+    async def held() -> bool:
+        return bool(versions_holding(models, user))
+
+    await eventually(held, timeout_s=120, what="a model version that holds the user")
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        answer = await ingestion_pb2_grpc.IngestionServiceStub(channel).ForgetUser(
+            ingestion_pb2.ForgetUserRequest(user_id=user)
+        )
+    # Mid-forget: ingestion (still waiting out its settle time) and the trainer die at once, then,
+    # while those start again, the feature service and inference.
+    for name in ("ingestion", "trainer"):
+        kill(stack, name)
+    await asyncio.to_thread(stack.supervise_once)
+    for name in ("feature", "inference"):
+        kill(stack, name)
+    await restart_dead(stack)
+    for name in ("ingestion", "trainer"):
+        service = stack.services[name]
+        await asyncio.to_thread(wait_healthy, service.address, 120.0, service.process)
+
+    async def done() -> bool:
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                status = await ingestion_pb2_grpc.IngestionServiceStub(channel).GetForgetStatus(
+                    ingestion_pb2.GetForgetStatusRequest(request_id=answer.request_id), timeout=5
+                )
+        except grpc.aio.AioRpcError:
+            return False
+        return status.done
+
+    await eventually(done, timeout_s=240, interval_s=0.5, what="the forget request done after the kills")
+    assert versions_holding(models, user) == []
+    stack.stop()
+    needle = user.encode()
+    leaks = [
+        str(p.relative_to(tmp_path))
+        for p in sorted(tmp_path.rglob("*"))
+        if p.is_file() and needle in p.read_bytes()
+    ]
+    assert leaks == [], f"the user id is still in: {leaks}"
