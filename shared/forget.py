@@ -4,10 +4,10 @@ Ingestion publishes one ``ForgetTask`` per request on ``freshrec.forget.requests
 ``FRESHREC_FORGET``). Each service (each feature and inference replica) consumes it with a durable
 consumer of its own, so a service that is down does its part when it comes back: the task stays
 unacknowledged until the service's ``handle`` says it is done, then a ``ForgetReport`` goes out on
-``freshrec.forget.progress`` and the task is acknowledged. ``handle`` must be idempotent: a
-redelivery (a crash between the effect and the ack) runs it again and must change nothing more.
-A ``handle`` that cannot finish yet (a peer still holds the user, its consumer has not caught up)
-returns None and gets the task again after ``retry_s``.
+``freshrec.forget.progress.<request id>.<service>`` and the task is acknowledged. ``handle`` must
+be idempotent: a redelivery (a crash between the effect and the ack) runs it again and must change
+nothing more. A ``handle`` that cannot finish yet (a peer still holds the user, its consumer has not
+caught up) returns None and gets the task again after ``retry_s``.
 
 Nothing here logs the user id; reports name the request, the service and the replica only.
 """
@@ -24,17 +24,18 @@ from datetime import UTC, datetime
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from freshrec.v1 import ingestion_pb2
 from shared.nats import (
     FORGET_PROGRESS_STREAM,
-    FORGET_PROGRESS_SUBJECT,
+    FORGET_PROGRESS_SUBJECTS,
     FORGET_STREAM,
     FORGET_TASKS_SUBJECT,
     MSG_ID_HEADER,
     ensure_stream,
     fetch_batch,
+    forget_progress_subject,
     kept_stream_config,
 )
 from shared.supervise import forever, raise_if_cancelling
@@ -54,7 +55,7 @@ async def ensure_forget_streams(js: JetStreamContext, replicas: int = 1, *, owne
     ingestion owns both, the other services declare them so they can start first."""
     tasks = kept_stream_config(FORGET_STREAM, FORGET_TASKS_SUBJECT, replicas=replicas)
     progress = kept_stream_config(
-        FORGET_PROGRESS_STREAM, FORGET_PROGRESS_SUBJECT, replicas=replicas, max_age_s=PROGRESS_MAX_AGE_S
+        FORGET_PROGRESS_STREAM, FORGET_PROGRESS_SUBJECTS, replicas=replicas, max_age_s=PROGRESS_MAX_AGE_S
     )
     for config in (tasks, progress):
         await ensure_stream(js, config, update=owner)
@@ -165,11 +166,20 @@ class ForgetWorker:
         )
         report.done_at.FromDatetime(datetime.now(UTC))
         await self.js.publish(
-            FORGET_PROGRESS_SUBJECT,
+            forget_progress_subject(request_id, self.service),
             report.SerializeToString(),
             stream=FORGET_PROGRESS_STREAM,
             headers={MSG_ID_HEADER: report_id(request_id, self.service, self.replica)},
         )
+
+
+async def reported(js: JetStreamContext, request_id: str, service: str) -> bool:
+    """Whether some replica of ``service`` has reported its part of ``request_id`` done."""
+    try:
+        await js.get_msg(FORGET_PROGRESS_STREAM, subject=forget_progress_subject(request_id, service))
+    except NotFoundError:
+        return False
+    return True
 
 
 class RecentlyForgotten:

@@ -58,9 +58,18 @@ FORGET_REQUEST_SUBJECT = "freshrec.forget.request"
 FORGET_STREAM = "FRESHREC_FORGET"
 FORGET_TASKS_SUBJECT = "freshrec.forget.requests"
 #: JetStream stream of progress reports (protobuf ``ForgetReport``, no personal data) that ingestion
-#: records for ``GetForgetStatus``.
+#: records for ``GetForgetStatus``, on ``freshrec.forget.progress.<request id>.<service>`` (so anyone
+#: can look up whether one service has done its part of one request).
 FORGET_PROGRESS_STREAM = "FRESHREC_FORGET_PROGRESS"
 FORGET_PROGRESS_SUBJECT = "freshrec.forget.progress"
+FORGET_PROGRESS_SUBJECTS = f"{FORGET_PROGRESS_SUBJECT}.>"
+
+
+def forget_progress_subject(request_id: str, service: str) -> str:
+    """Where ``service`` reports its part of forget request ``request_id`` done."""
+    return f"{FORGET_PROGRESS_SUBJECT}.{request_id}.{service}"
+
+
 # Wire and storage names (subjects, streams, durable consumers, SQL tables, metric names) keep the
 # spelling "catalog" they were first published with: producers, dashboards and stored state rely
 # on them. Everything else (code, settings, docs) says "catalogue", as the protos do.

@@ -104,7 +104,7 @@ class InferenceApp(ServiceApp):
                     service="inference",
                     replica=s.replica,
                     durable=f"forget-inference-{s.replica}",
-                    handle=InferenceForget(holder, features),
+                    handle=InferenceForget(nc.jetstream(), holder, features),
                     stream_replicas=s.nats.stream_replicas,
                 ).run(),
             },

@@ -39,7 +39,7 @@ from shared.forget import ensure_forget_streams
 from shared.nats import (
     AVAILABLE_S,
     FORGET_PROGRESS_STREAM,
-    FORGET_PROGRESS_SUBJECT,
+    FORGET_PROGRESS_SUBJECTS,
     FORGET_REQUEST_SUBJECT,
     FORGET_STREAM,
     FORGET_TASKS_SUBJECT,
@@ -268,7 +268,7 @@ class ProgressRecorder:
             ack_wait=30.0,
             max_deliver=-1,
             deliver_policy=DeliverPolicy.ALL,
-            filter_subject=FORGET_PROGRESS_SUBJECT,
+            filter_subject=FORGET_PROGRESS_SUBJECTS,
         )
         with contextlib.suppress(BadRequestError):
             await self.js.add_consumer(FORGET_PROGRESS_STREAM, config)
