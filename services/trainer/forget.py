@@ -55,7 +55,11 @@ class TrainerForget:
             info = await loop.js.stream_info(EVENTS_STREAM)
             self.targets[task.request_id] = int(info.state.last_seq or 0)
         if loop.learner.position.stream_sequence < self.targets[task.request_id]:
-            return None  # events from before the request are still to be learned: forget after them
+            # The last messages may have been erased before the learner read them: then its
+            # consumer has nothing pending.
+            info = await loop.js.consumer_info(EVENTS_STREAM, loop.settings.consumer_name)
+            if info.num_pending:
+                return None  # events from before the request are still to be learned: forget after them
         loop.forgotten.add(user_id)
         async with loop.lock:
             held = await asyncio.to_thread(loop.learner.forget_users, [user_id])
