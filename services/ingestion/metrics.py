@@ -96,7 +96,7 @@ FORGOTTEN_EVENTS = Counter(
 FORGET_REQUESTS = Counter(
     "freshrec_ingestion_forget_requests_total",
     "Forget requests, by outcome: requested (new), repeated (a pending request for the same user "
-    "answered again), completed (every service done), refused (invalid or NATS unreachable).",
+    "answered again), completed (every service done), refused (no hash key, or NATS unreachable).",
     ["outcome"],
 )
 FORGET_SECONDS = Histogram(
