@@ -33,8 +33,13 @@ sys.path.insert(0, str(ROOT))
 from cli.demo import to_events  # noqa: E402
 from cli.stack import Stack  # noqa: E402
 from cli.synthetic import SyntheticWorld  # noqa: E402
-from freshrec.v1 import ingestion_pb2, ingestion_pb2_grpc  # noqa: E402
-from tests.factories import event  # noqa: E402
+from freshrec.v1 import event_pb2, ingestion_pb2, ingestion_pb2_grpc  # noqa: E402
+
+
+def event(user: str, item: str, event_id: str) -> event_pb2.Event:
+    e = event_pb2.Event(event_id=event_id, user_id=user, item_id=item, type=event_pb2.EVENT_TYPE_CLICK)
+    e.occurred_at.FromNanoseconds(time.time_ns())
+    return e
 
 
 def percentile(values: list[float], q: float) -> float:
