@@ -303,6 +303,61 @@ def recommend(
     console.print(render.recommendations_table(user, response, titles))
 
 
+# -- forget -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def forget(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Argument(help="The user to erase from every service.")],
+    wait: Annotated[bool, typer.Option(help="Show progress until every service is done.")] = True,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for every service.")] = 300.0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the final status as JSON.")] = False,
+) -> None:
+    """Erase a user everywhere (event log, streams, features, trainer, models, caches) and show
+    each service's progress until the request is done. Exits 1 if it is not done in time."""
+    from google.protobuf.json_format import MessageToJson
+
+    from freshrec.v1 import ingestion_pb2, ingestion_pb2_grpc
+
+    endpoints = ctx.obj.endpoints()
+    address = endpoints.first("ingestion")
+
+    async def ask() -> Any:
+        async with endpoints.channel(address) as channel:
+            stub = ingestion_pb2_grpc.IngestionServiceStub(channel)
+            answer = await call(
+                "ingestion",
+                address,
+                stub.ForgetUser(ingestion_pb2.ForgetUserRequest(user_id=user), timeout=10),
+            )
+            if not json_output:
+                console.print(f"forget request [bold]{answer.request_id}[/bold] recorded")
+            request = ingestion_pb2.GetForgetStatusRequest(request_id=answer.request_id)
+            deadline = time.monotonic() + timeout
+            shown = ""
+            while True:
+                state = await call("ingestion", address, stub.GetForgetStatus(request, timeout=10))
+                line = render.forget_progress(state)
+                if line != shown and not json_output:
+                    console.print(line)
+                    shown = line
+                if state.done or not wait or time.monotonic() > deadline:
+                    return state
+                await asyncio.sleep(0.5)
+
+    state = run(ask())
+    if json_output:
+        print(MessageToJson(state, preserving_proto_field_name=True))
+    if wait and not state.done:
+        raise fail(
+            f"forget request {state.request_id} is not done after {timeout:.0f}s; see freshrec forget --help"
+        )
+    if state.done and not json_output:
+        took = state.completed_at.ToMicroseconds() - state.requested_at.ToMicroseconds()
+        console.print(f"done in {took / 1e6:.1f}s")
+
+
 # -- models -----------------------------------------------------------------------------------------
 
 

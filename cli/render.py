@@ -16,7 +16,7 @@ from cli.demo import DemoResult, Snapshot
 from cli.replay import ReplaySummary
 from cli.status import InstanceStatus, describe_watermark
 from cli.synthetic import SyntheticWorld
-from freshrec.v1 import inference_pb2, trainer_pb2
+from freshrec.v1 import inference_pb2, ingestion_pb2, trainer_pb2
 
 SPARKS = "▁▂▃▄▅▆▇█"
 HEALTH_STYLE = {"SERVING": "green", "NOT_SERVING": "red", "UNREACHABLE": "red"}
@@ -234,3 +234,12 @@ def demo_summary(result: DemoResult, world: SyntheticWorld, interrupted: bool) -
 def _phases(result: DemoResult) -> list[tuple[float, float, str]]:
     bounds = [0.0, *result.drifts, float("inf")]
     return [(bounds[i], bounds[i + 1], f"phase {i}") for i in range(len(bounds) - 1)]
+
+
+def forget_progress(state: Any) -> str:
+    """One line: each service's state in a forget request, e.g. ``ingestion done, feature pending``."""
+    parts = []
+    for p in state.progress:
+        name = f"{p.service}/{p.replica}" if p.replica else p.service
+        parts.append(f"{name} {'done' if p.state == ingestion_pb2.FORGET_STATE_DONE else 'pending'}")
+    return ", ".join(parts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -282,8 +283,20 @@ class Stack:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if name == "ingestion":
+            env["FRESHREC_FORGET__HASH_KEY"] = self.forget_key()
         env.update(extra)
         return env
+
+    def forget_key(self) -> str:
+        """The key of the tombstones' keyed hash: made once and kept in ``<data dir>/forget.key``."""
+        path = self.data_dir / "forget.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        return path.read_text().strip()
 
     def address(self, name: str) -> str:
         """The address of a service's first replica (or of one instance, e.g. ``inference-2``)."""

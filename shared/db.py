@@ -44,9 +44,29 @@ def make_engine(settings: DatabaseSettings) -> Engine:
             cursor.execute(SQLITE_SYNCHRONOUS[synchronous])
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
+            # Deleted rows are overwritten, not left in free pages: erasure (forget, retention)
+            # leaves no trace in the file.
+            cursor.execute("PRAGMA secure_delete=ON")
             cursor.close()
 
     return engine
+
+
+def scrub_wal(engine: Engine, *, vacuum: bool = False) -> bool:
+    """SQLite, after erasing rows: with ``vacuum``, rebuilds the file (``secure_delete`` zeroes
+    deleted cells and freed pages, but a page SQLite rebuilds in place can keep stale bytes in its
+    unused gap); then moves the write-ahead log into the database and truncates it, so no old page
+    image stays in the WAL file. True when the checkpoint completed; readers can hold it back, so
+    callers try again. Other databases: nothing to do."""
+    if engine.dialect.name != "sqlite":
+        return True
+    with engine.connect() as connection:
+        connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+        if vacuum:
+            connection.exec_driver_sql("PRAGMA temp_store=MEMORY")  # no copy in a temporary file
+            connection.exec_driver_sql("VACUUM")
+        busy, _log, _moved = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+        return not busy
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

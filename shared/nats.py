@@ -50,6 +50,26 @@ RAW_SUBJECT = "freshrec.events.raw"
 DLQ_SUBJECT = "freshrec.events.dlq"
 #: The live model version changed (new export, promotion or rollback).
 MODELS_PUBLISHED_SUBJECT = "freshrec.models.published"
+#: Producers ask ingestion to forget a user here (NATS request-reply: a ``ForgetUserRequest``, the
+#: reply a ``ForgetUserResponse`` carrying the request id), as ``IngestionService.ForgetUser`` does.
+FORGET_REQUEST_SUBJECT = "freshrec.forget.request"
+#: JetStream stream of forget tasks (protobuf ``ForgetTask``), published by ingestion for every
+#: service to carry out with its own durable consumer; a task is erased once every service is done.
+FORGET_STREAM = "FRESHREC_FORGET"
+FORGET_TASKS_SUBJECT = "freshrec.forget.requests"
+#: JetStream stream of progress reports (protobuf ``ForgetReport``, no personal data) that ingestion
+#: records for ``GetForgetStatus``, on ``freshrec.forget.progress.<request id>.<service>`` (so anyone
+#: can look up whether one service has done its part of one request).
+FORGET_PROGRESS_STREAM = "FRESHREC_FORGET_PROGRESS"
+FORGET_PROGRESS_SUBJECT = "freshrec.forget.progress"
+FORGET_PROGRESS_SUBJECTS = f"{FORGET_PROGRESS_SUBJECT}.>"
+
+
+def forget_progress_subject(request_id: str, service: str) -> str:
+    """Where ``service`` reports its part of forget request ``request_id`` done."""
+    return f"{FORGET_PROGRESS_SUBJECT}.{request_id}.{service}"
+
+
 # Wire and storage names (subjects, streams, durable consumers, SQL tables, metric names) keep the
 # spelling "catalog" they were first published with: producers, dashboards and stored state rely
 # on them. Everything else (code, settings, docs) says "catalogue", as the protos do.

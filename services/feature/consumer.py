@@ -37,6 +37,7 @@ from services.feature.pull import Puller, stream_position
 from services.feature.settings import FeatureSettings
 from services.feature.state import FeatureState, Snapshot
 from services.feature.store import FeatureStore
+from shared.forget import RecentlyForgotten
 from shared.nats import EVENTS_STREAM
 from shared.supervise import forever, raise_if_cancelling, retry
 
@@ -114,6 +115,8 @@ class FeatureConsumer:
         self._unacked: Msg | None = None  # the last applied message not yet covered by a commit
         self._accepted: list[float] = []  # JetStream times of a sample of uncommitted events
         self.ready = asyncio.Event()
+        #: Users just forgotten: events of theirs still on their way are skipped (memory only).
+        self.forgotten = RecentlyForgotten()
 
     async def run(self) -> None:
         """Consumes until cancelled; after any failure (NATS or SQL) it resumes from SQL."""
@@ -162,6 +165,7 @@ class FeatureConsumer:
         applied = skipped = 0
         lag = metrics.EVENT_LAG
         now = time.time()
+        forgotten = self.forgotten if self.forgotten else None
         for n, msg in enumerate(msgs):
             sequence, accepted_ns = stream_position(msg.reply)
             event = event_pb2.Event()
@@ -170,6 +174,10 @@ class FeatureConsumer:
             except DecodeError:
                 # Ingestion only publishes what it parsed; never stall the stream on one bad message.
                 logger.error("stream message %d is not a freshrec.v1.Event; skipped", sequence)
+                if sequence > state.watermark.stream_sequence:
+                    state.watermark.stream_sequence = sequence
+                continue
+            if forgotten is not None and forgotten.holds(event.user_id):
                 if sequence > state.watermark.stream_sequence:
                     state.watermark.stream_sequence = sequence
                 continue

@@ -93,3 +93,8 @@ CATALOGUE_TIME_LIMITED = Gauge(
     "freshrec_feature_catalog_time_limited",
     "Catalogue entries with an available_until (served nowhere once it passes).",
 )
+USERS_FORGOTTEN = Counter(
+    "freshrec_feature_users_forgotten_total",
+    'Forget requests carried out (ForgetUser): held="true" when this replica held the user.',
+    ["held"],
+)

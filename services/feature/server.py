@@ -10,6 +10,7 @@ from freshrec.v1 import feature_pb2, feature_pb2_grpc
 from services.feature import metrics
 from services.feature.catalogue import Catalogue, CatalogueFollower, CatalogueIntake, ensure_intake_streams
 from services.feature.consumer import FeatureConsumer
+from services.feature.forget import FeatureForget
 from services.feature.rebuild import MIGRATIONS, VERSION_TABLE
 from services.feature.retention import expire_users
 from services.feature.servicer import FeatureServicer
@@ -19,6 +20,7 @@ from services.feature.store import FeatureStore
 from shared import gc_tuning
 from shared import nats as fnats
 from shared.db import make_engine, make_sessionmaker, upgrade_schema
+from shared.forget import ForgetWorker
 from shared.grpc_server import ServiceApp, full_service_name
 from shared.supervise import forever
 
@@ -37,6 +39,7 @@ class FeatureApp(ServiceApp):
         self.state: FeatureState | None = None
         self.consumer: FeatureConsumer | None = None
         self.catalogue: Catalogue | None = None
+        self.forget: ForgetWorker | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -67,6 +70,14 @@ class FeatureApp(ServiceApp):
         consumer = self.consumer = FeatureConsumer(nc, js, state, store, s)
         follower = CatalogueFollower(js, store, state, f"{s.replica_name}:catalog")
         intake = CatalogueIntake(js, catalogue)
+        forget = self.forget = ForgetWorker(
+            js,
+            service="feature",
+            replica=s.replica_name,
+            durable=f"forget-{s.replica_name}",
+            handle=FeatureForget(js, consumer, store, engine, s.replica_name),
+            stream_replicas=s.nats.stream_replicas,
+        )
 
         await self.serve(
             SERVICE_NAME,
@@ -77,6 +88,7 @@ class FeatureApp(ServiceApp):
                 "feature-catalogue-follower": follower.run(),
                 "feature-catalogue-intake": intake.run(),
                 "feature-catalogue-relay": catalogue.relay(s.catalogue.relay_interval_s),
+                "feature-forget": forget.run(),
                 **({"feature-retention": self._expire_forever(state)} if s.retention.events else {}),
             },
             cleanups=[nc.drain, partial(asyncio.to_thread, engine.dispose)],

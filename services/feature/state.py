@@ -304,6 +304,21 @@ class FeatureState:
                 trimmed += 1
         return trimmed, forgotten
 
+    def forget_user(self, user_id: str) -> bool:
+        """Forgets a user whole on request (features, preprocessing state, and the row at the next
+        commit), as the retention does for a user with nothing recent; a snapshot in progress
+        leaves them out. Returns whether the user was held. Doing it again changes nothing."""
+        snapshot = self._snapshot
+        if snapshot is not None:
+            snapshot.pending_users.discard(user_id)
+            snapshot.users.pop(user_id, None)
+            snapshot.deleted_users.add(user_id)
+        held = self.users.pop(user_id, None) is not None
+        self.preprocessor.forget_user(user_id)
+        self.dirty_users.discard(user_id)
+        self.deleted_users.add(user_id)
+        return held
+
     # -- the catalogue -----------------------------------------------------------------------
 
     def set_categories(self, item_id: str, categories: Iterable[str], revision: int) -> bool:

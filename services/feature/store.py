@@ -233,6 +233,16 @@ class FeatureStore:
             self._write(session, users, items)
             self._set_position(session, self.replica, watermark)
 
+    def holds_user(self, user_id: str) -> bool:
+        """Whether this replica's table still has a row of the user."""
+        with self.sessions.begin() as session:
+            return (
+                session.execute(
+                    select(UserRow.user_id).where(UserRow.replica == self.replica, UserRow.user_id == user_id)
+                ).first()
+                is not None
+            )
+
     def replace_all(self, state: FeatureState) -> None:
         """Replaces every row of this replica with the given state, in one transaction (rebuild)."""
         users = {u: orjson.dumps(state.user_doc(u)).decode() for u in state.users}

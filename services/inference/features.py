@@ -19,6 +19,7 @@ import grpc
 from prometheus_client import Counter, Histogram
 
 from freshrec.v1 import feature_pb2, feature_pb2_grpc
+from shared.forget import RecentlyForgotten
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class FeatureClient:
         self._waiting: dict[str, list[asyncio.Future[UserView]]] = {}
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Users just forgotten: their features are neither cached nor used (memory only).
+        self.forgotten = RecentlyForgotten(window_s=600.0)
 
     async def user(self, user_id: str) -> UserView:
         if not self.batched:
@@ -126,6 +129,19 @@ class FeatureClient:
                 if not future.done():  # a caller that gave up (cancelled) is skipped
                     future.set_result(views[user_id])
 
+    async def forget(self, user_id: str) -> bool:
+        """Drops the user's cached features; True once the feature service no longer knows them
+        either (then nothing can fill the cache with them again)."""
+        self.cache.pop(user_id, None)
+        try:
+            response = await self.stub.GetUserFeatures(
+                feature_pb2.GetUserFeaturesRequest(user_id=user_id), timeout=max(self.deadline_s, 2.0)
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        self.cache.pop(user_id, None)
+        return not response.features.known
+
     async def _one(self, user_id: str) -> UserView:
         try:
             response = await self.stub.GetUserFeatures(
@@ -137,7 +153,7 @@ class FeatureClient:
         return self._fresh(response.features)
 
     def _fallback(self, user_id: str, exc: grpc.aio.AioRpcError) -> UserView:
-        cached = self.cache.get(user_id)
+        cached = None if self.forgotten.holds(user_id) else self.cache.get(user_id)
         USER_LOOKUPS.labels("cached" if cached is not None else "failed").inc()
         logger.debug("feature lookup for %s failed (%s); cached=%s", user_id, exc.code(), cached is not None)
         if cached is not None:
@@ -146,6 +162,8 @@ class FeatureClient:
 
     def _fresh(self, features: feature_pb2.UserFeatures) -> UserView:
         USER_LOOKUPS.labels("fresh").inc()
+        if self.forgotten and self.forgotten.holds(features.user_id):
+            return UserView(known=False, recent=[], fresh=True)
         # What the user tower reads: positive interactions (a dislike is seen, never learned from).
         recent = [(i.item_id, int(i.type)) for i in reversed(features.recent) if i.weight > 0]
         view = UserView(

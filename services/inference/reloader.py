@@ -182,6 +182,17 @@ class ModelHolder:
             )
             return True
 
+    async def forget_user(self, user_id: str) -> bool:
+        """Drops every model kept for an instant rollback whose user table names ``user_id``;
+        True when the served model does not name them either. Waits for a switch in progress."""
+        async with self._lock:
+            served = self.served_version
+            for version, model in list(self.loaded.items()):
+                if version != served and user_id in model.user_rows:
+                    self.loaded.pop(version, None)
+            current = self.current
+            return current is None or user_id not in current.user_rows
+
     async def refresh_catalogue(self) -> bool:
         """Rebuilds the serving state for catalogue changes; True if it rebuilt."""
         async with self._lock:

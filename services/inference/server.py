@@ -15,6 +15,7 @@ from freshrec.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.batcher import UserTowerBatcher
 from services.inference.catalogue import Catalogue, CatalogueFollower
 from services.inference.features import FeatureClient, PopularCache
+from services.inference.forget import InferenceForget
 from services.inference.index import ExplorationSettings
 from services.inference.policy import RankingSettings, Recommender
 from services.inference.reloader import ModelHolder
@@ -22,6 +23,7 @@ from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 from shared import gc_tuning
 from shared import nats as fnats
+from shared.forget import ForgetWorker
 from shared.grpc_server import ServiceApp, full_service_name
 from shared.model_store import ModelStore
 from shared.security import make_channel
@@ -97,6 +99,14 @@ class InferenceApp(ServiceApp):
                 "catalogue-follower": follower.run(),
                 "catalogue-rebuild": holder.follow_catalogue(s.catalogue_debounce_s),
                 "health": self._watch_health(),
+                "forget": ForgetWorker(
+                    nc.jetstream(),
+                    service="inference",
+                    replica=s.replica,
+                    durable=f"forget-inference-{s.replica}",
+                    handle=InferenceForget(nc.jetstream(), holder, features),
+                    stream_replicas=s.nats.stream_replicas,
+                ).run(),
             },
             cleanups=[nc.drain, channel.close, tower.close],
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import socket
 from pathlib import Path
 
 from pydantic import Field
@@ -20,6 +22,13 @@ class InferenceSettings(ServiceSettings):
     model_config = SettingsConfigDict(cli_prog_name="python -m services.inference")
 
     grpc: GrpcSettings = GrpcSettings(port=50054)
+    replica_name: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9_-]{0,64}$",
+        description="Name of this replica, which names its durable consumer of forget requests (so a "
+        "restarted replica does the requests it missed); replicas need distinct names "
+        "(default: <host name>-<gRPC port>).",
+    )
     model_store: Path = Field(Path("var/models"), description="Folder of the model store.")
     feature_addr: str = Field("127.0.0.1:50052", description="host:port of the feature service.")
     feature_deadline_s: float = Field(
@@ -91,3 +100,8 @@ class InferenceSettings(ServiceSettings):
     health_interval_s: float = Field(
         1.0, gt=0, description="How often health is re-evaluated (NOT_SERVING: no model and no fallback)."
     )
+
+    @property
+    def replica(self) -> str:
+        """The replica name in effect: ``replica_name``, or ``<host name>-<gRPC port>``."""
+        return self.replica_name or re.sub(r"[^A-Za-z0-9_-]", "-", f"{socket.gethostname()}-{self.grpc.port}")

@@ -12,6 +12,7 @@ from freshrec.v1 import event_pb2, ingestion_pb2
 from services.ingestion import metrics
 from services.ingestion.publisher import Publisher
 from services.ingestion.store import NewEvent
+from services.ingestion.tombstones import Tombstones
 from services.ingestion.validation import Rejection, Validator, derive_event_id
 from services.ingestion.writer import GroupCommitter
 
@@ -27,6 +28,10 @@ class Summary:
     errors: list[ingestion_pb2.EventError] = field(default_factory=list)
     #: The rule each error broke, parallel to ``errors`` (for metrics and dead-letter headers).
     rejections: list[Rejection] = field(default_factory=list)
+    #: Events of forgotten users, dropped (a tombstone holds).
+    forgotten: int = 0
+    #: Their indexes in the batch (the NATS intake erases the raw messages that carried them).
+    forgotten_indexes: list[int] = field(default_factory=list)
 
 
 class Ingestor:
@@ -38,12 +43,18 @@ class Ingestor:
     """
 
     def __init__(
-        self, committer: GroupCommitter, publisher: Publisher, validator: Validator, owner: str
+        self,
+        committer: GroupCommitter,
+        publisher: Publisher,
+        validator: Validator,
+        owner: str,
+        tombstones: Tombstones | None = None,
     ) -> None:
         self.committer = committer
         self.publisher = publisher
         self.validator = validator
         self.owner = owner
+        self.tombstones = tombstones
 
     async def ingest(
         self,
@@ -69,7 +80,12 @@ class Ingestor:
         now_s = time.time()
         received_us = int(now_s * 1e6)
         owner = self.owner
+        tombstones = self.tombstones if self.tombstones is not None and self.tombstones.hashes else None
         for offset, event in enumerate(events):
+            if tombstones is not None and tombstones.holds(event.user_id):
+                # Dropped before validation: not even a dead letter keeps an event of theirs.
+                summary.forgotten_indexes.append(offset)
+                continue
             payload = payloads[offset] if payloads is not None else None
             if payload is None:
                 payload = event.SerializeToString()
@@ -111,6 +127,9 @@ class Ingestor:
             )
         for rejection in summary.rejections:
             metrics.REJECTED.labels(source, rejection.code).inc()
+        if summary.forgotten_indexes:
+            summary.forgotten = len(summary.forgotten_indexes)
+            metrics.FORGOTTEN_EVENTS.labels(source).inc(summary.forgotten)
         if rows:
             stored = await self.committer.insert(rows)
             # Committed: the events are durable. Publish them even if the caller goes away now.

@@ -88,3 +88,25 @@ RAW_MESSAGES = Counter(
     "freshrec_ingestion_raw_messages_total",
     "Messages consumed from freshrec.events.raw.",
 )
+FORGOTTEN_EVENTS = Counter(
+    "freshrec_ingestion_events_forgotten_total",
+    "Events of a forgotten user dropped while the user's tombstone holds (late or redelivered), by source.",
+    ["source"],
+)
+FORGET_REQUESTS = Counter(
+    "freshrec_ingestion_forget_requests_total",
+    "Forget requests, by outcome: requested (new), repeated (a pending request for the same user "
+    "answered again), completed (every service done), refused (no hash key, or NATS unreachable).",
+    ["outcome"],
+)
+FORGET_SECONDS = Histogram(
+    "freshrec_ingestion_forget_seconds",
+    "From a forget request to the last service reporting done.",
+    buckets=(0.5, 1, 2.5, 5, 10, 15, 30, 60, 120, 300, 900, 3600),
+)
+FORGET_ERASED = Counter(
+    "freshrec_ingestion_forget_erased_total",
+    'What ingestion erased for forget requests: rows of the event log (where="events") and '
+    "messages of each stream (where=<stream name>).",
+    ["where"],
+)

@@ -152,7 +152,7 @@ class DeadLetter:
         return f"dlq-{self.raw_seq}{suffix}"
 
 
-class _Undecodable(Exception):
+class Undecodable(Exception):
     def __init__(self, code: str, reason: str) -> None:
         super().__init__(reason)
         self.code = code
@@ -165,7 +165,7 @@ def decode(msg: Msg, max_batch: int) -> tuple[list[event_pb2.Event], bool, bytes
     content_type = headers.get(CONTENT_TYPE_HEADER, "").split(";")[0].strip().lower()
     message_type = headers.get(MESSAGE_TYPE_HEADER, EVENT_TYPE).strip() or EVENT_TYPE
     if message_type not in (EVENT_TYPE, BATCH_TYPE):
-        raise _Undecodable(
+        raise Undecodable(
             "unknown_message_type",
             f"{MESSAGE_TYPE_HEADER} {message_type!r} is neither {EVENT_TYPE} nor {BATCH_TYPE}",
         )
@@ -175,7 +175,7 @@ def decode(msg: Msg, max_batch: int) -> tuple[list[event_pb2.Event], bool, bytes
         and not as_json
         and content_type not in ("application/protobuf", "application/x-protobuf")
     ):
-        raise _Undecodable(
+        raise Undecodable(
             "unsupported_content_type",
             f"Content-Type {content_type!r} is not supported; use application/json or binary protobuf",
         )
@@ -189,11 +189,11 @@ def decode(msg: Msg, max_batch: int) -> tuple[list[event_pb2.Event], bool, bytes
             proto.ParseFromString(msg.data)
     except (DecodeError, json_format.ParseError, UnicodeDecodeError, ValueError) as exc:
         encoding = "JSON" if as_json else "protobuf"
-        raise _Undecodable("decode_error", f"not a {encoding} {message_type}: {exc}") from exc
+        raise Undecodable("decode_error", f"not a {encoding} {message_type}: {exc}") from exc
     if isinstance(proto, event_pb2.Event):
         return [proto], as_json, None if as_json else msg.data
     if len(proto.events) > max_batch:
-        raise _Undecodable(
+        raise Undecodable(
             "batch_too_large",
             f"batch of {len(proto.events)} events exceeds the limit of {max_batch}; split it",
         )
@@ -223,6 +223,22 @@ class RawIntake:
         self.workers = workers
         self.dlq_window_s = dlq_window_s
         self.clock_skew_s = clock_skew_s
+        #: Raw messages that carried events of forgotten users, erased once acknowledged.
+        self.forgotten_raw: set[int] = set()
+
+    async def erase_forgotten(self) -> None:
+        """Erases (JetStream message delete, which overwrites) the raw messages that carried events
+        of forgotten users: the stream keeps nothing of theirs after their events were dropped."""
+        seqs, self.forgotten_raw = self.forgotten_raw, set()
+        for seq in sorted(seqs):
+            try:
+                await self.js.delete_msg(RAW_STREAM, seq)
+                metrics.FORGET_ERASED.labels(RAW_STREAM).inc()
+            except NotFoundError:
+                pass  # gone already (a forget request's own scan, or the age limit)
+            except Exception as exc:
+                # Left for the forget request's scan of FRESHREC_RAW, which retries until none are left.
+                logger.warning("erasing a raw message of a forgotten user failed: %s", exc)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
@@ -246,6 +262,7 @@ class RawIntake:
                     continue
                 for msg in msgs:
                     await msg.ack()
+                await self.erase_forgotten()
                 # Aim for about fetch_events events per fetch, whatever the messages carry.
                 per_message = max(1, events // len(msgs))
                 batch = max(1, min(self.fetch_messages, self.fetch_events // per_message))
@@ -264,7 +281,7 @@ class RawIntake:
         for call, msg in enumerate(msgs):
             try:
                 decoded, as_json, payload = decode(msg, self.max_batch)
-            except _Undecodable as exc:
+            except Undecodable as exc:
                 dead.append(DeadLetter(msg, exc.code, exc.reason, headers=_describe(msg)))
                 continue
             single = len(decoded) == 1 and not _is_batch(msg)
@@ -275,6 +292,8 @@ class RawIntake:
                 calls.append(call)
         if events:
             summary = await self.ingestor.ingest(events, "nats", payloads=payloads, calls=calls)
+            for index in summary.forgotten_indexes:
+                self.forgotten_raw.add(int(origins[index][0].metadata.sequence.stream))
             for error, rejection in zip(summary.errors, summary.rejections, strict=True):
                 msg, position, as_json = origins[error.index]
                 event = events[error.index]

@@ -19,6 +19,8 @@ from nats.aio.client import Client as NatsClient
 
 from freshrec.v1 import ingestion_pb2, ingestion_pb2_grpc
 from services.ingestion import metrics
+from services.ingestion.forget import ForgetDesk, IngestionEraser, ProgressRecorder
+from services.ingestion.forget_store import ForgetStore
 from services.ingestion.ingestor import Ingestor
 from services.ingestion.nats_intake import RawIntake, ensure_intake_streams, ensure_raw_consumer
 from services.ingestion.publisher import PUBLISHER_HEALTH, Publisher
@@ -28,10 +30,12 @@ from services.ingestion.retention import expire_events
 from services.ingestion.servicer import IngestionServicer
 from services.ingestion.settings import IngestionSettings
 from services.ingestion.store import EventLog
+from services.ingestion.tombstones import Tombstones
 from services.ingestion.validation import validator_from
 from services.ingestion.writer import GroupCommitter, Heartbeat
 from shared import nats as fnats
 from shared.db import make_engine, upgrade_schema
+from shared.forget import ForgetWorker, ensure_forget_streams
 from shared.grpc_server import NOT_SERVING, SERVING, ServiceApp, full_service_name
 from shared.supervise import forever, retry
 
@@ -54,6 +58,10 @@ class IngestionApp(ServiceApp):
         self.publisher: Publisher | None = None
         self.relay: Relay | None = None
         self.ingestor: Ingestor | None = None
+        self.forget_store: ForgetStore | None = None
+        self.tombstones: Tombstones | None = None
+        self.desk: ForgetDesk | None = None
+        self.forget_worker: ForgetWorker | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -72,7 +80,16 @@ class IngestionApp(ServiceApp):
         committer.on_marked = publisher.marked
         heartbeat.on_lapse = publisher.forget_never_sent
         committer.start()
-        ingestor = self.ingestor = Ingestor(committer, publisher, validator_from(s), owner=self.replica_id)
+        forget_store = self.forget_store = ForgetStore(engine)
+        key = s.forget.hash_key.get_secret_value().encode() if s.forget.hash_key else None
+        tombstones = self.tombstones = Tombstones(forget_store, key)
+        await tombstones.reload()
+        if key is None:
+            logger.warning("FRESHREC_FORGET__HASH_KEY is unset: ForgetUser is refused")
+        self.desk = ForgetDesk(forget_store, tombstones, s.forget)
+        ingestor = self.ingestor = Ingestor(
+            committer, publisher, validator_from(s), owner=self.replica_id, tombstones=tombstones
+        )
         relay = self.relay = Relay(
             log,
             publisher,
@@ -94,9 +111,10 @@ class IngestionApp(ServiceApp):
         server = await self.serve(
             SERVICE_NAME,
             ingestion_pb2_grpc.add_IngestionServiceServicer_to_server,
-            IngestionServicer(ingestor, s.max_batch),
+            IngestionServicer(ingestor, s.max_batch, self.desk),
             tasks={
                 "publisher-health": self._watch_publisher(),
+                "tombstones": tombstones.follow(s.forget.tombstone_refresh_s),
                 "outbox-relay": relay.run(),
                 **({"retention": self._expire_forever()} if s.retention.events else {}),
             },
@@ -136,6 +154,7 @@ class IngestionApp(ServiceApp):
             )
             await ensure_intake_streams(js, s.dlq_duplicate_window_s, s.nats.stream_replicas, s.retention)
             await ensure_raw_consumer(js, s.raw_ack_wait_s)
+            await ensure_forget_streams(js, s.nats.stream_replicas, owner=True)
         except BaseException:
             await nc.close()
             raise
@@ -168,6 +187,20 @@ class IngestionApp(ServiceApp):
             clock_skew_s=s.reconcile_clock_skew_s,
         )
         self.server.tasks.append(asyncio.create_task(intake.run(), name="raw-intake"))
+        assert self.desk is not None and self.forget_store is not None and self.tombstones is not None
+        self.desk.js = js
+        await self.desk.listen(nc)
+        worker = self.forget_worker = ForgetWorker(
+            js,
+            service="ingestion",
+            replica=s.replica,
+            durable="forget-ingestion",
+            handle=IngestionEraser(js, self.forget_store, self.tombstones, s.forget),
+            stream_replicas=s.nats.stream_replicas,
+        )
+        recorder = ProgressRecorder(js, self.forget_store, s.forget)
+        self.server.tasks.append(asyncio.create_task(worker.run(), name="forget-worker"))
+        self.server.tasks.append(asyncio.create_task(recorder.run(), name="forget-progress"))
 
     async def _expire_forever(self) -> None:
         log = self.log

@@ -10,15 +10,30 @@ import grpc
 
 from freshrec.v1 import event_pb2, ingestion_pb2, ingestion_pb2_grpc
 from services.ingestion import metrics
+from services.ingestion.forget import ForgetDesk
 from services.ingestion.ingestor import Ingestor, Summary
+from shared.validation import answers
 
 logger = logging.getLogger(__name__)
 
 
 class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
-    def __init__(self, ingestor: Ingestor, max_batch: int) -> None:
+    def __init__(self, ingestor: Ingestor, max_batch: int, desk: ForgetDesk) -> None:
         self.ingestor = ingestor
         self.max_batch = max_batch
+        self.desk = desk
+
+    @answers
+    async def ForgetUser(
+        self, request: ingestion_pb2.ForgetUserRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ingestion_pb2.ForgetUserResponse:
+        return await self.desk.forget(request.user_id)
+
+    @answers
+    async def GetForgetStatus(
+        self, request: ingestion_pb2.GetForgetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ingestion_pb2.GetForgetStatusResponse:
+        return await self.desk.status(request.request_id)
 
     async def _ingest(
         self, events: list[event_pb2.Event], context: grpc.aio.ServicerContext[Any, Any], first_index: int = 0
@@ -42,7 +57,10 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
             )
         summary = await self._ingest(list(request.events), context)
         return ingestion_pb2.IngestEventsResponse(
-            accepted=summary.accepted, duplicates=summary.duplicates, errors=summary.errors
+            accepted=summary.accepted,
+            duplicates=summary.duplicates,
+            errors=summary.errors,
+            forgotten=summary.forgotten,
         )
 
     async def IngestEventStream(
@@ -59,6 +77,7 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
             response.accepted += summary.accepted
             response.duplicates += summary.duplicates
             response.errors.extend(summary.errors)
+            response.forgotten += summary.forgotten
             index += len(batch)
             batch.clear()
 

@@ -3,12 +3,48 @@
 from __future__ import annotations
 
 import socket
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import DatabaseSettings, GrpcSettings, RetentionSettings, ServiceSettings
+
+#: The services that take part in forgetting a user, each with its own durable consumer.
+FORGET_SERVICES = ("ingestion", "feature", "trainer", "inference")
+
+
+class ForgetSettings(BaseModel):
+    """Forgetting users (ForgetUser): the tombstone's key and lifetime, who must report done."""
+
+    hash_key: SecretStr | None = Field(
+        None,
+        description="Secret key of the HMAC-SHA256 that names a forgotten user in tombstones and status "
+        "(never the id itself); every ingestion replica needs the same one. Unset: ForgetUser is refused.",
+    )
+    tombstone_ttl: timedelta = Field(
+        timedelta(days=30),
+        description="How long a forgotten user's late or redelivered events are dropped (seconds or an "
+        "ISO 8601 duration such as P30D); afterwards the user may come back as a new user.",
+    )
+    tombstone_refresh_s: float = Field(
+        1.0, gt=0, description="How often each replica reloads the tombstones other replicas recorded."
+    )
+    settle_s: float = Field(
+        6.0,
+        ge=0,
+        description="How long ingestion waits after a request before erasing the event log and the streams, "
+        "so events accepted just before the tombstone (being committed or published) are erased too.",
+    )
+    vacuum: bool = Field(
+        True,
+        description="SQLite: rebuild the event log's file (VACUUM) after erasing a user's rows, so no stale "
+        "byte of them stays in a page; takes time in proportion to the log's size.",
+    )
+    services: list[str] = Field(
+        list(FORGET_SERVICES),
+        description="Services that must report done before a request is complete (one report of each).",
+    )
 
 
 class IngestionSettings(ServiceSettings):
@@ -21,6 +57,7 @@ class IngestionSettings(ServiceSettings):
     grpc: GrpcSettings = GrpcSettings(port=50051)
     database: DatabaseSettings = DatabaseSettings(url="sqlite:///var/ingestion.db")
     retention: RetentionSettings = RetentionSettings()
+    forget: ForgetSettings = ForgetSettings()
 
     # What an event must look like (services/ingestion/validation.py).
     max_batch: int = Field(

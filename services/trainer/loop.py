@@ -64,6 +64,7 @@ from services.trainer.replay import Chunks
 from services.trainer.settings import TrainerSettings
 from services.trainer.text import TextEncoder
 from services.trainer.versions import make_shadow, rebase, snapshot
+from shared.forget import RecentlyForgotten
 from shared.model_store import ModelStore
 from shared.nats import (
     ACCEPTED_SUBJECTS,
@@ -182,6 +183,8 @@ class TrainerLoop:
         self.bootstrapping = False
         self._next_backlog_check = 0.0
         self.signing_key = load_private_key(settings.signing_key_file) if settings.signing_key_file else None
+        #: Users just forgotten (memory only): events of theirs still on their way are forgotten again.
+        self.forgotten = RecentlyForgotten()
 
     # -- start -----------------------------------------------------------------------------
     async def prepare(self) -> None:
@@ -257,6 +260,11 @@ class TrainerLoop:
                 async with self.lock:
                     learned = await asyncio.to_thread(self._learn, batch, calls)
                     self.unacked_events = part[-1]
+                    if self.forgotten:
+                        late = [e.user_id for _, e in batch if self.forgotten.holds(e.user_id)]
+                        if late:
+                            # Accepted just before the tombstone: learned, and forgotten again at once.
+                            await asyncio.to_thread(self.learner.forget_users, late)
                 since_export += learned
                 since_checkpoint += learned
             request = None if self.requests.empty() else self.requests.get_nowait()
@@ -474,8 +482,11 @@ class TrainerLoop:
                 "retention: forgot %d users with no event left in the log (it begins at %d)", forgotten, first
             )
 
-    async def export(self, judged: Paired | None = None, reason: str = "published") -> ModelRow:
-        """Exports a candidate, judges it against the live version, publishes or rejects it."""
+    async def export(
+        self, judged: Paired | None = None, reason: str = "published", *, force: bool = False
+    ) -> ModelRow:
+        """Exports a candidate, judges it against the live version, publishes or rejects it
+        (``force``: publishes it whatever the gate says, as a forget request needs)."""
         s = self.settings
         learner = self.learner
         async with self.lock:
@@ -493,7 +504,7 @@ class TrainerLoop:
             if judged is None and s.strategy == "online":
                 judged = learner.gate
             manifest = exported.manifest
-            rejected = bool(
+            rejected = not force and bool(
                 s.gate
                 and live is not None
                 and judged is not None

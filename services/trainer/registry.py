@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Float, String, select, update
+from sqlalchemy import BigInteger, DateTime, Float, String, delete, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import JSON
 
@@ -117,6 +117,17 @@ class Registry:
         with self.sessions.begin() as session:
             return list(session.scalars(select(ModelRow.version)).all())
 
+    def withdraw(self, versions: list[str]) -> None:
+        """Removes versions from the registry (they held a forgotten user): they can no longer be
+        promoted or rolled back to, and no version names them as its parent any more."""
+        if not versions:
+            return
+        with self.sessions.begin() as session:
+            session.execute(delete(ModelRow).where(ModelRow.version.in_(versions)))
+            session.execute(
+                update(ModelRow).where(ModelRow.parent_version.in_(versions)).values(parent_version="")
+            )
+
 
 def next_version(existing: list[str]) -> str:
     """``v000001``, ``v000002``, ...: one more than the highest version anywhere (registry or store)."""
@@ -138,6 +149,14 @@ class CheckpointFile:
 
     def save(self, data: bytes) -> None:
         self.save_as(self.path.name, data)
+
+    def clean_temporaries(self) -> None:
+        """Removes half-written files a crash left (beside the checkpoint and the version weights):
+        they hold an older learner state, perhaps of users forgotten since."""
+        for folder in (self.path.parent, self.path.parent / "versions"):
+            if folder.is_dir():
+                for leftover in folder.glob(".tmp-checkpoint-*"):
+                    leftover.unlink(missing_ok=True)
 
     def save_as(self, name: str, data: bytes) -> None:
         """Writes ``name`` in the checkpoint folder atomically (temporary file, fsync, rename)."""
@@ -197,6 +216,9 @@ class WeightSnapshots:
             return None
         loaded: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=False)
         return loaded
+
+    def remove(self, version: str) -> None:
+        (self.folder / f"{version}.pt").unlink(missing_ok=True)
 
     def prune(self, keep_newest: int, keep: set[str]) -> None:
         if not self.folder.is_dir():

@@ -14,6 +14,7 @@ import torch
 
 from freshrec.v1 import trainer_pb2, trainer_pb2_grpc
 from services.trainer.checkpoint import restore
+from services.trainer.forget import TrainerForget
 from services.trainer.learner import Learner
 from services.trainer.loop import TrainerLoop
 from services.trainer.registry import CheckpointFile, Registry, WeightSnapshots
@@ -22,6 +23,7 @@ from services.trainer.settings import TrainerSettings
 from services.trainer.text import TEXT_DIM, TextEncoder, make_text_encoder
 from shared import nats as fnats
 from shared.db import make_engine, make_sessionmaker, upgrade_schema
+from shared.forget import ForgetWorker
 from shared.grpc_server import ServiceApp, full_service_name
 from shared.model_store import ModelStore
 
@@ -74,6 +76,7 @@ class TrainerApp(ServiceApp):
         super().__init__(settings)
         self.settings: TrainerSettings = settings
         self.loop: TrainerLoop | None = None
+        self.forget: ForgetWorker | None = None
         self.lock = CheckpointLock(settings.checkpoint_dir)
 
     async def start(self) -> None:
@@ -97,6 +100,7 @@ class TrainerApp(ServiceApp):
 
         learner, text = build_learner(s)
         checkpoint = CheckpointFile(s.checkpoint_dir)
+        checkpoint.clean_temporaries()
         saved = await asyncio.to_thread(checkpoint.load)
         if saved is not None:
             await asyncio.to_thread(restore, learner, saved)
@@ -116,12 +120,20 @@ class TrainerApp(ServiceApp):
         loop = self.loop = TrainerLoop(
             s, learner, store, registry, checkpoint, WeightSnapshots(s.checkpoint_dir), nc, js, text
         )
+        forget = self.forget = ForgetWorker(
+            js,
+            service="trainer",
+            replica=s.consumer_name,
+            durable=f"forget-{s.consumer_name}",
+            handle=TrainerForget(loop),
+            stream_replicas=s.nats.stream_replicas,
+        )
 
         await self.serve(
             SERVICE_NAME,
             trainer_pb2_grpc.add_TrainerServiceServicer_to_server,
             TrainerServicer(loop, registry, s),
-            tasks={"trainer-loop": loop.run()},
+            tasks={"trainer-loop": loop.run(), "trainer-forget": forget.run()},
             cleanups=[nc.drain, partial(asyncio.to_thread, engine.dispose)],
         )
         logger.info("trainer (%s) listening on %s:%d", s.strategy, s.grpc.host, self.port)

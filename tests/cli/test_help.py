@@ -33,6 +33,7 @@ def test_every_verb_has_help() -> None:
         ("demo",),
         ("replay",),
         ("recommend",),
+        ("forget",),
         ("status",),
         ("models",),
         ("models", "list"),
