@@ -43,7 +43,7 @@ class Tombstones:
         """Whether the user is forgotten (their events are dropped); free while none are."""
         if not self.hashes or self.key is None:
             return False
-        return hmac.digest(self.key, user_id.encode("utf-8"), hashlib.sha256).hex() in self.hashes
+        return user_hash(self.key, user_id) in self.hashes
 
     def add(self, hashed: str) -> None:
         """Holds a tombstone this replica just recorded in SQL."""

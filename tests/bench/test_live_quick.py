@@ -3,27 +3,15 @@ served figures beside the baselines of the same stream, and the trainer's own fi
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.helpers import quick_figures
+
 pytestmark = pytest.mark.slow
 
 
 def test_live_bench_quick_prints_served_and_baseline_figures() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "live.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures = quick_figures("live.py", timeout_s=280)
     run = figures["synth-shop"]["batch_10"]
     assert run["served"]["events"] == 300 and 0 <= run["served"]["hr@10"] <= 1
     assert {"popularity", "last-item transitions", "item-kNN (online)"} <= set(run["baselines"])
