@@ -61,7 +61,7 @@ def artifact_digest(files: dict[str, dict[str, Any]]) -> str:
     return sha256_bytes(lines.encode())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -109,9 +109,9 @@ class ModelStore:
             for name, data in files.items():
                 _write_synced(tmp / name, data)
             _write_synced(tmp / MANIFEST, json.dumps(full_manifest, indent=2, sort_keys=True).encode())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.rename(tmp, final)
-            _fsync_dir(self.versions_dir)
+            fsync_dir(self.versions_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -129,7 +129,7 @@ class ModelStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp_name, self.root / LIVE_POINTER)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
@@ -163,9 +163,15 @@ class ModelStore:
     def read_manifest(self, version: str) -> dict[str, Any]:
         path = self.versions_dir / version / MANIFEST
         try:
-            manifest = json.loads(path.read_text())
+            data = path.read_bytes()
         except FileNotFoundError as exc:
             raise ArtifactError(f"version {version}: no manifest at {path}") from exc
+        return self.parse_manifest(version, data)
+
+    @staticmethod
+    def parse_manifest(version: str, data: bytes) -> dict[str, Any]:
+        try:
+            manifest = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ArtifactError(f"version {version}: manifest is not valid JSON ({exc})") from exc
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):

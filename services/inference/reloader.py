@@ -26,6 +26,7 @@ from services.inference.ann import AnnSettings
 from services.inference.catalogue import Catalogue
 from services.inference.index import ExplorationSettings, ServingState, build_state
 from services.inference.model import LoadedModel, RejectedArtifact, load_model
+from shared.model_bucket import ModelBucket, prune_local
 from shared.model_store import ArtifactError, ModelStore
 from shared.nats import MODELS_PUBLISHED_SUBJECT
 from shared.supervise import forever
@@ -86,8 +87,11 @@ class ModelHolder:
         ann: AnnSettings | None = None,
         exploration: ExplorationSettings | None = None,
         public_key: Ed25519PublicKey | None = None,
+        bucket: ModelBucket | None = None,
     ) -> None:
         self.store = store
+        #: Where versions come from when ``store`` is only this replica's download folder.
+        self.bucket = bucket
         self.public_key = public_key
         self.keep = keep
         self.threads = threads
@@ -142,6 +146,8 @@ class ModelHolder:
             if model is None:
                 started = time.perf_counter()
                 try:
+                    if self.bucket is not None:
+                        await self.bucket.fetch(version, self.store)
                     model = await asyncio.to_thread(
                         load_model,
                         self.store,
@@ -163,6 +169,7 @@ class ModelHolder:
             self.loaded.move_to_end(version)
             while len(self.loaded) > self.keep:
                 self.loaded.popitem(last=False)
+            await self._drop_downloads()
             previous = self.served_version
             self.state = state
             self.failed.pop(version, None)
@@ -190,8 +197,19 @@ class ModelHolder:
             for version, model in list(self.loaded.items()):
                 if version != served and user_id in model.user_rows:
                     self.loaded.pop(version, None)
+            await self._drop_downloads()
             current = self.current
             return current is None or user_id not in current.user_rows
+
+    async def _drop_downloads(self) -> None:
+        """Downloaded copies are needed only while loading: keep those of the loaded versions."""
+        if self.bucket is not None:
+            await prune_local(self.store, set(self.loaded))
+
+    async def live_version(self) -> str | None:
+        if self.bucket is not None:
+            return await self.bucket.live_version()
+        return await asyncio.to_thread(self.store.live_version)
 
     async def refresh_catalogue(self) -> bool:
         """Rebuilds the serving state for catalogue changes; True if it rebuilt."""
@@ -224,9 +242,23 @@ class ModelHolder:
 
     async def sync_with_store(self) -> None:
         """Serves whatever the store's LIVE pointer names (start-up and poll fallback)."""
-        live = await asyncio.to_thread(self.store.live_version)
+        live = await self.live_version()
         if live and live != self.served_version and live not in self.failed:
             await self.switch_to(live)
+
+    async def watch_bucket(self) -> None:
+        """Serves each version the bucket's live pointer names, as it changes (other hosts' path to a
+        new model; announcements and the poll still work besides it)."""
+        bucket = self.bucket
+        assert bucket is not None
+
+        async def follow() -> None:
+            async for live in bucket.watch_live():
+                if live != self.served_version:
+                    self.failed.pop(live, None)
+                    await self.switch_to(live)
+
+        await forever(follow, logger=logger, failed="watching the model bucket failed", every_s=1.0)
 
     async def poll(self, interval_s: float) -> None:
         await forever(

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import sys
+import tempfile
+from functools import partial
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -25,6 +29,7 @@ from shared import gc_tuning
 from shared import nats as fnats
 from shared.forget import ForgetWorker
 from shared.grpc_server import ServiceApp, full_service_name
+from shared.model_bucket import ModelBucket
 from shared.model_store import ModelStore
 from shared.security import make_channel
 from shared.signing import load_public_key
@@ -61,14 +66,22 @@ class InferenceApp(ServiceApp):
         sys.setswitchinterval(s.gil_switch_interval_s)
         catalogue = self.catalogue = Catalogue()
         public_key = load_public_key(s.verify_key_file) if s.verify_key_file else None
+        nc = await fnats.connect(s.nats, name="freshrec-inference")
+        bucket, folder, removals = None, s.model_store, []
+        if folder is None:
+            bucket = await ModelBucket.open(nc.jetstream(), replicas=s.nats.stream_replicas)
+            folder = s.model_cache or Path(tempfile.mkdtemp(prefix="freshrec-models-"))
+            if s.model_cache is None:
+                removals.append(partial(asyncio.to_thread, shutil.rmtree, folder, True))
         holder = self.holder = ModelHolder(
-            ModelStore(s.model_store),
+            ModelStore(folder),
             s.keep_versions,
             s.onnx_threads,
             catalogue,
             s.ann,
             ExplorationSettings(s.new_item_window_s, s.under_exposed_quantile),
             public_key,
+            bucket,
         )
         channel = make_channel(s.feature_addr, s.feature)
         features = FeatureClient(
@@ -78,7 +91,6 @@ class InferenceApp(ServiceApp):
             max_in_flight=s.user_lookups_in_flight,
         )
         popular = self.popular = PopularCache(channel, max(s.feature_deadline_s, 0.5), s.popular_ttl_s)
-        nc = await fnats.connect(s.nats, name="freshrec-inference")
         follower = self.follower = CatalogueFollower(catalogue, nc, channel)
         listed = await follower.list_all()
         logger.info("catalogue: %d items listed from the feature service", listed)
@@ -96,6 +108,7 @@ class InferenceApp(ServiceApp):
             ),
             tasks={
                 "model-poll": holder.poll(s.poll_interval_s),
+                **({"model-watch": holder.watch_bucket()} if bucket is not None else {}),
                 "catalogue-follower": follower.run(),
                 "catalogue-rebuild": holder.follow_catalogue(s.catalogue_debounce_s),
                 "health": self._watch_health(),
@@ -108,7 +121,7 @@ class InferenceApp(ServiceApp):
                     stream_replicas=s.nats.stream_replicas,
                 ).run(),
             },
-            cleanups=[nc.drain, channel.close, tower.close],
+            cleanups=[*removals, nc.drain, channel.close, tower.close],
         )
         await self._update_health()
         logger.info(

@@ -29,7 +29,17 @@ class InferenceSettings(ServiceSettings):
         "restarted replica does the requests it missed); replicas need distinct names "
         "(default: <host name>-<gRPC port>).",
     )
-    model_store: Path = Field(Path("var/models"), description="Folder of the model store.")
+    model_store: Path | None = Field(
+        None,
+        description="Folder of the model store, when trainer and inference share a disk. Unset: versions "
+        "come from the JetStream Object Store (bucket FRESHREC_MODELS; the live pointer, watched, in KV "
+        "bucket FRESHREC_MODEL_LIVE), downloaded to --model-cache.",
+    )
+    model_cache: Path | None = Field(
+        None,
+        description="Folder for versions downloaded from the Object Store (only the loaded ones are kept). "
+        "Unset: a private temporary folder, removed at stop.",
+    )
     feature_addr: str = Field("127.0.0.1:50052", description="host:port of the feature service.")
     feature_deadline_s: float = Field(
         0.05, gt=0, description="Deadline of a feature lookup on the request path (then the cache answers)."

@@ -73,7 +73,7 @@ class TrainerForget:
         withdrawn = [v for v in holding if v != row.version]
         async with loop.lock:
             for version in withdrawn:
-                await asyncio.to_thread(loop.store.remove_version, version)
+                await loop.remove_version(version)
                 await asyncio.to_thread(loop.snapshots.remove, version)
             await asyncio.to_thread(loop.registry.withdraw, withdrawn)
             # The parent's weights held the user: the rollback watch has nothing to go back to.

@@ -65,6 +65,7 @@ from services.trainer.settings import TrainerSettings
 from services.trainer.text import TextEncoder
 from services.trainer.versions import make_shadow, rebase, snapshot
 from shared.forget import RecentlyForgotten
+from shared.model_bucket import ModelBucket
 from shared.model_store import ModelStore
 from shared.nats import (
     ACCEPTED_SUBJECTS,
@@ -156,6 +157,7 @@ class TrainerLoop:
         nc: NatsClient,
         js: JetStreamContext,
         text: TextEncoder | None = None,
+        bucket: ModelBucket | None = None,
     ) -> None:
         self.settings = settings
         self.learner = learner
@@ -166,6 +168,8 @@ class TrainerLoop:
         self.nc = nc
         self.js = js
         self.text = text
+        #: The JetStream model store every version is copied to (None: ``store`` is shared).
+        self.bucket = bucket
         #: One learner call at a time; also serialises every change of the live version.
         self.lock = asyncio.Lock()
         self.requests: asyncio.Queue[Request] = asyncio.Queue()
@@ -523,6 +527,8 @@ class TrainerLoop:
             stored = await asyncio.to_thread(
                 self.store.write_version, version, exported.files, manifest, self.signing_key
             )
+            if self.bucket is not None:
+                await self.bucket.put_version(stored)
             weights = await asyncio.to_thread(snapshot, learner)
             await asyncio.to_thread(self.snapshots.save, version, weights)
             if rejected and live is not None:
@@ -553,7 +559,7 @@ class TrainerLoop:
                 )
             else:
                 row = await asyncio.to_thread(self.registry.add, new, LIVE)
-                await asyncio.to_thread(self.store.set_live, version)
+                await self.set_live(version)
                 previous_live = learner.shadows.get("live")
                 shadow = await asyncio.to_thread(make_shadow, learner, version, weights)
                 learner.shadows = {"live": shadow, **({"parent": previous_live} if previous_live else {})}
@@ -572,6 +578,7 @@ class TrainerLoop:
             await self._ack(ackable)
             keep = {version, parent or "", live.parent_version if live else ""}
             await asyncio.to_thread(self.snapshots.prune, s.keep_versions, keep)
+            await self._prune_versions(keep)
         metrics.EXPORT_SECONDS.observe(exported.seconds)
         self.last_export_at = time.time()
         self.last_export_seconds = exported.seconds
@@ -622,13 +629,36 @@ class TrainerLoop:
         )
         await self.make_live(live.parent_version, "rolled_back_regression")
 
+    async def set_live(self, version: str) -> None:
+        """Points LIVE at ``version``: in the folder, then (with a bucket) in the bucket's KV."""
+        await asyncio.to_thread(self.store.set_live, version)
+        if self.bucket is not None:
+            await self.bucket.set_live(version)
+
+    async def remove_version(self, version: str) -> None:
+        """Deletes a version's artifacts from the folder and the bucket (not its registry row)."""
+        await asyncio.to_thread(self.store.remove_version, version)
+        if self.bucket is not None:
+            await self.bucket.remove_version(version)
+
+    async def _prune_versions(self, keep: set[str]) -> None:
+        """Keeps the newest ``keep_versions`` artifacts and those named in ``keep``; a pruned version
+        stays listed in the registry, and promoting it answers that its artifacts are gone."""
+        versions = await asyncio.to_thread(self.store.list_versions)
+        for version in versions[: -self.settings.keep_versions]:
+            if version not in keep:
+                await self.remove_version(version)
+                logger.info("pruned the artifacts of model %s", version, extra={"model_version": version})
+
     async def make_live(self, version: str, reason: str) -> tuple[ModelRow, str]:
         """Promotion and rollback: verify the artifact, move the registry and LIVE, announce, and
         continue learning from that version's weights."""
         async with self.lock:
-            await asyncio.to_thread(self.store.open_verified, version)
+            stored = await asyncio.to_thread(self.store.open_verified, version)
+            if self.bucket is not None and not await self.bucket.has_version(version):
+                await self.bucket.put_version(stored)  # uploaded before a crash, or removed by hand
             row, previous = await asyncio.to_thread(self.registry.make_live, version)
-            await asyncio.to_thread(self.store.set_live, version)
+            await self.set_live(version)
             await self.announce(row, reason)
             weights = await asyncio.to_thread(self.snapshots.load, version)
             if weights is not None:

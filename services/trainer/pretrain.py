@@ -37,6 +37,7 @@ from services.trainer.text import TextEncoder
 from services.trainer.versions import snapshot
 from shared import nats as fnats
 from shared.db import make_engine, make_sessionmaker, upgrade_schema
+from shared.model_bucket import ModelBucket
 from shared.model_store import ModelStore
 from shared.signing import load_private_key
 
@@ -147,6 +148,8 @@ async def run_pretrain(settings: TrainerSettings, command: PretrainCommand) -> i
         if checkpoint.load() is not None:
             say(f"replacing the existing checkpoint in {settings.checkpoint_dir}")
         if command.publish:
+            if nc is None and settings.model_store is None:  # the version goes to the Object Store
+                nc = await fnats.connect(settings.nats, name="freshrec-trainer-pretrain")
             await _publish(settings, learner, nc)
         checkpoint.save(to_bytes(learner))
         say(f"checkpoint written to {checkpoint.path}; start the trainer service to learn online from here")
@@ -162,11 +165,14 @@ async def _publish(settings: TrainerSettings, learner: Learner, nc: Any) -> None
     try:
         await asyncio.to_thread(upgrade_schema, engine, MIGRATIONS, VERSION_TABLE)
         registry = Registry(make_sessionmaker(engine))
-        store = ModelStore(settings.model_store)
+        store = ModelStore(settings.model_folder())
         exported = await asyncio.to_thread(export_learner, learner, None, item_tower=settings.item_tower)
         version = next_version([*registry.versions(), *store.list_versions()])
         key = load_private_key(settings.signing_key_file) if settings.signing_key_file else None
         stored = store.write_version(version, exported.files, exported.manifest, key)
+        bucket = await ModelBucket.open(nc.jetstream()) if settings.model_store is None else None
+        if bucket is not None:
+            await bucket.put_version(stored)
         WeightSnapshots(settings.checkpoint_dir).save(version, snapshot(learner))
         trained = exported.manifest["trained_through"]
         row = registry.add(
@@ -181,6 +187,8 @@ async def _publish(settings: TrainerSettings, learner: Learner, nc: Any) -> None
             LIVE,
         )
         store.set_live(version)
+        if bucket is not None:
+            await bucket.set_live(version)
         say(f"published {version} (export {exported.seconds:.2f}s) as the live version")
         if nc is not None:
             from freshrec.v1 import trainer_pb2

@@ -25,6 +25,7 @@ from shared import nats as fnats
 from shared.db import make_engine, make_sessionmaker, upgrade_schema
 from shared.forget import ForgetWorker
 from shared.grpc_server import ServiceApp, full_service_name
+from shared.model_bucket import ModelBucket, upload_missing
 from shared.model_store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class TrainerApp(ServiceApp):
         engine = make_engine(s.database)
         await asyncio.to_thread(upgrade_schema, engine, MIGRATIONS, VERSION_TABLE)
         registry = Registry(make_sessionmaker(engine))
-        store = ModelStore(s.model_store)
+        store = ModelStore(s.model_folder())
         store.ensure()
         store.clean_temporaries()
 
@@ -117,8 +118,12 @@ class TrainerApp(ServiceApp):
         nc = await fnats.connect(s.nats, name="freshrec-trainer")
         js = nc.jetstream()
         await fnats.ensure_events_stream(js, replicas=s.nats.stream_replicas)
+        bucket = None
+        if s.model_store is None:
+            bucket = await ModelBucket.open(js, replicas=s.nats.stream_replicas)
+            await upload_missing(store, bucket)
         loop = self.loop = TrainerLoop(
-            s, learner, store, registry, checkpoint, WeightSnapshots(s.checkpoint_dir), nc, js, text
+            s, learner, store, registry, checkpoint, WeightSnapshots(s.checkpoint_dir), nc, js, text, bucket
         )
         forget = self.forget = ForgetWorker(
             js,

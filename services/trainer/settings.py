@@ -46,7 +46,12 @@ class TrainerSettings(ServiceSettings):
     database: DatabaseSettings = DatabaseSettings(url="sqlite:///var/trainer.db")
     #: Only ``events`` is read here: set, the trainer forgets users with no event left in the log.
     retention: RetentionSettings = RetentionSettings()
-    model_store: Path = Field(Path("var/models"), description="Folder of the model store.")
+    model_store: Path | None = Field(
+        None,
+        description="Folder of the model store, when trainer and inference share a disk. Unset: versions go "
+        "to the JetStream Object Store (bucket FRESHREC_MODELS, the live pointer in KV bucket "
+        "FRESHREC_MODEL_LIVE) and the trainer's own copy stays under <checkpoint-dir>/models.",
+    )
     checkpoint_dir: Path = Field(Path("var/trainer"), description="Folder of the trainer's checkpoint.")
     signing_key_file: Path | None = Field(
         None,
@@ -182,10 +187,16 @@ class TrainerSettings(ServiceSettings):
     )
     rollback_min_events: int = Field(1_000, gt=0, description="Events between two regression checks.")
     rollback_patience: int = Field(2, gt=0, description="Consecutive failed checks that roll back.")
-    keep_versions: int = Field(20, gt=1, description="Version weights kept for rollback and promotion.")
+    keep_versions: int = Field(
+        20, gt=1, description="Versions whose weights and artifacts are kept for rollback and promotion."
+    )
 
     torch_threads: int = Field(1, gt=0, description="Threads PyTorch may use.")
     seed: int = Field(0, description="Seed of initial weights, dropout and sampling.")
+
+    def model_folder(self) -> Path:
+        """Where versions are written: the shared store, or the trainer's own copy of the bucket's."""
+        return self.model_store if self.model_store is not None else self.checkpoint_dir / "models"
 
     def model_shape(self, text_dim: int) -> ModelConfig:
         return ModelConfig(

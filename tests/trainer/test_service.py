@@ -290,3 +290,22 @@ async def test_with_a_retention_the_export_forgets_users_the_log_no_longer_holds
     assert learner.users.get("leaver") == 0 and "stayer" in learner.histories
     status = await running.status()
     assert status.watermark.stream_sequence == 40
+
+
+async def test_old_artifacts_are_pruned_and_promoting_one_says_so(trainer, nats_client) -> None:
+    stream = taste_stream(n_users=10, rounds=3)
+    await publish(nats_client, [e for _, e in stream])
+    t = await trainer(keep_versions=2, **QUIET)
+    await t.learned(len(stream))
+    versions = [(await t.export()).version for _ in range(4)]
+    # The newest two, plus the live one's parent and grandparent, kept for rollback.
+    assert t.store.list_versions() == versions[1:]
+    await t.export()
+    assert t.store.list_versions() == versions[2:] + [t.store.live_version()]
+    listed = await t.stub.ListModels(trainer_pb2.ListModelsRequest())
+    assert versions[0] in {m.version for m in listed.models}  # still in the registry
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await t.stub.PromoteModel(trainer_pb2.PromoteModelRequest(version=versions[0]))
+    assert (
+        caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and versions[0] in caught.value.details()
+    )
