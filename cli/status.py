@@ -98,6 +98,11 @@ async def _details(service: str, channel: grpc.aio.Channel, timeout_s: float) ->
         status = await trainer_pb2_grpc.TrainerServiceStub(channel).GetTrainerStatus(
             trainer_pb2.GetTrainerStatusRequest(), timeout=timeout_s
         )
+        if status.role == trainer_pb2.TRAINER_ROLE_STANDBY:
+            return {
+                "role": f"standby (leader: {status.leader or 'none right now'})",
+                "live model": status.live_version or "none yet",
+            }
         details = {
             "live model": status.live_version or "none yet",
             "learned": f"{status.events_learned} events",

@@ -20,6 +20,7 @@ not only its listing.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import shutil
@@ -107,19 +108,7 @@ class ModelBucket:
                 pass
 
     async def _erase_chunks(self, name: str) -> None:
-        """Deletes an object's chunks one message at a time: JetStream's message delete overwrites
-        the stored bytes, where the purge behind ``ObjectStore.delete`` leaves them in the stream's
-        files (a withdrawn version's user table must not stay readable on disk)."""
-        info = await self.objects.get_info(name)
-        subject, seq = f"$O.{MODELS_BUCKET}.C.{info.nuid}", 1
-        while True:
-            try:
-                msg = await self.js.get_msg(OBJECTS_STREAM, seq, subject=subject, next=True)
-            except NotFoundError:
-                return
-            assert msg.seq is not None
-            await self.js.delete_msg(OBJECTS_STREAM, msg.seq)
-            seq = msg.seq + 1
+        await erase_chunks(self.js, MODELS_BUCKET, (await self.objects.get_info(name)).nuid or "")
 
     # -- reading -------------------------------------------------------------------------------
     async def live_version(self) -> str | None:
@@ -147,7 +136,7 @@ class ModelBucket:
         if (store.versions_dir / version / MANIFEST).is_file():
             return
         try:
-            manifest_bytes = (await self.objects.get(f"{version}/{MANIFEST}")).data or b""
+            manifest_bytes = await read_object(self.objects, f"{version}/{MANIFEST}")
         except NotFoundError as exc:
             raise ArtifactError(f"version {version} is not in bucket {MODELS_BUCKET}") from exc
         manifest = store.parse_manifest(version, manifest_bytes)
@@ -196,6 +185,28 @@ class ModelBucket:
         return [i.name for i in infos if i.name and not i.deleted]
 
 
+async def erase_chunks(js: JetStreamContext, bucket: str, nuid: str) -> None:
+    """Deletes an object's chunks one message at a time: JetStream's message delete overwrites the
+    stored bytes, where the purge behind ``ObjectStore.delete`` (and behind a ``put`` replacing an
+    object) leaves them in the stream's files; personal data must not stay readable on disk."""
+    stream, subject, seq = f"OBJ_{bucket}", f"$O.{bucket}.C.{nuid}", 1
+    while nuid:
+        try:
+            msg = await js.get_msg(stream, seq, subject=subject, next=True)
+        except NotFoundError:
+            return
+        assert msg.seq is not None
+        await js.delete_msg(stream, msg.seq)
+        seq = msg.seq + 1
+
+
+async def read_object(objects: ObjectStore, name: str) -> bytes:
+    """An object's bytes (nats-py's ``get`` without a target concatenates chunk by chunk: quadratic)."""
+    buffer = io.BytesIO()
+    await objects.get(name, writeinto=buffer)
+    return buffer.getvalue()
+
+
 def _check_name(name: str) -> None:
     """A manifest names files inside its version, nothing else (no path tricks from the bucket)."""
     if not name or name != Path(name).name or name in (".", "..", MANIFEST):
@@ -210,18 +221,24 @@ async def prune_local(store: ModelStore, keep: set[str]) -> list[str]:
     return removed
 
 
-async def upload_missing(store: ModelStore, bucket: ModelBucket) -> list[str]:
-    """The trainer at start: uploads local versions the bucket lacks (a crash between writing and
-    uploading) and points the bucket's ``live`` where the local LIVE points."""
-    there = set(await bucket.list_versions())
-    uploaded = []
-    for version in store.list_versions():
-        if version not in there:
+async def adopt_bucket(store: ModelStore, bucket: ModelBucket, live: str | None) -> None:
+    """A trainer taking the lead makes its folder a copy of the bucket: versions the bucket lacks are
+    dropped (withdrawn or pruned by an earlier leader, or written just before a crash and never
+    registered), missing ones downloaded; the bucket's live pointer then follows ``live`` (the
+    registry's). An empty bucket instead receives the folder's versions (a store moving from a
+    shared folder to JetStream keeps its history)."""
+    there = await bucket.list_versions()
+    local = await asyncio.to_thread(store.list_versions)
+    if not there:
+        for version in local:
             await bucket.put_version(await asyncio.to_thread(store.open_verified, version))
-            uploaded.append(version)
-    live = store.live_version()
-    if live and live != await bucket.live_version():
+        if local:
+            logger.info("uploaded %d model versions to the empty bucket %s", len(local), MODELS_BUCKET)
+    else:
+        await prune_local(store, set(there))
+        for version in there:
+            await bucket.fetch(version, store)
+    if live and live != await bucket.live_version() and await bucket.has_version(live):
         await bucket.set_live(live)
-    if uploaded:
-        logger.info("uploaded %d model versions the bucket lacked: %s", len(uploaded), ", ".join(uploaded))
-    return uploaded
+    if live and await asyncio.to_thread(store.live_version) != live and live in store.list_versions():
+        await asyncio.to_thread(store.set_live, live)

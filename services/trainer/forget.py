@@ -76,6 +76,7 @@ class TrainerForget:
                 await loop.remove_version(version)
                 await asyncio.to_thread(loop.snapshots.remove, version)
             await asyncio.to_thread(loop.registry.withdraw, withdrawn)
+            await loop.mirror_state()  # the withdrawn versions' weights leave the state bucket too
             # The parent's weights held the user: the rollback watch has nothing to go back to.
             loop.learner.shadows.pop("parent", None)
         self.targets.pop(task.request_id, None)

@@ -49,6 +49,7 @@ from services.trainer.checkpoint import to_bytes
 from services.trainer.datasets import item_text
 from services.trainer.evaluation import Paired
 from services.trainer.export import export_learner
+from services.trainer.leadership import Lease, LostLease
 from services.trainer.learner import Learner
 from services.trainer.registry import (
     LIVE,
@@ -62,6 +63,7 @@ from services.trainer.registry import (
 )
 from services.trainer.replay import Chunks
 from services.trainer.settings import TrainerSettings
+from services.trainer.state_bucket import StateBucket
 from services.trainer.text import TextEncoder
 from services.trainer.versions import make_shadow, rebase, snapshot
 from shared.forget import RecentlyForgotten
@@ -158,6 +160,8 @@ class TrainerLoop:
         js: JetStreamContext,
         text: TextEncoder | None = None,
         bucket: ModelBucket | None = None,
+        state: StateBucket | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self.settings = settings
         self.learner = learner
@@ -170,6 +174,10 @@ class TrainerLoop:
         self.text = text
         #: The JetStream model store every version is copied to (None: ``store`` is shared).
         self.bucket = bucket
+        #: Where the checkpoint and version weights are mirrored for a standby to take over from.
+        self.state = state
+        #: The leadership lease (None: the only trainer); checked before anything is published.
+        self.lease = lease
         #: One learner call at a time; also serialises every change of the live version.
         self.lock = asyncio.Lock()
         self.requests: asyncio.Queue[Request] = asyncio.Queue()
@@ -223,6 +231,10 @@ class TrainerLoop:
         try:
             await self._consume(reader)
         finally:
+            while not self.requests.empty():  # asked of a loop that stops: answer, do not hang
+                waiting = self.requests.get_nowait()
+                if not waiting.done.done():
+                    waiting.done.set_exception(LostLease("this trainer stopped leading before it could"))
             catalogue.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await catalogue
@@ -313,6 +325,10 @@ class TrainerLoop:
                         await self._ack(await self._save_checkpoint())
                     since_checkpoint = 0
                     last_tick = time.monotonic()
+            except LostLease as exc:
+                if request is not None and not request.done.done():
+                    request.done.set_exception(exc)
+                raise
             except Exception as exc:
                 logger.exception("training step failed; retrying at the next interval")
                 if request is not None and not request.done.done():
@@ -589,7 +605,15 @@ class TrainerLoop:
         data = await asyncio.to_thread(to_bytes, self.learner)
         ackable, self.unacked_events = self.unacked_events, None
         await asyncio.to_thread(self.checkpoint.save, data)
+        await self.mirror_state()
         return ackable
+
+    async def mirror_state(self) -> None:
+        """Copies the checkpoint folder to the state bucket (while this trainer still leads)."""
+        if self.lease is not None:
+            await self.lease.renew()  # LostLease: another trainer leads, write nothing more
+        if self.state is not None:
+            await self.state.mirror(self.checkpoint.path.parent)
 
     async def _ack(self, ackable: Msg | None) -> None:
         if ackable is None:
@@ -631,6 +655,8 @@ class TrainerLoop:
 
     async def set_live(self, version: str) -> None:
         """Points LIVE at ``version``: in the folder, then (with a bucket) in the bucket's KV."""
+        if self.lease is not None:
+            await self.lease.renew()  # LostLease: another trainer leads, publish nothing
         await asyncio.to_thread(self.store.set_live, version)
         if self.bucket is not None:
             await self.bucket.set_live(version)

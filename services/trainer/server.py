@@ -6,26 +6,30 @@ import asyncio
 import fcntl
 import logging
 import os
+import socket
 from functools import partial
 from pathlib import Path
 from typing import IO
 
 import torch
+from nats.aio.client import Client as NatsClient
 
 from freshrec.v1 import trainer_pb2, trainer_pb2_grpc
 from services.trainer.checkpoint import restore
 from services.trainer.forget import TrainerForget
+from services.trainer.leadership import Lease, LostLease
 from services.trainer.learner import Learner
 from services.trainer.loop import TrainerLoop
 from services.trainer.registry import CheckpointFile, Registry, WeightSnapshots
 from services.trainer.servicer import TrainerServicer
 from services.trainer.settings import TrainerSettings
+from services.trainer.state_bucket import StateBucket
 from services.trainer.text import TEXT_DIM, TextEncoder, make_text_encoder
 from shared import nats as fnats
 from shared.db import make_engine, make_sessionmaker, upgrade_schema
 from shared.forget import ForgetWorker
 from shared.grpc_server import ServiceApp, full_service_name
-from shared.model_bucket import ModelBucket, upload_missing
+from shared.model_bucket import ModelBucket, adopt_bucket
 from shared.model_store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -78,6 +82,13 @@ class TrainerApp(ServiceApp):
         self.settings: TrainerSettings = settings
         self.loop: TrainerLoop | None = None
         self.forget: ForgetWorker | None = None
+        self.nc: NatsClient | None = None
+        self.registry: Registry | None = None
+        self.store: ModelStore | None = None
+        #: With no model folder named: the model and state buckets and the leadership lease.
+        self.bucket: ModelBucket | None = None
+        self.state: StateBucket | None = None
+        self.lease: Lease | None = None
         self.lock = CheckpointLock(settings.checkpoint_dir)
 
     async def start(self) -> None:
@@ -94,14 +105,50 @@ class TrainerApp(ServiceApp):
         s = self.settings
         engine = make_engine(s.database)
         await asyncio.to_thread(upgrade_schema, engine, MIGRATIONS, VERSION_TABLE)
-        registry = Registry(make_sessionmaker(engine))
-        store = ModelStore(s.model_folder())
-        store.ensure()
-        store.clean_temporaries()
+        self.registry = Registry(make_sessionmaker(engine))
+        self.store = ModelStore(s.model_folder())
+        self.store.ensure()
+        self.store.clean_temporaries()
+        CheckpointFile(s.checkpoint_dir).clean_temporaries()
 
+        nc = self.nc = await fnats.connect(s.nats, name="freshrec-trainer")
+        js = nc.jetstream()
+        await fnats.ensure_events_stream(js, replicas=s.nats.stream_replicas)
+        if s.distributed:
+            replicas = s.nats.stream_replicas
+            self.bucket = await ModelBucket.open(js, replicas=replicas)
+            self.state = await StateBucket.open(js, replicas=replicas)
+            self.lease = await Lease.open(js, s.replica, socket.gethostname(), s.lease_ttl_s, replicas)
+            work = {"trainer-leadership": self._lead()}
+        else:  # the only trainer: it leads from the start
+            await self._become_leader()
+            assert self.loop is not None and self.forget is not None
+            work = {"trainer-loop": self.loop.run(), "trainer-forget": self.forget.run()}
+
+        await self.serve(
+            SERVICE_NAME,
+            trainer_pb2_grpc.add_TrainerServiceServicer_to_server,
+            TrainerServicer(self, self.registry, s),
+            tasks=work,
+            cleanups=[nc.drain, partial(asyncio.to_thread, engine.dispose)],
+        )
+        if self.lease is not None:
+            self.lease.address = f"{socket.gethostname()}:{self.port}"
+        logger.info("trainer (%s) listening on %s:%d", s.strategy, s.grpc.host, self.port)
+
+    async def _become_leader(self) -> None:
+        """Builds the learner from the newest checkpoint (the state bucket's, when there is one) and
+        the loop and forget worker around it."""
+        s = self.settings
+        assert self.nc is not None and self.registry is not None and self.store is not None
+        js = self.nc.jetstream()
+        if self.state is not None:
+            await self.state.restore_into(s.checkpoint_dir)
+        if self.bucket is not None:
+            live = await asyncio.to_thread(self.registry.live)
+            await adopt_bucket(self.store, self.bucket, live.version if live else None)
         learner, text = build_learner(s)
         checkpoint = CheckpointFile(s.checkpoint_dir)
-        checkpoint.clean_temporaries()
         saved = await asyncio.to_thread(checkpoint.load)
         if saved is not None:
             await asyncio.to_thread(restore, learner, saved)
@@ -114,18 +161,21 @@ class TrainerApp(ServiceApp):
             logger.warning(
                 "the checkpoint uses text features but the `text` extra is missing: new items get none"
             )
-
-        nc = await fnats.connect(s.nats, name="freshrec-trainer")
-        js = nc.jetstream()
-        await fnats.ensure_events_stream(js, replicas=s.nats.stream_replicas)
-        bucket = None
-        if s.model_store is None:
-            bucket = await ModelBucket.open(js, replicas=s.nats.stream_replicas)
-            await upload_missing(store, bucket)
         loop = self.loop = TrainerLoop(
-            s, learner, store, registry, checkpoint, WeightSnapshots(s.checkpoint_dir), nc, js, text, bucket
+            s,
+            learner,
+            self.store,
+            self.registry,
+            checkpoint,
+            WeightSnapshots(s.checkpoint_dir),
+            self.nc,
+            js,
+            text,
+            self.bucket,
+            self.state,
+            self.lease,
         )
-        forget = self.forget = ForgetWorker(
+        self.forget = ForgetWorker(
             js,
             service="trainer",
             replica=s.consumer_name,
@@ -134,14 +184,27 @@ class TrainerApp(ServiceApp):
             stream_replicas=s.nats.stream_replicas,
         )
 
-        await self.serve(
-            SERVICE_NAME,
-            trainer_pb2_grpc.add_TrainerServiceServicer_to_server,
-            TrainerServicer(loop, registry, s),
-            tasks={"trainer-loop": loop.run(), "trainer-forget": forget.run()},
-            cleanups=[nc.drain, partial(asyncio.to_thread, engine.dispose)],
-        )
-        logger.info("trainer (%s) listening on %s:%d", s.strategy, s.grpc.host, self.port)
+    async def _lead(self) -> None:
+        """Stands by until the lease is this trainer's, then learns while it holds it; after losing
+        it (paused or cut off past its TTL, another trainer took over) stands by again."""
+        lease = self.lease
+        assert lease is not None
+        while True:
+            await lease.acquire()
+            try:
+                await self._become_leader()
+                assert self.loop is not None and self.forget is not None
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self.loop.run(), name="trainer-loop")
+                    group.create_task(self.forget.run(), name="trainer-forget")
+                    group.create_task(lease.keep(), name="trainer-lease")
+            except* LostLease as lost:
+                logger.error(
+                    "%s: standing by (the new leader resumes from the last checkpoint)", lost.exceptions[0]
+                )
+            finally:
+                self.loop = self.forget = None
+                await lease.release()
 
     async def stop(self) -> None:
         await super().stop()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
 from freshrec.v1 import trainer_pb2, trainer_pb2_grpc
+from services.trainer.leadership import Lease, LostLease
 from services.trainer.loop import TrainerLoop
 from services.trainer.registry import LIVE, ModelRow, Registry
 from services.trainer.settings import TrainerSettings
@@ -17,18 +18,54 @@ from shared.watermark import watermark_proto
 MAX_VERSION_LENGTH = 64
 
 
+class Role(Protocol):
+    """What the servicer reads of the running trainer: the loop while it leads, and the lease."""
+
+    loop: TrainerLoop | None
+    lease: Lease | None
+
+
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, loop: TrainerLoop, registry: Registry, settings: TrainerSettings) -> None:
-        self.loop = loop
+    def __init__(self, role: Role, registry: Registry, settings: TrainerSettings) -> None:
+        self.role = role
         self.registry = registry
         self.settings = settings
+
+    async def _leader_name(self) -> str:
+        lease = self.role.lease
+        if lease is None:
+            return self.settings.replica
+        holder = await lease.holder()
+        return f"{holder.name} ({holder.address})" if holder else ""
+
+    async def _leading_loop(self, context: grpc.aio.ServicerContext[Any, Any]) -> TrainerLoop:
+        """The loop, when this trainer leads; FAILED_PRECONDITION naming the leader otherwise."""
+        loop, lease = self.role.loop, self.role.lease
+        if loop is None or (lease is not None and not lease.leading):
+            leader = await self._leader_name()
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"trainer {self.settings.replica} stands by; "
+                + (f"send this to the leader, trainer {leader}" if leader else "no trainer leads right now"),
+            )
+        assert loop is not None
+        return loop
 
     async def GetTrainerStatus(
         self, request: trainer_pb2.GetTrainerStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> trainer_pb2.GetTrainerStatusResponse:
-        learner = self.loop.learner
-        p = learner.position
         live = await asyncio.to_thread(self.registry.live)
+        loop = self.role.loop
+        leader = await self._leader_name()
+        if loop is None:
+            return trainer_pb2.GetTrainerStatusResponse(
+                strategy=self.settings.strategy,
+                live_version=live.version if live else "",
+                role=trainer_pb2.TRAINER_ROLE_STANDBY,
+                leader=leader,
+            )
+        learner = loop.learner
+        p = learner.position
         figures = learner.prequential.as_metrics()
         figures.update(learner.served.as_metrics("served"))
         figures.update(
@@ -39,8 +76,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 "skipped_steps": float(learner.skipped_steps),
             }
         )
-        figures.update(self.loop.bootstrap_state)
-        figures["bootstrapping"] = float(self.loop.bootstrapping)
+        figures.update(loop.bootstrap_state)
+        figures["bootstrapping"] = float(loop.bootstrapping)
         gate = learner.gate
         if gate.n:
             figures.update(
@@ -56,10 +93,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             events_learned=p.events_learned,
             watermark=watermark_proto(p.stream_sequence, p.event_time),
             metrics=figures,
-            last_export_seconds=self.loop.last_export_seconds,
+            last_export_seconds=loop.last_export_seconds,
+            role=trainer_pb2.TRAINER_ROLE_LEADER,
+            leader=leader,
         )
-        if self.loop.last_export_at:
-            response.last_export_at.FromNanoseconds(int(self.loop.last_export_at * 1e9))
+        if loop.last_export_at:
+            response.last_export_at.FromNanoseconds(int(loop.last_export_at * 1e9))
         return response
 
     async def TriggerTraining(
@@ -71,13 +110,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             trainer_pb2.TRAINING_KIND_RETRAIN,
         ):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown training kind {request.kind}")
-        if self.loop.learner.position.events_learned == 0:
+        loop = await self._leading_loop(context)
+        if loop.learner.position.events_learned == 0:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "the trainer has learned no events yet; ingest some first",
             )
         try:
-            row = await self.loop.request(request.kind)
+            row = await loop.request(request.kind)
+        except LostLease as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{exc}: send this to the new leader")
         except Exception as exc:
             await context.abort(grpc.StatusCode.INTERNAL, f"training failed: {exc}")
         return trainer_pb2.TriggerTrainingResponse(model=row.to_proto())
@@ -133,8 +175,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"model version {version!r} is not in the registry"
             )
+        loop = await self._leading_loop(context)
         try:
-            return await self.loop.make_live(version, reason)
+            return await loop.make_live(version, reason)
+        except LostLease as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{exc}: send this to the new leader")
         except ArtifactError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot make {version} live: {exc}")
         raise AssertionError("unreachable")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -58,6 +60,20 @@ class TrainerSettings(ServiceSettings):
         description="Ed25519 private key (PEM) that signs every manifest (python -m shared.signing keygen).",
     )
     consumer_name: str = Field("trainer", description="Durable JetStream consumer name on FRESHREC_EVENTS.")
+    replica_name: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9_-]{0,64}$",
+        description="Name of this trainer in the leadership lease (with no model folder named, several "
+        "trainers may run: one leads, the others stand by); trainers need distinct names "
+        "(default: <host name>-<gRPC port>).",
+    )
+    lease_ttl_s: float = Field(
+        10.0,
+        ge=1.0,
+        le=300.0,
+        description="How long the leadership lease outlives its holder's last renewal (renewed every third "
+        "of it): the longest a standby waits to take over from a trainer that died without releasing it.",
+    )
 
     # -- update schedule ---------------------------------------------------------------------
     strategy: Literal["online", "incremental", "periodic"] = Field(
@@ -193,6 +209,16 @@ class TrainerSettings(ServiceSettings):
 
     torch_threads: int = Field(1, gt=0, description="Threads PyTorch may use.")
     seed: int = Field(0, description="Seed of initial weights, dropout and sampling.")
+
+    @property
+    def replica(self) -> str:
+        """The trainer's name in effect: ``replica_name``, or ``<host name>-<gRPC port>``."""
+        return self.replica_name or re.sub(r"[^A-Za-z0-9_-]", "-", f"{socket.gethostname()}-{self.grpc.port}")
+
+    @property
+    def distributed(self) -> bool:
+        """No folder shared with inference: models, checkpoint and leadership live on JetStream."""
+        return self.model_store is None
 
     def model_folder(self) -> Path:
         """Where versions are written: the shared store, or the trainer's own copy of the bucket's."""

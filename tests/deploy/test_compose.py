@@ -6,6 +6,7 @@ command."""
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import subprocess
 import sys
@@ -172,8 +173,14 @@ def test_volumes_and_paths() -> None:
     doc = compose()
     declared = set(doc["volumes"])
     used = set()
+    # The image's own VOLUME lines: a container's private volume where nothing is mounted there.
+    image_volumes = [
+        json.loads(line.split(None, 1)[1])
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.startswith("VOLUME ")
+    ]
     for name, service in doc["services"].items():
-        mounts = {}
+        mounts = {target: "(image)" for targets in image_volumes for target in targets}
         for volume in service.get("volumes", []):
             source, target = volume.split(":")[:2]
             assert source in declared, f"{name} mounts undeclared volume {source}"
@@ -191,6 +198,8 @@ def test_volumes_and_paths() -> None:
     # volume with another (the deployment is not tied to one host's disk).
     assert not any("FRESHREC_MODEL_STORE" in s.get("environment", {}) for s in doc["services"].values())
     assert "volumes" not in inference
+    # Nor the trainer's checkpoint: a second trainer (--scale trainer=2) stands by with its own copy.
+    assert "volumes" not in doc["services"]["trainer"]
     mounted = [v.split(":")[0] for s in doc["services"].values() for v in s.get("volumes", [])]
     assert len(mounted) == len(set(mounted)), f"a volume is shared between services: {mounted}"
     host, port = inference["environment"]["FRESHREC_FEATURE_ADDR"].split(":")

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shared.model_bucket import MODELS_BUCKET, ModelBucket, prune_local, upload_missing
+from shared.model_bucket import MODELS_BUCKET, ModelBucket, adopt_bucket, prune_local
 from shared.model_store import ArtifactError, ModelStore
 from tests.conftest import eventually
 
@@ -123,18 +123,33 @@ async def test_a_manifest_cannot_name_files_outside_its_version(nats_client: Any
     assert replica.list_versions() == [] and not list(replica.root.glob(".tmp-*"))
 
 
-async def test_the_trainer_uploads_what_a_crash_left_local_and_replicas_keep_only_what_they_use(
+async def test_a_trainer_taking_the_lead_copies_the_bucket_and_drops_what_it_lacks(
     nats_client: Any, tmp_path: Path
 ) -> None:
     bucket = await ModelBucket.open(nats_client.jetstream())
-    trainer = ModelStore(tmp_path / "trainer")
-    write(trainer, "v000001")
-    write(trainer, "v000002")
-    trainer.set_live("v000002")
-    assert await upload_missing(trainer, bucket) == ["v000001", "v000002"]
-    assert await bucket.live_version() == "v000002"
-    assert await upload_missing(trainer, bucket) == []
+    first = ModelStore(tmp_path / "first-leader")
+    write(first, "v000001")
+    write(first, "v000002")
+    # The bucket is empty: the folder's history goes up (a store moving off a shared folder).
+    await adopt_bucket(first, bucket, "v000002")
+    assert await bucket.list_versions() == ["v000001", "v000002"] and await bucket.live_version() == "v000002"
 
+    # A standby with a stale copy (v000001 was withdrawn since, v000009 never registered).
+    await bucket.remove_version("v000001")
+    standby = ModelStore(tmp_path / "standby")
+    write(standby, "v000001", users=("withdrawn-user",))
+    write(standby, "v000009")
+    await adopt_bucket(standby, bucket, "v000002")
+    assert standby.list_versions() == ["v000002"] and standby.live_version() == "v000002"
+    assert await bucket.list_versions() == ["v000002"]  # nothing withdrawn came back
+
+
+async def test_replicas_keep_only_what_they_use(nats_client: Any, tmp_path: Path) -> None:
+    bucket = await ModelBucket.open(nats_client.jetstream())
+    trainer = ModelStore(tmp_path / "trainer")
+    for version in ("v000001", "v000002"):
+        write(trainer, version)
+        await bucket.put_version(trainer.open_verified(version))
     replica = ModelStore(tmp_path / "replica")
     for version in ("v000001", "v000002"):
         await bucket.fetch(version, replica)

@@ -22,7 +22,10 @@ from tests.trainer.streams import taste_stream
 pytestmark = pytest.mark.slow
 
 
-def start_trainer(nats_url: str, folder: Path, consumer: str, port: int) -> subprocess.Popen[bytes]:
+def start_trainer(
+    nats_url: str, folder: Path, consumer: str, port: int, **changes: str | None
+) -> subprocess.Popen[bytes]:
+    """A trainer process; ``changes`` set (or, given None, remove) FRESHREC_ variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
     env.update(
         {
@@ -48,6 +51,11 @@ def start_trainer(nats_url: str, folder: Path, consumer: str, port: int) -> subp
             "FRESHREC_RECENT_WINDOW": "200",
         }
     )
+    for name, value in changes.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     log = (folder / "trainer.log").open("ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "services.trainer"], env=env, stdout=log, stderr=subprocess.STDOUT
