@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from functools import partial
+
+from nats.js import JetStreamContext
 
 from freshrec.v1 import feature_pb2, feature_pb2_grpc
 from services.feature import metrics
@@ -17,7 +20,7 @@ from services.feature.servicer import FeatureServicer
 from services.feature.settings import FeatureSettings
 from services.feature.state import FeatureState
 from services.feature.store import FeatureStore
-from shared import gc_tuning
+from shared import feature_replicas, gc_tuning
 from shared import nats as fnats
 from shared.db import make_engine, make_sessionmaker, upgrade_schema
 from shared.forget import ForgetWorker
@@ -40,6 +43,7 @@ class FeatureApp(ServiceApp):
         self.consumer: FeatureConsumer | None = None
         self.catalogue: Catalogue | None = None
         self.forget: ForgetWorker | None = None
+        self.announcer: feature_replicas.Announcer | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -79,6 +83,11 @@ class FeatureApp(ServiceApp):
             stream_replicas=s.nats.stream_replicas,
         )
 
+        partitions = await feature_replicas.open_bucket(js, s.nats.stream_replicas)
+        announcer = self.announcer = feature_replicas.Announcer(
+            partitions, s.replica_name, "", s.partition.replica, s.partition.replicas
+        )
+
         await self.serve(
             SERVICE_NAME,
             feature_pb2_grpc.add_FeatureServiceServicer_to_server,
@@ -89,11 +98,39 @@ class FeatureApp(ServiceApp):
                 "feature-catalogue-intake": intake.run(),
                 "feature-catalogue-relay": catalogue.relay(s.catalogue.relay_interval_s),
                 "feature-forget": forget.run(),
+                "feature-announce": self._announce_forever(js, announcer, consumer),
                 **({"feature-retention": self._expire_forever(state)} if s.retention.events else {}),
             },
-            cleanups=[nc.drain, partial(asyncio.to_thread, engine.dispose)],
+            cleanups=[nc.drain, partial(asyncio.to_thread, engine.dispose), announcer.withdraw],
         )
-        logger.info("feature listening on %s:%d", s.grpc.host, self.port)
+        announcer.address = s.advertise_addr or f"{advertised_host(s.grpc.host)}:{self.port}"
+        logger.info(
+            "feature listening on %s:%d (in the partition map as %s)",
+            s.grpc.host,
+            self.port,
+            announcer.address,
+        )
+
+    async def _announce_forever(
+        self, js: JetStreamContext, announcer: feature_replicas.Announcer, consumer: FeatureConsumer
+    ) -> None:
+        """Keeps this replica in the partition map, saying whether it has read the stream to its end
+        (then lookups for its partitions come here rather than to an older owner)."""
+        name = self.settings.replica_name
+
+        async def announce() -> None:
+            caught_up = False
+            if consumer.ready.is_set() and announcer.address:
+                info = await js.consumer_info(fnats.EVENTS_STREAM, name)
+                caught_up = not info.num_pending
+            await announcer.put(caught_up)
+
+        await forever(
+            announce,
+            logger=logger,
+            failed="announcing this replica in the partition map failed; retrying",
+            every_s=feature_replicas.ANNOUNCE_EVERY_S,
+        )
 
     async def _expire_forever(self, state: FeatureState) -> None:
         retention = self.settings.retention
@@ -107,3 +144,8 @@ class FeatureApp(ServiceApp):
     async def stop(self) -> None:
         await super().stop()
         gc_tuning.release()
+
+
+def advertised_host(bound: str) -> str:
+    """The host others reach a server bound to ``bound`` at: its name when bound to every address."""
+    return socket.gethostname() if bound in ("", "0.0.0.0", "::", "[::]") else bound

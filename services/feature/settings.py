@@ -106,6 +106,13 @@ class FeatureSettings(ServiceSettings):
     )
     popularity: PopularitySettings = PopularitySettings()
     partition: PartitionSettings = PartitionSettings()
+    advertise_addr: str = Field(
+        "",
+        pattern=r"^$|^[A-Za-z0-9.:\[\]_-]+:[0-9]+$",
+        description="host:port at which inference reaches this replica, published in the partition map "
+        "(KV bucket FRESHREC_FEATURE_REPLICAS) so lookups go to the owner of each user "
+        "(default: the gRPC host, or this host's name when that is 0.0.0.0, with the served port).",
+    )
     catalogue: CatalogueSettings = CatalogueSettings()
     limits: RequestLimits = RequestLimits()
 

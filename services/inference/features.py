@@ -12,14 +12,19 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
+from typing import Any
 
 import grpc
+from nats.js.kv import KeyValue
 from prometheus_client import Counter, Histogram
 
 from freshrec.v1 import feature_pb2, feature_pb2_grpc
+from shared.feature_replicas import PartitionMap
 from shared.forget import RecentlyForgotten
+from shared.supervise import forever
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +71,11 @@ class FeatureClient:
         cache_size: int = 100_000,
         batch_size: int = 64,
         max_in_flight: int = 1,
+        router: FeatureRouter | None = None,
     ) -> None:
         self.stub = feature_pb2_grpc.FeatureServiceStub(channel)
+        #: Sends each user to the replica owning their partition (None: everything to ``channel``).
+        self.router = router
         self.deadline_s = deadline_s
         self.cache: OrderedDict[str, UserView] = OrderedDict()
         self.cache_size = cache_size
@@ -88,20 +96,31 @@ class FeatureClient:
         self._send()
         return await future
 
+    def _stub(self, user_id: str) -> feature_pb2_grpc.FeatureServiceStub:
+        return self.router.stub_for(user_id) if self.router is not None else self.stub
+
     def _send(self) -> None:
         while self._waiting and self._in_flight < self.max_in_flight:
             user_ids = list(islice(self._waiting, self.batch_size))
             batch = {u: self._waiting.pop(u) for u in user_ids}
-            self._in_flight += 1
-            task = asyncio.create_task(self._lookup(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            # One call per owning replica (a replica refuses users of partitions it does not own).
+            by_owner: dict[int, tuple[feature_pb2_grpc.FeatureServiceStub, dict[str, list[Any]]]] = {}
+            for user_id, futures in batch.items():
+                stub = self._stub(user_id)
+                by_owner.setdefault(id(stub), (stub, {}))[1][user_id] = futures
+            for stub, part in by_owner.values():
+                self._in_flight += 1
+                task = asyncio.create_task(self._lookup(stub, part))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
-    async def _lookup(self, batch: dict[str, list[asyncio.Future[UserView]]]) -> None:
+    async def _lookup(
+        self, stub: feature_pb2_grpc.FeatureServiceStub, batch: dict[str, list[asyncio.Future[UserView]]]
+    ) -> None:
         views: dict[str, UserView] = {}
         try:
             LOOKUP_BATCH.observe(len(batch))
-            response = await self.stub.BatchGetUserFeatures(
+            response = await stub.BatchGetUserFeatures(
                 feature_pb2.BatchGetUserFeaturesRequest(user_ids=list(batch), include_seen_items=True),
                 timeout=self.deadline_s,
             )
@@ -134,7 +153,7 @@ class FeatureClient:
         either (then nothing can fill the cache with them again)."""
         self.cache.pop(user_id, None)
         try:
-            response = await self.stub.GetUserFeatures(
+            response = await self._stub(user_id).GetUserFeatures(
                 feature_pb2.GetUserFeaturesRequest(user_id=user_id), timeout=max(self.deadline_s, 2.0)
             )
         except grpc.aio.AioRpcError:
@@ -144,7 +163,7 @@ class FeatureClient:
 
     async def _one(self, user_id: str) -> UserView:
         try:
-            response = await self.stub.GetUserFeatures(
+            response = await self._stub(user_id).GetUserFeatures(
                 feature_pb2.GetUserFeaturesRequest(user_id=user_id, include_seen_items=True),
                 timeout=self.deadline_s,
             )
@@ -178,6 +197,42 @@ class FeatureClient:
         if len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
         return view
+
+
+class FeatureRouter:
+    """A stub per feature replica the partition map names (one channel per address, opened on first
+    use), and the configured address for users whose partition no live replica announces (a
+    feature service that publishes no map, or a map not read yet)."""
+
+    def __init__(self, default: grpc.aio.Channel, open_channel: Callable[[str], grpc.aio.Channel]) -> None:
+        self.default = feature_pb2_grpc.FeatureServiceStub(default)
+        self.open_channel = open_channel
+        self.map = PartitionMap()
+        self.channels: dict[str, grpc.aio.Channel] = {}
+        self.stubs: dict[str, feature_pb2_grpc.FeatureServiceStub] = {}
+
+    def stub_for(self, user_id: str) -> feature_pb2_grpc.FeatureServiceStub:
+        address = self.map.address_for(user_id)
+        if address is None:
+            return self.default
+        stub = self.stubs.get(address)
+        if stub is None:
+            channel = self.channels[address] = self.open_channel(address)
+            stub = self.stubs[address] = feature_pb2_grpc.FeatureServiceStub(channel)
+        return stub
+
+    async def follow(self, kv: KeyValue) -> None:
+        """Keeps the map current from the bucket (a change of owners applies to the next lookup)."""
+        await forever(
+            lambda: self.map.watch(kv),
+            logger=logger,
+            failed="following the feature partition map failed; retrying",
+            every_s=1.0,
+        )
+
+    async def close(self) -> None:
+        for channel in self.channels.values():
+            await channel.close()
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,10 @@ import logging
 import shutil
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -18,14 +20,14 @@ from threadpoolctl import threadpool_limits
 from freshrec.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.batcher import UserTowerBatcher
 from services.inference.catalogue import Catalogue, CatalogueFollower
-from services.inference.features import FeatureClient, PopularCache
+from services.inference.features import FeatureClient, FeatureRouter, PopularCache
 from services.inference.forget import InferenceForget
 from services.inference.index import ExplorationSettings
 from services.inference.policy import RankingSettings, Recommender
 from services.inference.reloader import ModelHolder
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
-from shared import gc_tuning
+from shared import feature_replicas, gc_tuning
 from shared import nats as fnats
 from shared.forget import ForgetWorker
 from shared.grpc_server import ServiceApp, full_service_name
@@ -67,7 +69,8 @@ class InferenceApp(ServiceApp):
         catalogue = self.catalogue = Catalogue()
         public_key = load_public_key(s.verify_key_file) if s.verify_key_file else None
         nc = await fnats.connect(s.nats, name="freshrec-inference")
-        bucket, folder, removals = None, s.model_store, []
+        bucket, folder = None, s.model_store
+        removals: list[Callable[[], Awaitable[Any]]] = []
         if folder is None:
             bucket = await ModelBucket.open(nc.jetstream(), replicas=s.nats.stream_replicas)
             folder = s.model_cache or Path(tempfile.mkdtemp(prefix="freshrec-models-"))
@@ -84,12 +87,19 @@ class InferenceApp(ServiceApp):
             bucket,
         )
         channel = make_channel(s.feature_addr, s.feature)
+        router = FeatureRouter(channel, partial(make_channel, peer=s.feature)) if s.feature_routing else None
         features = FeatureClient(
             channel,
             s.feature_deadline_s,
             batch_size=s.user_lookup_batch,
             max_in_flight=s.user_lookups_in_flight,
+            router=router,
         )
+        routing: dict[str, Coroutine[Any, Any, None]] = {}
+        if router is not None:
+            partitions = await feature_replicas.open_bucket(nc.jetstream(), s.nats.stream_replicas)
+            routing["feature-partition-map"] = router.follow(partitions)
+            removals.append(router.close)
         popular = self.popular = PopularCache(channel, max(s.feature_deadline_s, 0.5), s.popular_ttl_s)
         follower = self.follower = CatalogueFollower(catalogue, nc, channel)
         listed = await follower.list_all()
@@ -109,6 +119,7 @@ class InferenceApp(ServiceApp):
             tasks={
                 "model-poll": holder.poll(s.poll_interval_s),
                 **({"model-watch": holder.watch_bucket()} if bucket is not None else {}),
+                **routing,
                 "catalogue-follower": follower.run(),
                 "catalogue-rebuild": holder.follow_catalogue(s.catalogue_debounce_s),
                 "health": self._watch_health(),

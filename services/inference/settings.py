@@ -41,6 +41,12 @@ class InferenceSettings(ServiceSettings):
         "Unset: a private temporary folder, removed at stop.",
     )
     feature_addr: str = Field("127.0.0.1:50052", description="host:port of the feature service.")
+    feature_routing: bool = Field(
+        True,
+        description="Send each user lookup to the feature replica owning the user's partition, from the "
+        "map the replicas publish (KV bucket FRESHREC_FEATURE_REPLICAS), feature_addr for partitions it "
+        "does not cover; off: every lookup to feature_addr.",
+    )
     feature_deadline_s: float = Field(
         0.05, gt=0, description="Deadline of a feature lookup on the request path (then the cache answers)."
     )
