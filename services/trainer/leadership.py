@@ -112,8 +112,15 @@ class Lease:
     async def acquire(self) -> None:
         """Waits (standing by) until this trainer holds the lease."""
         told = ""
-        while not await self.try_acquire():
-            current = await self.holder()
+        while True:
+            try:
+                if await self.try_acquire():
+                    break
+                current = await self.holder()
+            except Exception as exc:  # NATS unreachable or electing a leader: keep standing by
+                logger.warning("could not read the trainer lease (%s); retrying", exc)
+                await asyncio.sleep(self.ttl_s / 4)
+                continue
             name = current.name if current else ""
             if name != told:
                 logger.info("standing by: trainer %s leads", name or "(none)")

@@ -202,6 +202,11 @@ class TrainerApp(ServiceApp):
                 logger.error(
                     "%s: standing by (the new leader resumes from the last checkpoint)", lost.exceptions[0]
                 )
+            except* Exception as failed:
+                # Taking over needs JetStream (state, versions, the stream), which may still be
+                # electing leaders after losing a node: give the lease up and try again.
+                logger.error("leading failed; standing by to try again", exc_info=failed.exceptions[0])
+                await asyncio.sleep(lease.ttl_s / 4)
             finally:
                 self.loop = self.forget = None
                 await lease.release()
