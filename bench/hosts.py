@@ -200,8 +200,12 @@ def version_number(version: str) -> int:
     return int(version[1:]) if version[1:].isdigit() else 0
 
 
-async def run(work: Path, rate: float, recommend_rate: float, after_s: float) -> dict[str, Any]:
-    figures: dict[str, Any] = {}
+async def run(
+    work: Path, rate: float, recommend_rate: float, after_s: float, scenario: str
+) -> dict[str, Any]:
+    """One scenario on fresh hosts: ``kill`` (host a's processes SIGKILLed) or ``partition`` (host a
+    cut off the bridge, its processes running on alone, then healed)."""
+    figures: dict[str, Any] = {"scenario": scenario}
     with Hosts(["a", "b", "c"], work) as hosts:
         hosts.start_nats()
         shared_db = f"sqlite:///{work / 'trainer.db'}"  # the trainers' registry (PostgreSQL in compose)
@@ -258,9 +262,14 @@ async def run(work: Path, rate: float, recommend_rate: float, after_s: float) ->
         before = await model_of(inference)
         await asyncio.sleep(5)
 
-        print(f"serving {before}; killing host a (NATS node and the leading trainer)", flush=True)
-        killed_at = time.monotonic()
-        hosts.kill_host("a")
+        if scenario == "kill":
+            print(f"serving {before}; killing host a (NATS node and the leading trainer)", flush=True)
+            killed_at = time.monotonic()
+            hosts.kill_host("a")
+        else:
+            print(f"serving {before}; cutting host a (NATS node and the leading trainer) off", flush=True)
+            killed_at = time.monotonic()
+            hosts.partition("a")
         trainer_b = hosts.address("b", "trainer")
 
         async def b_leads() -> bool:
@@ -280,6 +289,18 @@ async def run(work: Path, rate: float, recommend_rate: float, after_s: float) ->
         if remaining > 0:
             await asyncio.sleep(remaining)
         fault_end = time.monotonic()
+        if scenario == "partition":
+            # Healed, the old leader must find the lease taken and stand by, having published nothing.
+            hosts.heal("a")
+            trainer_a = hosts.address("a", "trainer")
+
+            async def a_stands_by() -> bool:
+                status = await trainer_status(trainer_a)
+                return bool(status and status.role == trainer_pb2.TRAINER_ROLE_STANDBY)
+
+            figures["old_leader_stands_by_after_heal_s"] = round(
+                await until(a_stands_by, 60, "a standing by"), 1
+            )
 
         # A new inference replica on another host, empty disk: the live model from the Object Store.
         started = time.monotonic()
@@ -337,47 +358,69 @@ def main() -> None:
     parser.add_argument("--recommend-per-s", type=float, default=None)
     parser.add_argument("--after-s", type=float, default=None, help="seconds of load after the kill")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it (logs)")
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        choices=["kill", "partition"],
+        default=["kill", "partition"],
+        help="what befalls host a",
+    )
     args = parser.parse_args()
     rate = args.events_per_s or (100.0 if args.quick else 300.0)
     recommend_rate = args.recommend_per_s or (50.0 if args.quick else 200.0)
     after_s = args.after_s or (25.0 if args.quick else 60.0)
-    if args.keep is not None:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        figures = asyncio.run(run(args.keep.resolve(), rate, recommend_rate, after_s))
-    else:
-        with tempfile.TemporaryDirectory(prefix="freshrec-hosts-") as tmp:
-            figures = asyncio.run(run(Path(tmp), rate, recommend_rate, after_s))
-    figures.update(
-        {"events_per_s": rate, "recommend_per_s": recommend_rate, "scenario": "trainer host killed"}
-    )
+    results = []
+    for scenario in args.scenarios:
+        print(f"== scenario {scenario}", flush=True)
+        if args.keep is not None:
+            folder = args.keep.resolve() / scenario
+            folder.mkdir(parents=True, exist_ok=True)
+            figures = asyncio.run(run(folder, rate, recommend_rate, after_s, scenario))
+        else:
+            with tempfile.TemporaryDirectory(prefix="freshrec-hosts-") as tmp:
+                figures = asyncio.run(run(Path(tmp), rate, recommend_rate, after_s, scenario))
+        results.append(figures)
+    labels = {"kill": "host a killed", "partition": "host a partitioned, healed"}
     rows = [
         (
             "events lost / duplicated (target 0 / 0)",
-            f"{figures['events_lost']} / {figures['events_duplicated']}",
+            lambda f: f"{f['events_lost']} / {f['events_duplicated']}",
         ),
         (
             "new leader learned / events in the stream",
-            f"{figures['new_leader_learned']} / {figures['stream_events']}",
+            lambda f: f"{f['new_leader_learned']} / {f['stream_events']}",
         ),
         (
             "Recommend success during the fault (target >= 99.9 %)",
-            f"{100 * figures['recommend_success_during_fault']:.2f} %",
+            lambda f: f"{100 * f['recommend_success_during_fault']:.2f} %",
         ),
-        ("standby leads after", f"{figures['standby_leads_after_s']} s"),
+        ("standby leads after", lambda f: f"{f['standby_leads_after_s']} s"),
         (
             "new model served after losing the trainer's host (target <= 30 s)",
-            f"{figures['new_model_served_after_s']} s",
+            lambda f: f"{f['new_model_served_after_s']} s",
         ),
         (
             "inference on a new host serves the live model after",
-            f"{figures['new_host_serves_live_model_s']} s",
+            lambda f: f"{f['new_host_serves_live_model_s']} s",
+        ),
+        (
+            "old leader stands by after the heal",
+            lambda f: f"{f.get('old_leader_stands_by_after_heal_s', '-')} s",
         ),
     ]
     width = max(len(r[0]) for r in rows)
-    print(f"\nhost a killed under {rate:g} events/s and {recommend_rate:g} Recommend/s")
+    print(f"\nunder {rate:g} events/s and {recommend_rate:g} Recommend/s, {after_s:g} s of fault")
+    print(f"  {'':<{width}}  " + "  ".join(f"{labels[f['scenario']]:<28}" for f in results))
     for name, value in rows:
-        print(f"  {name:<{width}}  {value}")
-    print(json.dumps(figures))
+        print(f"  {name:<{width}}  " + "  ".join(f"{value(f):<28}" for f in results))
+    summary: dict[str, Any] = {"events_per_s": rate, "recommend_per_s": recommend_rate, "fault_s": after_s}
+    for f in results:
+        summary.update({f"{f['scenario']}_{k}": v for k, v in f.items() if k != "scenario"})
+    summary["events_lost"] = sum(f["events_lost"] for f in results)
+    summary["events_duplicated"] = sum(f["events_duplicated"] for f in results)
+    summary["worst_recommend_success"] = min(f["recommend_success_during_fault"] for f in results)
+    summary["worst_new_model_served_after_s"] = max(f["new_model_served_after_s"] for f in results)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,9 @@ class Lease:
         #: The revision this trainer last wrote while leading (0: not leading).
         self.revision = 0
         self.renewed_at = 0.0
+        # One renewal at a time: two updates conditioned on the same revision would depose the
+        # leader by itself (the second finds the revision the first wrote).
+        self._renewing = asyncio.Lock()
 
     @classmethod
     async def open(
@@ -130,14 +133,15 @@ class Lease:
 
     async def renew(self) -> None:
         """Extends the lease; LostLease if another trainer holds it now."""
-        if not self.leading:
-            raise LostLease("this trainer does not hold the lease")
-        try:
-            self.revision = await self.kv.update(LEADER_KEY, self._value(), last=self.revision)
-        except KeyWrongLastSequenceError as exc:
-            self.revision = 0
-            raise LostLease("another trainer took the lease") from exc
-        self.renewed_at = time.monotonic()
+        async with self._renewing:
+            if not self.leading:
+                raise LostLease("this trainer does not hold the lease")
+            try:
+                self.revision = await self.kv.update(LEADER_KEY, self._value(), last=self.revision)
+            except KeyWrongLastSequenceError as exc:
+                self.revision = 0
+                raise LostLease("another trainer took the lease") from exc
+            self.renewed_at = time.monotonic()
 
     async def keep(self) -> NoReturn:
         """Renews every third of the TTL; raises LostLease when it cannot hold it any longer."""

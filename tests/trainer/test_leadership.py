@@ -80,3 +80,11 @@ async def test_the_checkpoint_folder_travels_through_the_state_bucket(
     await nats_client.flush()
     for secret in (b"user-secret-1", b"weights one"):
         assert not [p for p in (tmp_path / "nats").rglob("*") if p.is_file() and secret in p.read_bytes()]
+
+
+async def test_renewals_at_once_do_not_depose_the_leader(nats_client: Any) -> None:
+    """The loop renews before it publishes while the keeper renews on its clock: concurrently."""
+    lease = await Lease.open(nats_client.jetstream(), "trainer-a", "a", ttl_s=30)
+    assert await lease.try_acquire()
+    await asyncio.gather(*(lease.renew() for _ in range(8)))
+    assert lease.leading and (await lease.holder()).revision == lease.revision  # type: ignore[union-attr]
