@@ -380,6 +380,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix="freshrec-hosts-") as tmp:
                 figures = asyncio.run(run(Path(tmp), rate, recommend_rate, after_s, scenario))
         results.append(figures)
+        print(json.dumps(figures), flush=True)  # each scenario's figures as soon as it has them
     labels = {"kill": "host a killed", "partition": "host a partitioned, healed"}
     rows = [
         (

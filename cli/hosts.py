@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NATS_CLIENT_PORT = 4222
 NATS_CLUSTER_PORT = 6222
 NATS_MONITOR_PORT = 8222
+#: How often nodes and clients ping each other; a peer is dropped after two missed pings.
+PING_INTERVAL = "1s"
 DEFAULT_PORTS = {"ingestion": 50051, "feature": 50052, "trainer": 50053, "inference": 50054}
 
 
@@ -149,8 +151,14 @@ class Hosts:
             )
             store = self.work_dir / "nats" / host.name
             store.mkdir(parents=True, exist_ok=True)
+            # A peer cut off mid-connection is noticed by missed pings, by default only after
+            # minutes (2 min interval): until then requests routed to it go unanswered.
+            config = store / "nats.conf"
+            config.write_text(f'ping_interval: "{PING_INTERVAL}"\nping_max: 2\n')
             argv = [
                 nats_server_binary(),
+                "-c",
+                str(config),
                 "-js",
                 "-sd",
                 str(store),

@@ -11,10 +11,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def quick_figures(script: str, timeout_s: float) -> dict[str, Any]:
+def quick_figures(script: str, timeout_s: float, args: list[str] | None = None) -> dict[str, Any]:
     """Runs ``bench/<script> --quick`` from the repository root; its last line, parsed as JSON."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), "--quick"],
+        [sys.executable, str(ROOT / "bench" / script), "--quick", *(args or [])],
         capture_output=True,
         text=True,
         timeout=timeout_s,

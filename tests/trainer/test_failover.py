@@ -76,15 +76,19 @@ async def test_the_standby_takes_over_from_a_killed_leader_and_learns_every_even
         )
         got = await learned_through(b_port, n)
         assert got.leader.startswith("trainer-b")
+        # B's exports went to the bucket and its registry, as A's did: the pointer names the live one
+        # (compared at one moment: B keeps exporting).
+        bucket = await ModelBucket.open(nats_client.jetstream())
+
+        async def pointer_follows() -> bool:
+            return await bucket.live_version() == (await status(b_port)).live_version
+
+        await eventually(pointer_follows, timeout_s=30, what="the bucket's pointer naming the live version")
     finally:
         for process in (leader, standby):
             if process is not None and process.poll() is None:
                 process.terminate()
                 process.wait(30)
-
-    # B's exports went to the bucket and its registry, as A's did: the pointer names the live one.
-    bucket = await ModelBucket.open(nats_client.jetstream())
-    assert await bucket.live_version() == got.live_version
 
     # A trainer that never stopped, on the same stream from its own consumer and folders.
     (tmp_path / "steady").mkdir()
