@@ -24,10 +24,9 @@ from dataclasses import dataclass
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from shared.nats import EVENT_PARTITIONS, user_partition
+from shared.nats import EVENT_PARTITIONS, bind_key_value, user_partition
 
 logger = logging.getLogger(__name__)
 
@@ -82,19 +81,15 @@ class ReplicaEntry:
 
 
 async def open_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
-    try:
-        return await js.key_value(REPLICAS_BUCKET)
-    except (BucketNotFoundError, NotFoundError):
-        return await js.create_key_value(
-            KeyValueConfig(
-                bucket=REPLICAS_BUCKET,
-                description="freshrec feature replicas and the user partitions they own",
-                history=1,
-                ttl=ENTRY_TTL_S,
-                storage=StorageType.MEMORY,
-                replicas=replicas,
-            )
-        )
+    config = KeyValueConfig(
+        bucket=REPLICAS_BUCKET,
+        description="freshrec feature replicas and the user partitions they own",
+        history=1,
+        ttl=ENTRY_TTL_S,
+        storage=StorageType.MEMORY,
+        replicas=replicas,
+    )
+    return await bind_key_value(js, config)
 
 
 def owners(entries: list[ReplicaEntry]) -> dict[int, ReplicaEntry]:

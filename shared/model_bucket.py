@@ -30,11 +30,12 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from shared.model_store import MANIFEST, ArtifactError, ModelStore, StoredVersion, fsync_dir
+from shared.nats import bind_key_value, bind_object_store
 
 logger = logging.getLogger(__name__)
 
@@ -58,27 +59,25 @@ class ModelBucket:
     @classmethod
     async def open(cls, js: JetStreamContext, *, replicas: int = 1) -> ModelBucket:
         """Binds to both buckets, creating them (file storage, ``replicas`` copies) when missing."""
-        try:
-            objects = await js.object_store(MODELS_BUCKET)
-        except (BucketNotFoundError, NotFoundError):
-            objects = await js.create_object_store(
-                MODELS_BUCKET,
-                ObjectStoreConfig(
-                    description="freshrec model versions", storage=StorageType.FILE, replicas=replicas
-                ),
-            )
-        try:
-            pointer = await js.key_value(MODEL_LIVE_BUCKET)
-        except (BucketNotFoundError, NotFoundError):
-            pointer = await js.create_key_value(
-                KeyValueConfig(
-                    bucket=MODEL_LIVE_BUCKET,
-                    description="the live freshrec model version",
-                    history=1,
-                    storage=StorageType.FILE,
-                    replicas=replicas,
-                )
-            )
+        objects = await bind_object_store(
+            js,
+            ObjectStoreConfig(
+                bucket=MODELS_BUCKET,
+                description="freshrec model versions",
+                storage=StorageType.FILE,
+                replicas=replicas,
+            ),
+        )
+        pointer = await bind_key_value(
+            js,
+            KeyValueConfig(
+                bucket=MODEL_LIVE_BUCKET,
+                description="the live freshrec model version",
+                history=1,
+                storage=StorageType.FILE,
+                replicas=replicas,
+            ),
+        )
         return cls(js, objects, pointer)
 
     # -- the trainer's side ------------------------------------------------------------------
@@ -140,29 +139,15 @@ class ModelBucket:
         except NotFoundError as exc:
             raise ArtifactError(f"version {version} is not in bucket {MODELS_BUCKET}") from exc
         manifest = store.parse_manifest(version, manifest_bytes)
-        store.ensure()
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=store.root))
-        try:
-            for name in manifest["files"]:
-                _check_name(name)
-                with (tmp / name).open("wb") as f:
-                    try:
-                        await self.objects.get(f"{version}/{name}", writeinto=f)
-                    except NotFoundError as exc:
-                        raise ArtifactError(f"version {version}: file {name} is not in the bucket") from exc
-                    f.flush()
-                    os.fsync(f.fileno())
-            (tmp / MANIFEST).write_bytes(manifest_bytes)
-            fsync_dir(tmp)
+        files = {}
+        for name in manifest["files"]:
+            _check_name(name)
             try:
-                os.rename(tmp, store.versions_dir / version)
-            except OSError:
-                if not (store.versions_dir / version / MANIFEST).is_file():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)  # another replica sharing the folder was first
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                files[name] = await read_object(self.objects, f"{version}/{name}")
+            except NotFoundError as exc:
+                raise ArtifactError(f"version {version}: file {name} is not in the bucket") from exc
+        # Writing and fsyncing megabytes would stall the event loop that serves requests.
+        await asyncio.to_thread(_write_downloaded, store, version, files, manifest_bytes)
         logger.info(
             "downloaded model %s from bucket %s", version, MODELS_BUCKET, extra={"model_version": version}
         )
@@ -205,6 +190,29 @@ async def read_object(objects: ObjectStore, name: str) -> bytes:
     buffer = io.BytesIO()
     await objects.get(name, writeinto=buffer)
     return buffer.getvalue()
+
+
+def _write_downloaded(store: ModelStore, version: str, files: dict[str, bytes], manifest: bytes) -> None:
+    """Writes a downloaded version under ``.tmp-*``, fsynced, then renames it into place whole."""
+    store.ensure()
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=store.root))
+    try:
+        for name, data in files.items():
+            with (tmp / name).open("wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        (tmp / MANIFEST).write_bytes(manifest)
+        fsync_dir(tmp)
+        try:
+            os.rename(tmp, store.versions_dir / version)
+        except OSError:
+            if not (store.versions_dir / version / MANIFEST).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another replica sharing the folder was first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _check_name(name: str) -> None:

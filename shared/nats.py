@@ -23,11 +23,15 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
 
 from shared.settings import NatsSettings, TlsSettings
 from shared.supervise import forever, raise_if_cancelling
@@ -189,6 +193,23 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, update: b
             raise
         if update:
             await js.update_stream(config)
+
+
+async def bind_key_value(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """The KV bucket ``config`` names, created with ``config`` when it does not exist yet."""
+    try:
+        return await js.key_value(config.bucket)
+    except (BucketNotFoundError, NotFoundError):
+        return await js.create_key_value(config)
+
+
+async def bind_object_store(js: JetStreamContext, config: ObjectStoreConfig) -> ObjectStore:
+    """The Object Store bucket ``config`` names, created with ``config`` when it does not exist yet."""
+    assert config.bucket
+    try:
+        return await js.object_store(config.bucket)
+    except (BucketNotFoundError, NotFoundError):
+        return await js.create_object_store(config.bucket, config)
 
 
 def kept_stream_config(

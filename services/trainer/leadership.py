@@ -24,8 +24,10 @@ from typing import NoReturn
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+
+from shared.nats import bind_key_value
 
 logger = logging.getLogger(__name__)
 
@@ -61,20 +63,15 @@ class Lease:
     async def open(
         cls, js: JetStreamContext, name: str, address: str, ttl_s: float, replicas: int = 1
     ) -> Lease:
-        try:
-            kv = await js.key_value(LEADER_BUCKET)
-        except (BucketNotFoundError, NotFoundError):
-            kv = await js.create_key_value(
-                KeyValueConfig(
-                    bucket=LEADER_BUCKET,
-                    description="the freshrec trainer holding the leadership lease",
-                    history=1,
-                    ttl=ttl_s,
-                    storage=StorageType.FILE,
-                    replicas=replicas,
-                )
-            )
-        return cls(kv, name, address, ttl_s)
+        config = KeyValueConfig(
+            bucket=LEADER_BUCKET,
+            description="the freshrec trainer holding the leadership lease",
+            history=1,
+            ttl=ttl_s,
+            storage=StorageType.FILE,
+            replicas=replicas,
+        )
+        return cls(await bind_key_value(js, config), name, address, ttl_s)
 
     @property
     def leading(self) -> bool:

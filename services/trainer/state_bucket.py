@@ -19,11 +19,12 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 from nats.js.api import ObjectStoreConfig, StorageType
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
 from services.trainer.registry import CheckpointFile
 from shared.model_bucket import erase_chunks, read_object
+from shared.nats import bind_object_store
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +40,13 @@ class StateBucket:
 
     @classmethod
     async def open(cls, js: JetStreamContext, replicas: int = 1) -> StateBucket:
-        try:
-            objects = await js.object_store(STATE_BUCKET)
-        except (BucketNotFoundError, NotFoundError):
-            objects = await js.create_object_store(
-                STATE_BUCKET,
-                ObjectStoreConfig(
-                    description="the freshrec trainer's checkpoint and version weights",
-                    storage=StorageType.FILE,
-                    replicas=replicas,
-                ),
-            )
-        return cls(js, objects)
+        config = ObjectStoreConfig(
+            bucket=STATE_BUCKET,
+            description="the freshrec trainer's checkpoint and version weights",
+            storage=StorageType.FILE,
+            replicas=replicas,
+        )
+        return cls(js, await bind_object_store(js, config))
 
     async def _names(self) -> dict[str, str]:
         """Object name → nuid of every object present."""
