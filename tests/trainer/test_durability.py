@@ -111,15 +111,22 @@ async def test_a_killed_trainer_resumes_to_the_figures_of_one_that_never_stopped
         revived.terminate()
         revived.wait(30)
 
-    # A trainer that never stopped, on the same stream from its own consumer.
+    await matches_a_trainer_that_never_stopped(got, nats_server.url, steady_dir, n)
+
+
+async def matches_a_trainer_that_never_stopped(
+    got: trainer_pb2.GetTrainerStatusResponse, nats_url: str, folder: Path, n: int
+) -> None:
+    """A trainer that never stopped, on the same stream from its own consumer and folder, learns the
+    same ``n`` events to the same prequential figures as ``got``."""
+    folder.mkdir(exist_ok=True)
     port = free_port()
-    steady = start_trainer(nats_server.url, steady_dir, "steady", port)
+    steady = start_trainer(nats_url, folder, "steady", port)
     try:
         expected = await learned_through(port, n)
     finally:
         steady.terminate()
         steady.wait(30)
-
     assert got.events_learned == expected.events_learned == n
     for figure in (
         "prequential_evaluated",

@@ -18,7 +18,12 @@ from tests.conftest import eventually
 from tests.feature.helpers import publish
 from tests.harness import free_port
 from tests.trainer.streams import taste_stream
-from tests.trainer.test_durability import learned_through, start_trainer, status
+from tests.trainer.test_durability import (
+    learned_through,
+    matches_a_trainer_that_never_stopped,
+    start_trainer,
+    status,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -91,23 +96,7 @@ async def test_the_standby_takes_over_from_a_killed_leader_and_learns_every_even
                 process.wait(30)
 
     # A trainer that never stopped, on the same stream from its own consumer and folders.
-    (tmp_path / "steady").mkdir()
-    port = free_port()
-    steady = start_trainer(nats_server.url, tmp_path / "steady", "steady", port)
-    try:
-        expected = await learned_through(port, n)
-    finally:
-        steady.terminate()
-        steady.wait(30)
-    assert got.events_learned == expected.events_learned == n
-    for figure in (
-        "prequential_evaluated",
-        "prequential_hr@10",
-        "prequential_ndcg@10",
-        "prequential_hr@10_recent",
-    ):
-        assert abs(got.metrics[figure] - expected.metrics[figure]) <= 1e-6, figure
-    assert expected.metrics["prequential_hr@10_recent"] > 0.5
+    await matches_a_trainer_that_never_stopped(got, nats_server.url, tmp_path / "steady", n)
 
 
 async def _is(value, expected: int) -> bool:  # type: ignore[no-untyped-def]
