@@ -144,7 +144,8 @@ class Hosts:
         return ",".join(f"nats://{h.address}:{NATS_CLIENT_PORT}" for h in order)
 
     def start_nats(self, timeout_s: float = 60.0) -> None:
-        """A JetStream cluster node on every host, then waits until each reports healthy."""
+        """A JetStream cluster node on every host, then waits until each reports healthy: JetStream
+        on, the cluster's meta leader elected and the node current with it."""
         for host in self.hosts.values():
             routes = ",".join(
                 f"nats://{o.address}:{NATS_CLUSTER_PORT}" for o in self.hosts.values() if o is not host
@@ -180,7 +181,7 @@ class Hosts:
             self.run(host.name, "nats", argv, os.environ)
         deadline = time.monotonic() + timeout_s
         for host in self.hosts.values():
-            url = f"http://{host.address}:{NATS_MONITOR_PORT}/healthz?js-enabled-only=true"
+            url = f"http://{host.address}:{NATS_MONITOR_PORT}/healthz"
             while True:
                 try:
                     with urllib.request.urlopen(url, timeout=1) as response:

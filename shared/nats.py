@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
@@ -29,7 +30,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -37,6 +38,9 @@ from shared.settings import NatsSettings, TlsSettings
 from shared.supervise import forever, raise_if_cancelling
 
 logger = logging.getLogger(__name__)
+
+#: Pause between a starting service's JetStream account-info requests while it waits for JetStream.
+JETSTREAM_POLL_S = 0.5
 
 #: JetStream stream holding every accepted event, in acceptance order.
 EVENTS_STREAM = "FRESHREC_EVENTS"
@@ -134,7 +138,40 @@ async def connect(settings: NatsSettings, name: str) -> NatsClient:
         ) from exc
     # From now on ride out any outage: nats-py reads this option at every reconnection.
     nc.options["max_reconnect_attempts"] = -1
+    try:
+        await wait_for_jetstream(nc.jetstream(), settings.jetstream_wait_s)
+    except BaseException:
+        await nc.close()
+        raise
     return nc
+
+
+async def wait_for_jetstream(js: JetStreamContext, timeout_s: float) -> None:
+    """Returns once JetStream answers an account-info request; a cluster that has just started
+    answers only after it has elected its meta leader, and until then stream declarations time out.
+
+    Raises ``ConnectionError`` with what to check when it has not answered within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    waited = False
+    while True:
+        try:
+            await js.account_info()
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError) as exc:
+            if time.monotonic() + JETSTREAM_POLL_S > deadline:
+                raise ConnectionError(
+                    f"NATS is reachable but JetStream did not answer within {timeout_s:g} s ({exc!r}); "
+                    "check that the server runs with JetStream enabled (-js) and, in a cluster, that "
+                    "a majority of its nodes are up (FRESHREC_NATS__JETSTREAM_WAIT_S sets the wait)"
+                ) from exc
+            if not waited:
+                logger.warning("JetStream is not answering yet (%r); waiting up to %g s", exc, timeout_s)
+                waited = True
+            await asyncio.sleep(JETSTREAM_POLL_S)
+        else:
+            if waited:
+                logger.info("JetStream answers")
+            return
 
 
 async def _on_error(exc: Exception) -> None:

@@ -58,6 +58,12 @@ class NatsSettings(BaseModel):
         20, gt=0, description="Attempts of the first connection before giving up (reconnects never give up)."
     )
     reconnect_wait_s: float = Field(0.5, gt=0, description="Pause between reconnection attempts.")
+    jetstream_wait_s: float = Field(
+        60.0,
+        gt=0,
+        description="How long a starting service waits for JetStream to answer (a cluster that has "
+        "just started answers once it has elected its meta leader).",
+    )
     stream_replicas: int = Field(
         1,
         ge=1,
