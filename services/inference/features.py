@@ -40,6 +40,9 @@ LOOKUP_BATCH = Histogram(
 
 TRENDING = feature_pb2.POPULARITY_WINDOW_TRENDING
 ALL_TIME = feature_pb2.POPULARITY_WINDOW_ALL_TIME
+#: How long a channel to a feature replica that owns no partition any more stays open for the
+#: lookups already sent on it (a lookup's own deadline is shorter).
+CHANNEL_CLOSE_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,7 @@ class FeatureRouter:
         self.map = PartitionMap()
         self.channels: dict[str, grpc.aio.Channel] = {}
         self.stubs: dict[str, feature_pb2_grpc.FeatureServiceStub] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     def stub_for(self, user_id: str) -> feature_pb2_grpc.FeatureServiceStub:
         address = self.map.address_for(user_id)
@@ -224,15 +228,29 @@ class FeatureRouter:
     async def follow(self, kv: KeyValue) -> None:
         """Keeps the map current from the bucket (a change of owners applies to the next lookup)."""
         await forever(
-            lambda: self.map.watch(kv),
+            lambda: self.map.watch(kv, changed=self._forget_left_replicas),
             logger=logger,
             failed="following the feature partition map failed; retrying",
             every_s=1.0,
         )
 
+    def _forget_left_replicas(self, partition_map: PartitionMap) -> None:
+        """Closes the channels to addresses that own no partition any more (a replica that left or
+        was scaled away), after the lookups already sent on them have had time to finish."""
+        owning = {entry.address for entry in partition_map.owner.values()}
+        for address in [a for a in self.channels if a not in owning]:
+            channel = self.channels.pop(address)
+            del self.stubs[address]
+            task = asyncio.create_task(channel.close(grace=CHANNEL_CLOSE_GRACE_S))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            logger.info("feature replica at %s owns no partition now; its channel is closed", address)
+
     async def close(self) -> None:
         for channel in self.channels.values():
             await channel.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 @dataclass(frozen=True)
