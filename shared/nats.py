@@ -13,7 +13,7 @@ import ssl
 import time
 import zlib
 from collections.abc import Awaitable, Callable
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import nats
 from nats.aio.client import Client as NatsClient
@@ -30,7 +30,14 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import (
+    BadRequestError,
+    BucketNotFoundError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServerError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -39,8 +46,47 @@ from shared.supervise import forever, raise_if_cancelling
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 #: Pause between a starting service's JetStream account-info requests while it waits for JetStream.
 JETSTREAM_POLL_S = 0.5
+
+#: What JetStream answers while it cannot serve for now (no meta or stream leader yet, a request lost
+#: in an election): worth retrying, unlike a refusal.
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    ServiceUnavailableError,
+    NoStreamResponseError,
+)
+
+#: Pings a server may leave unanswered before the client takes the connection as dead.
+MAX_OUTSTANDING_PINGS = 2
+
+#: JetStream's error code for a stream whose servers are all out of reach.
+STREAM_OFFLINE = 10118
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says JetStream cannot serve the request for now (retry later), not that it
+    refuses it."""
+    if isinstance(exc, UNAVAILABLE_ERRORS):
+        return True
+    return isinstance(exc, ServerError) and exc.err_code == STREAM_OFFLINE
+
+
+async def when_available(attempt: Callable[[], Awaitable[T]], *, what: str, retry_s: float = 1.0) -> T:
+    """Awaits ``attempt`` until JetStream can serve it: retried, with a warning, while it fails on
+    :func:`unavailable` errors (a stream's node down, leaders being elected after a heal)."""
+    while True:
+        try:
+            return await attempt()
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
+            logger.warning("%s: JetStream cannot serve it yet (%s); retrying", what, exc)
+            await asyncio.sleep(retry_s)
+
 
 #: JetStream stream holding every accepted event, in acceptance order.
 EVENTS_STREAM = "FRESHREC_EVENTS"
@@ -157,7 +203,7 @@ async def wait_for_jetstream(js: JetStreamContext, timeout_s: float) -> None:
     while True:
         try:
             await js.account_info()
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError) as exc:
+        except UNAVAILABLE_ERRORS as exc:
             if time.monotonic() + JETSTREAM_POLL_S > deadline:
                 raise ConnectionError(
                     f"NATS is reachable but JetStream did not answer within {timeout_s:g} s ({exc!r}); "
@@ -198,6 +244,8 @@ async def _connect(settings: NatsSettings, name: str) -> NatsClient:
         tls=tls_context(settings.tls),
         connect_timeout=settings.connect_timeout_s,
         reconnect_time_wait=settings.reconnect_wait_s,
+        ping_interval=settings.ping_interval_s,
+        max_outstanding_pings=MAX_OUTSTANDING_PINGS,
         max_reconnect_attempts=settings.connect_attempts,
         allow_reconnect=True,
         error_cb=_on_error,

@@ -58,6 +58,13 @@ class NatsSettings(BaseModel):
         20, gt=0, description="Attempts of the first connection before giving up (reconnects never give up)."
     )
     reconnect_wait_s: float = Field(0.5, gt=0, description="Pause between reconnection attempts.")
+    ping_interval_s: int = Field(
+        5,
+        ge=1,
+        description="Pause between the client's pings; a server that misses 2 in a row is taken as gone "
+        "and the client reconnects to another (a host cut off sends no reset: without pings it would "
+        "take minutes to notice).",
+    )
     jetstream_wait_s: float = Field(
         60.0,
         gt=0,

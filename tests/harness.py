@@ -107,3 +107,15 @@ def wait_serving(address: str, timeout_s: float, process: subprocess.Popen[bytes
                 pass  # not listening yet
             time.sleep(0.1)
     raise TimeoutError(f"{address} was not SERVING within {timeout_s}s")
+
+
+def cluster_nodes(store: Path, count: int = 3) -> list[NatsServer]:
+    """``count`` nats-servers configured as one JetStream cluster on loopback (not started)."""
+    cluster_ports = [free_port() for _ in range(count)]
+    nodes = []
+    for index, port in enumerate(cluster_ports):
+        routes = ", ".join(f'"nats://127.0.0.1:{p}"' for p in cluster_ports if p != port)
+        cluster = f"cluster {{ name: freshrec, listen: 127.0.0.1:{port}, routes: [{routes}] }}"
+        config = f"server_name: n{index}\n{cluster}\n"
+        nodes.append(NatsServer(store / f"n{index}", config=config))
+    return nodes

@@ -72,7 +72,10 @@ class InferenceApp(ServiceApp):
         bucket, folder = None, s.model_store
         removals: list[Callable[[], Awaitable[Any]]] = []
         if folder is None:
-            bucket = await ModelBucket.open(nc.jetstream(), replicas=s.nats.stream_replicas)
+            bucket = await fnats.when_available(
+                lambda: ModelBucket.open(nc.jetstream(), replicas=s.nats.stream_replicas),
+                what="opening the model bucket",
+            )
             folder = s.model_cache or Path(tempfile.mkdtemp(prefix="freshrec-models-"))
             if s.model_cache is None:
                 removals.append(partial(asyncio.to_thread, shutil.rmtree, folder, True))
@@ -104,7 +107,9 @@ class InferenceApp(ServiceApp):
         follower = self.follower = CatalogueFollower(catalogue, nc, channel)
         listed = await follower.list_all()
         logger.info("catalogue: %d items listed from the feature service", listed)
-        await holder.sync_with_store()  # serve the newest live model from the first request on
+        # Serve the newest live model from the first request on (waiting for JetStream if the store
+        # is out of reach: its node down, or leaders being elected after a heal).
+        await fnats.when_available(holder.sync_with_store, what="fetching the live model")
         await holder.subscribe(nc)
         gc_tuning.settle()  # the model, catalogue and code loaded: keep collections short and rare
         ranking = RankingSettings(s.ann.exact_limit, s.mmr_candidates, s.exploration_sample)

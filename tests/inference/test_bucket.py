@@ -4,17 +4,24 @@ versions it has loaded."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
 
-from freshrec.v1 import trainer_pb2, trainer_pb2_grpc
+from freshrec.v1 import inference_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from services.inference.server import InferenceApp
+from services.inference.settings import InferenceSettings
 from services.trainer.server import TrainerApp
 from services.trainer.settings import TrainerSettings
-from shared.model_bucket import ModelBucket
+from shared.model_bucket import MODELS_BUCKET, ModelBucket
 from shared.model_store import ModelStore
+from shared.nats import connect
+from shared.settings import NatsSettings
 from tests.conftest import eventually, service_settings
+from tests.harness import cluster_nodes
 from tests.inference.conftest import Starter, publish_events, wait_serving
 from tests.inference.test_trainer_exports import write_model
 from tests.trainer.streams import taste_stream
@@ -83,3 +90,54 @@ async def test_the_kv_pointer_alone_brings_a_version_in(
     await bucket.put_version(local.open_verified("v000001"))
     await bucket.set_live("v000001")
     await wait_serving(inference, "v000001")
+
+
+async def test_a_replica_started_while_the_store_is_out_of_reach_waits_for_it(
+    tmp_path: Path, feature: Any
+) -> None:
+    """A JetStream cluster whose node holding the models is down (or, after a heal, electing): a
+    starting replica waits for the store instead of exiting, then serves the live version."""
+    nodes = cluster_nodes(tmp_path / "cluster")
+    for node in nodes:
+        node.start()
+    started: list[Any] = []
+    nc = await connect(NatsSettings(url=",".join(n.url for n in nodes)), name="test")
+    try:
+        js = nc.jetstream()
+        bucket = await ModelBucket.open(js)
+        local = ModelStore(tmp_path / "elsewhere")
+        write_model(local, "v000001")
+        await bucket.put_version(local.open_verified("v000001"))
+        await bucket.set_live("v000001")
+        leader = (await js.stream_info(f"OBJ_{MODELS_BUCKET}")).cluster.leader  # type: ignore[union-attr]
+        holder = next(n for i, n in enumerate(nodes) if f"n{i}" == leader)
+        holder.stop()
+
+        others = SimpleNamespace(url=",".join(n.url for n in nodes if n is not holder))
+        settings = service_settings(
+            InferenceSettings,
+            others,
+            tmp_path,
+            feature_addr=f"127.0.0.1:{feature.port}",
+            model_store=None,
+            poll_interval_s=3600.0,
+        )
+        app = InferenceApp(settings)
+        starting = asyncio.create_task(app.start())
+        started.append(app)
+        await asyncio.sleep(8)
+        assert not starting.done(), "inference finished starting (or gave up) without the model store"
+
+        holder.start()
+        await asyncio.wait_for(starting, 60)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+        try:
+            await wait_serving(inference_pb2_grpc.InferenceServiceStub(channel), "v000001")
+        finally:
+            await channel.close()
+    finally:
+        for app in started:
+            await app.stop()
+        await nc.close()
+        for node in nodes:
+            node.stop()

@@ -4,29 +4,21 @@ elects its meta leader first, and a stream declared before that times out (the s
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from nats.js.api import StreamConfig
 
-from shared.nats import connect
+from shared.nats import connect, wait_for_jetstream
 from shared.settings import NatsSettings
-from tests.harness import NATS_SERVER, NatsServer, free_port
-
-
-def cluster_node(store: Path, index: int, cluster_ports: list[int]) -> NatsServer:
-    routes = ", ".join(f'"nats://127.0.0.1:{p}"' for i, p in enumerate(cluster_ports) if i != index)
-    config = (
-        f"server_name: n{index}\n"
-        f"cluster {{ name: freshrec, listen: 127.0.0.1:{cluster_ports[index]}, routes: [{routes}] }}\n"
-    )
-    return NatsServer(store / f"n{index}", config=config)
+from tests.harness import NATS_SERVER, cluster_nodes, free_port
 
 
 async def test_connect_returns_once_the_cluster_has_a_meta_leader(tmp_path: Path) -> None:
-    cluster_ports = [free_port() for _ in range(3)]
-    nodes = [cluster_node(tmp_path, i, cluster_ports) for i in range(3)]
+    nodes = cluster_nodes(tmp_path)
     nodes[0].start()
     try:
         settings = NatsSettings(url=nodes[0].url, jetstream_wait_s=60)
@@ -60,3 +52,31 @@ async def test_connect_to_a_server_without_jetstream_says_what_to_check(tmp_path
     finally:
         server.terminate()
         server.wait(10)
+
+
+async def test_a_server_that_stops_answering_is_left_for_another(tmp_path: Path) -> None:
+    """A host cut off the network sends no reset: the client's pings must notice it (by nats-py's
+    default only after minutes) and move to a node that answers."""
+    nodes = cluster_nodes(tmp_path)
+    for node in nodes:
+        node.start()
+    try:
+        nc = await connect(NatsSettings(url=",".join(n.url for n in nodes), ping_interval_s=1), name="test")
+        try:
+            frozen = next(n for n in nodes if n.url.endswith(f":{nc.connected_url.port}"))
+            assert frozen.process is not None
+            frozen.process.send_signal(signal.SIGSTOP)  # alive, connected, silent: like a partition
+            try:
+                deadline = time.monotonic() + 30
+                while nc.connected_url is None or nc.connected_url.port == frozen.port or not nc.is_connected:
+                    assert time.monotonic() < deadline, "still on the server that stopped answering"
+                    await asyncio.sleep(0.2)
+                # and JetStream answers through the new node (once it has a meta leader again)
+                await wait_for_jetstream(nc.jetstream(), 30)
+            finally:
+                frozen.process.send_signal(signal.SIGCONT)
+        finally:
+            await nc.close()
+    finally:
+        for node in nodes:
+            node.stop()
