@@ -42,7 +42,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from shared.settings import NatsSettings, TlsSettings
-from shared.supervise import forever, raise_if_cancelling
+from shared.supervise import forever, raise_if_cancelling, retry
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +78,14 @@ def unavailable(exc: BaseException) -> bool:
 async def when_available(attempt: Callable[[], Awaitable[T]], *, what: str, retry_s: float = 1.0) -> T:
     """Awaits ``attempt`` until JetStream can serve it: retried, with a warning, while it fails on
     :func:`unavailable` errors (a stream's node down, leaders being elected after a heal)."""
-    while True:
-        try:
-            return await attempt()
-        except Exception as exc:
-            if not unavailable(exc):
-                raise
-            logger.warning("%s: JetStream cannot serve it yet (%s); retrying", what, exc)
-            await asyncio.sleep(retry_s)
+    return await retry(
+        attempt,
+        logger=logger,
+        failed=f"{what}: JetStream cannot serve it yet; retrying",
+        retry_s=retry_s,
+        retryable=unavailable,
+        level=logging.WARNING,
+    )
 
 
 #: JetStream stream holding every accepted event, in acceptance order.

@@ -56,13 +56,15 @@ async def retry(
     failed: str,
     retry_s: float,
     errors: tuple[type[Exception], ...] = (Exception,),
+    retryable: Callable[[Exception], bool] | None = None,
     level: int = logging.ERROR,
 ) -> T:
     """Awaits ``attempt`` until it returns, pausing ``retry_s`` after each failure; what it returns.
 
-    Only ``errors`` are retried; anything else propagates. A failure is logged as ``failed`` at
-    ``level``: with its traceback at ERROR and above, with the exception's text below (an expected
-    wait, such as for a peer that is not up yet).
+    Only ``errors`` (and of those, with ``retryable`` given, the ones it accepts) are retried;
+    anything else propagates. A failure is logged as ``failed`` at ``level``: with its traceback at
+    ERROR and above, with the exception's text below (an expected wait, such as for a peer that is
+    not up yet).
     """
     while True:
         raise_if_cancelling()
@@ -70,6 +72,8 @@ async def retry(
             return await attempt()
         except errors as exc:
             raise_if_cancelling()
+            if retryable is not None and not retryable(exc):
+                raise
             if level >= logging.ERROR:
                 logger.log(level, failed, exc_info=True)
             else:

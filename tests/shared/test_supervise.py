@@ -55,3 +55,15 @@ async def test_retry_lets_other_errors_through() -> None:
 
     with pytest.raises(ValueError):
         await retry(attempt, logger=log, failed="x", retry_s=0.01, errors=(ConnectionError,))
+
+
+async def test_retry_retries_only_what_retryable_accepts() -> None:
+    attempts: list[str] = []
+
+    async def attempt() -> None:
+        attempts.append("x")
+        raise ConnectionError("refused" if len(attempts) == 3 else "not yet")
+
+    with pytest.raises(ConnectionError, match="refused"):
+        await retry(attempt, logger=log, failed="x", retry_s=0.01, retryable=lambda e: str(e) == "not yet")
+    assert len(attempts) == 3
