@@ -23,6 +23,7 @@ from rich.table import Table
 
 from cli import render
 from cli.clients import CliError, Endpoints, call, read_state, resolve
+from cli.scaling import MAX_REPLICAS, Handover, progress_of, request, take_request
 from cli.stack import DEFAULT_PORTS, SERVICES, Stack
 from shared.settings import PeerSettings, TlsSettings
 
@@ -51,6 +52,12 @@ errors = Console(stderr=True)
 DEMO_TRAINER_ENV = {"FRESHREC_EXPORT_INTERVAL_S": "3", "FRESHREC_MICRO_BATCH": "128"}
 #: The ingestion setting that bounds how old an event may be (lowered for backfills).
 EARLIEST_EVENT_TIME_ENV = "FRESHREC_EARLIEST_TIME"
+
+
+class ScalableService(StrEnum):
+    ingestion = "ingestion"
+    feature = "feature"
+    inference = "inference"
 
 
 class Options:
@@ -178,6 +185,12 @@ def up(
     inference_replicas: Annotated[
         int, typer.Option(min=1, max=8, help="Inference processes (each hot-swaps every model).")
     ] = 1,
+    feature_replicas: Annotated[
+        int,
+        typer.Option(
+            min=1, max=8, help="Feature processes (each owns a share of the users); see `freshrec scale`."
+        ),
+    ] = 1,
     free_ports: Annotated[
         bool, typer.Option(help="Pick free ports instead of 4222 and 50051-50054.")
     ] = False,
@@ -200,7 +213,11 @@ def up(
     stack = start_stack(
         options.data_dir,
         ports=ports,
-        replicas={"ingestion": ingestion_replicas, "inference": inference_replicas},
+        replicas={
+            "ingestion": ingestion_replicas,
+            "feature": feature_replicas,
+            "inference": inference_replicas,
+        },
         extra_env=extra,
         logs_to_console=logs_to_console,
     )
@@ -221,9 +238,11 @@ def up(
         if stack.log_dir:
             console.print(f"logs in {stack.log_dir}", highlight=False)
         console.print("Try [bold]freshrec demo[/] in another shell. Press Ctrl-C to stop.\n")
+        handover: Handover | None = None
         while not stop:
             for name in stack.supervise_once():
                 errors.print(f"[yellow]{name} exited; restarted it[/]")
+            handover = _scale_step(stack, handover)
             time.sleep(0.5)
     except RuntimeError as exc:
         stack.stop()
@@ -233,6 +252,77 @@ def up(
     stack.stop()
     stack.remove_state()
     console.print("stopped.")
+
+
+def _scale_step(stack: Stack, handover: Handover | None) -> Handover | None:
+    """Takes a `freshrec scale` request or carries the current one a step further; the state file
+    tells the verb how far it got."""
+    request = take_request(stack.data_dir)
+    if request is not None:
+        if handover is not None and not handover.progress.finished:
+            refused = Handover(stack, {**request, "service": None})
+            busy = handover.progress
+            refused.progress.detail = f"still scaling {busy.service} to {busy.replicas}; try again when done"
+            stack.write_state(scaling=refused.as_state())
+            return handover
+        handover = Handover(stack, request)
+        console.print(
+            f"scaling: {handover.progress.service} to {handover.progress.replicas}", highlight=False
+        )
+    elif handover is None or handover.progress.finished:
+        return handover
+    handover.step()
+    stack.write_state(scaling=handover.as_state())
+    if handover.progress.finished:
+        colour = "green" if handover.progress.phase == "done" else "red"
+        console.print(
+            f"[{colour}]scaling {handover.progress.phase}:[/] {handover.progress.detail}", highlight=False
+        )
+    return handover
+
+
+@app.command()
+def scale(
+    ctx: typer.Context,
+    service: Annotated[ScalableService, typer.Argument(help="The service to scale.")],
+    replicas: Annotated[
+        int, typer.Argument(min=1, max=MAX_REPLICAS, help="How many replicas it should run.")
+    ],
+    timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds the new replicas get to catch up before it gives up.")
+    ] = 600.0,
+) -> None:
+    """Change how many replicas of a service the running `freshrec up` runs, without a restart.
+
+    Feature replicas split the users between them: the new layout starts beside the old one, reads
+    the event stream into state of its own, takes the lookups over once caught up, then the old
+    replicas stop, so no lookup fails on the way. If a new replica fails or the timeout passes, the
+    old layout keeps serving and this exits 1. Ingestion and inference replicas are added or stopped.
+    """
+    options: Options = ctx.obj
+    state = read_state(options.data_dir)
+    if state is None:
+        raise fail(
+            f"freshrec is not up in {options.data_dir}: `freshrec scale` changes a stack that `freshrec up` "
+            "runs (elsewhere, change the replicas as docs/operations.md shows)"
+        )
+    request_id = request(options.data_dir, service.value, replicas, timeout)
+    shown = ""
+    deadline = time.monotonic() + timeout + 120
+    while time.monotonic() < deadline:
+        state = read_state(options.data_dir)
+        if state is None:
+            raise fail("freshrec up stopped before the scaling was done")
+        progress = progress_of(state, request_id)
+        if progress is not None and progress.detail != shown:
+            shown = progress.detail
+            console.print(f"{progress.phase}: {progress.detail}", highlight=False)
+        if progress is not None and progress.finished:
+            if progress.phase != "done":
+                raise typer.Exit(1)
+            return
+        time.sleep(0.5)
+    raise fail(f"freshrec up did not finish scaling within {timeout + 120:.0f}s; see its output")
 
 
 # -- status -----------------------------------------------------------------------------------------

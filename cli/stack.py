@@ -176,6 +176,8 @@ class ServiceProcess:
     metrics_port: int = 0
     #: ``ingestion``, or ``ingestion-2`` for a second replica.
     instance: str = ""
+    #: A feature replica's share of the users, (r, n): replica r of n; None for all of them.
+    partition: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.instance = self.instance or self.name
@@ -207,9 +209,9 @@ class ServiceProcess:
             self.process.wait()
 
 
-#: Services that may run as several replicas on one machine (the trainer is a single writer;
-#: feature partitioning is configured per replica, not here).
-SCALABLE = ("ingestion", "inference")
+#: Services that may run as several replicas on one machine (the trainer is a single writer).
+#: Feature replicas split users between them (``FRESHREC_PARTITION__*``); the others share state.
+SCALABLE = ("ingestion", "feature", "inference")
 #: Replica ``n`` (from 2) of a service on a fixed base port listens on base + REPLICA_PORT_STEP * (n - 1).
 REPLICA_PORT_STEP = 100
 #: Where ``freshrec up`` records what it started, so the other verbs find it.
@@ -224,9 +226,11 @@ def instance_name(service: str, replica: int) -> str:
 class Stack:
     """NATS plus the four services, configured to find each other, under one data folder.
 
-    ``replicas`` starts more than one process of ``ingestion`` and ``inference``: ingestion replicas
-    share the SQL event log and the raw-intake consumer, inference replicas each follow every
-    model announcement.
+    ``replicas`` starts more than one process of ``ingestion``, ``feature`` and ``inference``:
+    ingestion replicas share the SQL event log and the raw-intake consumer, feature replicas each
+    own a share of the users (replica *r* of *n*), inference replicas each follow every model
+    announcement. :meth:`add_instance` and :meth:`remove_instance` change that while it runs
+    (``cli.scaling`` moves features from one layout to another with them).
     """
 
     def __init__(
@@ -238,34 +242,58 @@ class Stack:
         replicas: Mapping[str, int] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
-        self.replicas = {name: 1 for name in SERVICES}
+        counts = {name: 1 for name in SERVICES}
         for name, count in (replicas or {}).items():
             if name not in SERVICES:
                 raise ValueError(f"unknown service {name!r}; choose from {', '.join(SERVICES)}")
             if count < 1 or (count > 1 and name not in SCALABLE):
                 raise ValueError(f"{name} cannot run {count} replicas here (scalable: {', '.join(SCALABLE)})")
-            self.replicas[name] = count
-        requested = {**DEFAULT_PORTS, **(ports or {})}
-        self.ports = {name: (port or free_port()) for name, port in requested.items()}
+            counts[name] = count
+        self.requested = {**DEFAULT_PORTS, **(ports or {})}
+        self.ports = {name: (port or free_port()) for name, port in self.requested.items()}
+        self.extra_env = {name: dict(env) for name, env in (extra_env or {}).items()}
         self.log_dir = log_dir
         self.nats = NatsServer(
             self.data_dir / "nats", self.ports["nats"], log_dir / "nats.log" if log_dir else None
         )
         self.services: dict[str, ServiceProcess] = {}
+        #: Instances being brought in by whoever added them: :meth:`supervise_once` leaves them be.
+        self.pending: set[str] = set()
+        #: Instances of each service in the order they were added (what the state file lists).
+        self.layout: dict[str, list[str]] = {name: [] for name in SERVICES}
         for name in SERVICES:
-            for replica in range(1, self.replicas[name] + 1):
-                if replica == 1:
-                    port = self.ports[name]
-                elif requested[name]:
-                    port = requested[name] + REPLICA_PORT_STEP * (replica - 1)
-                else:
-                    port = free_port()
-                instance = instance_name(name, replica)
-                metrics_port = free_port()
-                env = self._env(name, port, metrics_port, (extra_env or {}).get(name, {}))
-                self.services[instance] = ServiceProcess(
-                    name, port, env, metrics_port=metrics_port, instance=instance
-                )
+            for replica in range(counts[name]):
+                partition = (replica, counts[name]) if name == "feature" and counts[name] > 1 else None
+                self._define(name, partition)
+
+    @property
+    def replicas(self) -> dict[str, int]:
+        return {name: len(instances) for name, instances in self.layout.items()}
+
+    def _define(self, name: str, partition: tuple[int, int] | None = None) -> ServiceProcess:
+        """A new instance of ``name`` in the lowest free slot: slot 1 on the service's port, slot
+        ``k`` on that port + REPLICA_PORT_STEP * (k - 1) (free ports when the stack picks them)."""
+        slot = 1
+        while instance_name(name, slot) in self.services:
+            slot += 1
+        if slot == 1:
+            port = self.ports[name]
+        elif self.requested[name]:
+            port = self.requested[name] + REPLICA_PORT_STEP * (slot - 1)
+        else:
+            port = free_port()
+        instance = instance_name(name, slot)
+        metrics_port = free_port()
+        extra = dict(self.extra_env.get(name, {}))
+        if partition is not None:
+            extra["FRESHREC_PARTITION__REPLICA"], extra["FRESHREC_PARTITION__REPLICAS"] = map(str, partition)
+        env = self._env(name, port, metrics_port, extra)
+        service = ServiceProcess(
+            name, port, env, metrics_port=metrics_port, instance=instance, partition=partition
+        )
+        self.services[instance] = service
+        self.layout[name].append(instance)
+        return service
 
     def _env(self, name: str, port: int, metrics_port: int, extra: Mapping[str, str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
@@ -304,7 +332,25 @@ class Stack:
 
     def instances(self, service: str) -> list[str]:
         """Instance names of a service, first replica first."""
-        return [instance_name(service, r) for r in range(1, self.replicas[service] + 1)]
+        return list(self.layout[service])
+
+    def add_instance(self, service: str, partition: tuple[int, int] | None = None) -> str:
+        """Starts one more instance of ``service`` (not waiting for it); its instance name."""
+        if service not in SCALABLE:
+            raise ValueError(f"{service} cannot run several replicas (scalable: {', '.join(SCALABLE)})")
+        added = self._define(service, partition)
+        added.start(self._log_file(added.instance))
+        return added.instance
+
+    def remove_instance(self, instance: str) -> None:
+        """Stops an instance (SIGTERM: it finishes what it is serving) and forgets it."""
+        service = self.services.pop(instance)
+        self.layout[service.name].remove(instance)
+        self.pending.discard(instance)
+        service.stop()
+
+    def wait_started(self, instance: str, timeout_s: float = 120.0) -> None:
+        self._wait_started(self.services[instance], timeout_s)
 
     def addresses(self, service: str) -> list[str]:
         return [self.services[i].address for i in self.instances(service)]
@@ -323,9 +369,10 @@ class Stack:
         self.nats.start()
         try:
             # First replicas first: they create the schema and the streams; then the others.
+            firsts = {instances[0] for instances in self.layout.values()}
             waves = [
-                [s for i, s in self.services.items() if i in SERVICES],
-                [s for i, s in self.services.items() if i not in SERVICES],
+                [s for i, s in self.services.items() if i in firsts],
+                [s for i, s in self.services.items() if i not in firsts],
             ]
             for wave in waves:
                 for service in wave:
@@ -362,6 +409,8 @@ class Stack:
         restarted = []
         now = time.monotonic()
         for service in self.services.values():
+            if service.instance in self.pending:
+                continue
             if service.process is None or service.process.poll() is None:
                 continue
             code = service.process.returncode
@@ -378,6 +427,8 @@ class Stack:
         for name in reversed(SERVICES):
             for instance in reversed(self.instances(name)):
                 self.services[instance].stop()
+        for service in self.services.values():  # any not in the layout yet
+            service.stop()
         self.nats.stop()
 
     def describe(self) -> dict[str, Any]:
@@ -393,6 +444,7 @@ class Stack:
                         "address": self.services[i].address,
                         "metrics": f"http://127.0.0.1:{self.services[i].metrics_port}/metrics",
                         "pid": getattr(self.services[i].process, "pid", None),
+                        **_partition_field(self.services[i]),
                     }
                     for i in self.instances(name)
                 ]
@@ -400,12 +452,19 @@ class Stack:
             },
         }
 
-    def write_state(self) -> Path:
+    def write_state(self, **extra: Any) -> Path:
         path = self.data_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.describe(), indent=2))
+        tmp.write_text(json.dumps({**self.describe(), **extra}, indent=2))
         os.replace(tmp, path)
         return path
 
     def remove_state(self) -> None:
         (self.data_dir / STATE_FILE).unlink(missing_ok=True)
+
+
+def _partition_field(service: ServiceProcess) -> dict[str, str]:
+    if service.partition is None:
+        return {}
+    replica, replicas = service.partition
+    return {"partition": f"{replica} of {replicas}"}

@@ -32,6 +32,13 @@ USER_LOOKUPS = Counter(
     "freshrec_inference_user_lookups_total", "User feature lookups by outcome.", ["outcome"]
 )
 
+USER_LOOKUP_ERRORS = Counter(
+    "freshrec_inference_user_lookup_errors_total",
+    "User feature lookups the feature service did not answer, by gRPC status (DEADLINE_EXCEEDED: "
+    "slow; UNAVAILABLE or FAILED_PRECONDITION: sent to a replica that is gone or owns no such user).",
+    ["code"],
+)
+
 LOOKUP_BATCH = Histogram(
     "freshrec_inference_user_lookup_batch_size",
     "Users per BatchGetUserFeatures call (lookups that arrive together share one round trip).",
@@ -177,6 +184,7 @@ class FeatureClient:
     def _fallback(self, user_id: str, exc: grpc.aio.AioRpcError) -> UserView:
         cached = None if self.forgotten.holds(user_id) else self.cache.get(user_id)
         USER_LOOKUPS.labels("cached" if cached is not None else "failed").inc()
+        USER_LOOKUP_ERRORS.labels(exc.code().name).inc()
         logger.debug("feature lookup for %s failed (%s); cached=%s", user_id, exc.code(), cached is not None)
         if cached is not None:
             return UserView(cached.known, cached.recent, fresh=False, seen=cached.seen)
