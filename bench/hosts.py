@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 import nats  # noqa: E402
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy  # noqa: E402
 
-from cli.hosts import Hosts  # noqa: E402
+from cli.hosts import Hosts, start_freshrec  # noqa: E402
 from cli.stack import wait_healthy  # noqa: E402
 from freshrec.v1 import (  # noqa: E402
     event_pb2,
@@ -211,39 +211,8 @@ async def run(
     figures: dict[str, Any] = {"scenario": scenario}
     with Hosts(["a", "b", "c"], work) as hosts:
         hosts.start_nats()
-        shared_db = f"sqlite:///{work / 'trainer.db'}"  # the trainers' registry (PostgreSQL in compose)
-        common_trainer = {**TRAINER, "FRESHREC_DATABASE__URL": shared_db}
-        procs = {
-            "ingestion": hosts.start_service(
-                "c",
-                "ingestion",
-                {
-                    "FRESHREC_DATABASE__URL": f"sqlite:///{work / 'ingestion.db'}",
-                    "FRESHREC_FORGET__HASH_KEY": secrets.token_hex(32),
-                },
-            ),
-            "feature": hosts.start_service(
-                "b", "feature", {"FRESHREC_DATABASE__URL": f"sqlite:///{work / 'feature.db'}"}
-            ),
-        }
-        wait_healthy(hosts.address("c", "ingestion"), 120, procs["ingestion"])
-        wait_healthy(hosts.address("b", "feature"), 120, procs["feature"])
-        for host, name in (("a", "trainer-a"), ("b", "trainer-b")):
-            procs[name] = hosts.start_service(
-                host,
-                "trainer",
-                {
-                    **common_trainer,
-                    "FRESHREC_REPLICA_NAME": name,
-                    "FRESHREC_CHECKPOINT_DIR": str(work / name),
-                },
-                name=name,
-            )
-            wait_healthy(hosts.address(host, "trainer"), 180, procs[name])
-        procs["inference"] = hosts.start_service(
-            "c", "inference", {"FRESHREC_FEATURE_ADDR": hosts.address("b", "feature")}
-        )
-        wait_healthy(hosts.address("c", "inference"), 120, procs["inference"])
+        placed = start_freshrec(hosts, work, env={"trainer": TRAINER})
+        procs = {name: p.process for name, p in placed.items()}
         a_status = await trainer_status(hosts.address("a", "trainer"))
         b_status = await trainer_status(hosts.address("b", "trainer"))
         assert a_status and b_status

@@ -7,7 +7,9 @@ containers. Losing a host means every process in its namespace killed at once; a
 the host's link to the bridge. Needs root (``ip netns``, veth pairs, a bridge); everything it
 makes is removed by :meth:`Hosts.close`, whatever state it was left in.
 
-Used by the fault tests and ``bench/hosts.py``.
+:func:`start_freshrec` lays the services out as :data:`PLACEMENT` says (the topology
+``docker-compose.yml`` describes, with any one host expendable); ``freshrec up --hosts``, the fault
+tests and ``bench/hosts.py`` use it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -23,8 +26,9 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from cli.stack import nats_server_binary
+from cli.stack import nats_server_binary, wait_healthy
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +39,15 @@ NATS_MONITOR_PORT = 8222
 #: How often nodes and clients ping each other; a peer is dropped after two missed pings.
 PING_INTERVAL = "1s"
 DEFAULT_PORTS = {"ingestion": 50051, "feature": 50052, "trainer": 50053, "inference": 50054}
+#: Each service's Prometheus port on its host (two services may share a host).
+METRICS_PORTS = {"ingestion": 9101, "feature": 9102, "trainer": 9103, "inference": 9104}
+#: Which services each host runs, in start order: losing any one host loses no accepted event and
+#: stops no service for long (the trainer's standby leads, ingestion's outbox waits for NATS).
+PLACEMENT = {
+    "a": ["trainer"],
+    "b": ["feature", "trainer"],
+    "c": ["ingestion", "inference"],
+}
 
 
 def _ip(*args: str, namespace: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -49,6 +62,8 @@ class Host:
     address: str
     veth: str
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    #: What each process was started with, so that :meth:`Hosts.supervise_once` can start it again.
+    commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
 
 
 class Hosts:
@@ -112,7 +127,22 @@ class Hosts:
             cwd=ROOT,
         )
         h.processes[name] = process
+        h.commands[name] = (list(argv), dict(env))
         return process
+
+    def supervise_once(self) -> list[str]:
+        """Starts again every process that exited on a host still up; ``host/name`` of each."""
+        restarted = []
+        for h in self.hosts.values():
+            for name, process in list(h.processes.items()):
+                if process.poll() is not None:
+                    logger.warning(
+                        "%s on host %s exited with %s; restarting it", name, h.name, process.returncode
+                    )
+                    argv, env = h.commands[name]
+                    self.run(h.name, name, argv, env)
+                    restarted.append(f"{h.name}/{name}")
+        return restarted
 
     def kill_host(self, host: str) -> None:
         """Every process in the host's namespace, at once (SIGKILL): the machine is gone."""
@@ -203,7 +233,8 @@ class Hosts:
                 "FRESHREC_NATS__STREAM_REPLICAS": str(min(3, len(self.hosts))),
                 "FRESHREC_GRPC__HOST": self.hosts[host].address,
                 "FRESHREC_GRPC__PORT": str(DEFAULT_PORTS[service]),
-                "FRESHREC_METRICS__ENABLED": "false",
+                "FRESHREC_METRICS__HOST": self.hosts[host].address,
+                "FRESHREC_METRICS__PORT": str(METRICS_PORTS[service]),
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -222,3 +253,80 @@ class Hosts:
 
     def address(self, host: str, service: str) -> str:
         return f"{self.hosts[host].address}:{DEFAULT_PORTS[service]}"
+
+
+@dataclass
+class Placed:
+    """One freshrec process on a host."""
+
+    host: str
+    service: str
+    name: str
+    process: subprocess.Popen[bytes]
+
+
+def start_freshrec(
+    hosts: Hosts,
+    work_dir: Path,
+    env: Mapping[str, Mapping[str, str]] | None = None,
+    timeout_s: float = 180.0,
+) -> dict[str, Placed]:
+    """The services on the hosts as :data:`PLACEMENT` says, each waited for until SERVING, by
+    name: ``ingestion``, ``feature``, ``inference``, ``trainer-a`` and ``trainer-b`` (the trainer on
+    the first host leads, the other stands by). ``env`` adds variables per service. SQL is a
+    SQLite file per service under ``work_dir`` (the trainers share theirs: their registry; compose
+    uses PostgreSQL). Models, checkpoints and the lease live on JetStream, so no other disk is
+    shared."""
+    placed: dict[str, Placed] = {}
+    key = Path(work_dir) / "forget.key"
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        key.write_text(secrets.token_hex(32))
+        key.chmod(0o600)
+    trainers = [h for h, services in PLACEMENT.items() if "trainer" in services]
+    order = [(h, s) for s in DEFAULT_PORTS for h, services in PLACEMENT.items() if s in services]
+    for host, service in order:
+        name = f"trainer-{host}" if service == "trainer" and len(trainers) > 1 else service
+        extra = {
+            "FRESHREC_DATABASE__URL": f"sqlite:///{Path(work_dir) / (service + '.db')}",
+            **(env or {}).get(service, {}),
+        }
+        if service == "ingestion":
+            extra.setdefault("FRESHREC_FORGET__HASH_KEY", key.read_text().strip())
+        if service == "trainer":
+            extra.setdefault("FRESHREC_REPLICA_NAME", name)
+            extra.setdefault("FRESHREC_CHECKPOINT_DIR", str(Path(work_dir) / name))
+        if service == "inference":
+            feature_host = next(h for h, services in PLACEMENT.items() if "feature" in services)
+            extra.setdefault("FRESHREC_FEATURE_ADDR", hosts.address(feature_host, "feature"))
+        process = hosts.start_service(host, service, extra, name=name)
+        placed[name] = Placed(host, service, name, process)
+        # One at a time: the first of each creates the schema and streams; the first trainer leads.
+        wait_healthy(hosts.address(host, service), timeout_s, process)
+    return placed
+
+
+def describe(hosts: Hosts, placed: Mapping[str, Placed]) -> dict[str, Any]:
+    """What ``freshrec up --hosts`` writes to ``stack.json`` for the other verbs to find."""
+    services: dict[str, list[dict[str, Any]]] = {name: [] for name in DEFAULT_PORTS}
+    for p in placed.values():
+        address = hosts.hosts[p.host].address
+        services[p.service].append(
+            {
+                "instance": p.name,
+                "host": p.host,
+                "address": hosts.address(p.host, p.service),
+                "metrics": f"http://{address}:{METRICS_PORTS[p.service]}/metrics",
+                "pid": hosts.hosts[p.host].processes[p.name].pid,
+            }
+        )
+    return {
+        "pid": os.getpid(),
+        "data_dir": str(hosts.work_dir),
+        "nats": hosts.nats_urls(),
+        "hosts": {
+            h.name: {"address": h.address, "namespace": h.namespace, "veth": h.veth}
+            for h in hosts.hosts.values()
+        },
+        "services": services,
+    }

@@ -203,6 +203,15 @@ def up(
     logs_to_console: Annotated[
         bool, typer.Option(help="Print the services' logs here instead of into <data-dir>/logs.")
     ] = False,
+    hosts: Annotated[
+        bool,
+        typer.Option(
+            "--hosts",
+            help="Three hosts on this machine (network namespaces on one bridge; needs root), each a "
+            "node of a NATS JetStream cluster, with the services spread over them as docker-compose.yml "
+            "does: any one host can be lost. Replica and port options do not apply.",
+        ),
+    ] = False,
 ) -> None:
     """Start the embedded stack: a private nats-server, SQLite, the model store and the four services."""
     options: Options = ctx.obj
@@ -210,6 +219,8 @@ def up(
     extra: dict[str, dict[str, str]] = {}
     if earliest_event_time:
         extra["ingestion"] = {EARLIEST_EVENT_TIME_ENV: earliest_event_time}
+    if hosts:
+        return _up_on_hosts(options, extra)
     stack = start_stack(
         options.data_dir,
         ports=ports,
@@ -251,6 +262,64 @@ def up(
     console.print("stopping freshrec ...")
     stack.stop()
     stack.remove_state()
+    console.print("stopped.")
+
+
+def _up_on_hosts(options: Options, extra: dict[str, dict[str, str]]) -> None:
+    """`freshrec up --hosts`: the topology of docker-compose.yml on network namespaces, supervised
+    until Ctrl-C, then every process killed and every namespace, link and bridge removed."""
+    import os
+    import shutil
+    import subprocess
+
+    from cli.hosts import PLACEMENT, Hosts, describe, start_freshrec
+    from cli.stack import remove_state, write_state
+    from cli.status import stack_status
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        raise fail("--hosts makes network namespaces: run it as root, on Linux with iproute2 (`ip`)")
+    data_dir = options.data_dir.resolve()
+    running = read_state(data_dir)
+    if running is not None:
+        raise fail(f"freshrec is already up in {data_dir} (process {running['pid']}); use another --data-dir")
+    work = data_dir / "hosts"
+    work.mkdir(parents=True, exist_ok=True)
+    stop = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    topology = Hosts(list(PLACEMENT), work)
+    try:
+        with console.status(f"making hosts {', '.join(PLACEMENT)} and starting freshrec on them ..."):
+            try:
+                topology.open()
+                topology.start_nats()
+                placed = start_freshrec(topology, work, env=extra)
+            except (subprocess.CalledProcessError, RuntimeError, TimeoutError) as exc:
+                detail = exc.stderr.strip() if isinstance(exc, subprocess.CalledProcessError) else exc
+                raise fail(f"{detail}; see the logs in {work / 'logs'}") from None
+        write_state(data_dir, describe(topology, placed))
+        statuses = asyncio.run(stack_status(resolve(data_dir, peer=options.peer)))
+        console.print(render.status_table(statuses, title="freshrec is up on three hosts"))
+        for host in topology.hosts.values():
+            names = ["NATS", *(p.name for p in placed.values() if p.host == host.name)]
+            console.print(f"host {host.name} ({host.address}, netns {host.namespace}): {', '.join(names)}")
+        console.print(f"NATS {topology.nats_urls()}; data and logs in {work}", highlight=False)
+        console.print("Press Ctrl-C to stop (everything on the hosts stops, the hosts are removed).\n")
+        while not stop:
+            for name in topology.supervise_once():
+                errors.print(f"[yellow]{name} exited; restarted it[/]")
+            if take_request(data_dir) is not None:
+                errors.print("[yellow]`freshrec scale` applies to a single-host `freshrec up`; ignored[/]")
+            time.sleep(0.5)
+    finally:
+        console.print("stopping freshrec and removing the hosts ...")
+        topology.close()
+        remove_state(data_dir)
     console.print("stopped.")
 
 
@@ -306,6 +375,8 @@ def scale(
             f"freshrec is not up in {options.data_dir}: `freshrec scale` changes a stack that `freshrec up` "
             "runs (elsewhere, change the replicas as docs/operations.md shows)"
         )
+    if "hosts" in state:
+        raise fail("`freshrec scale` changes a single-host `freshrec up`; this one runs with --hosts")
     request_id = request(options.data_dir, service.value, replicas, timeout)
     shown = ""
     deadline = time.monotonic() + timeout + 120

@@ -453,14 +453,23 @@ class Stack:
         }
 
     def write_state(self, **extra: Any) -> Path:
-        path = self.data_dir / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**self.describe(), **extra}, indent=2))
-        os.replace(tmp, path)
-        return path
+        return write_state(self.data_dir, {**self.describe(), **extra})
 
     def remove_state(self) -> None:
-        (self.data_dir / STATE_FILE).unlink(missing_ok=True)
+        remove_state(self.data_dir)
+
+
+def write_state(data_dir: Path, description: Mapping[str, Any]) -> Path:
+    """Writes ``stack.json`` (at once: a reader sees the old or the new one, never half)."""
+    path = Path(data_dir) / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(description, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def remove_state(data_dir: Path) -> None:
+    (Path(data_dir) / STATE_FILE).unlink(missing_ok=True)
 
 
 def _partition_field(service: ServiceProcess) -> dict[str, str]:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,11 @@ MAX_CACHED_METHODS = 256
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def advertised_host(bound: str) -> str:
+    """The host others reach a server bound to ``bound`` at: its name when bound to every address."""
+    return socket.gethostname() if bound in ("", "0.0.0.0", "::", "[::]") else bound
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):

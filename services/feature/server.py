@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from functools import partial
 
 from nats.js import JetStreamContext
@@ -24,7 +23,7 @@ from shared import feature_replicas, gc_tuning
 from shared import nats as fnats
 from shared.db import make_engine, make_sessionmaker, upgrade_schema
 from shared.forget import ForgetWorker
-from shared.grpc_server import ServiceApp, full_service_name
+from shared.grpc_server import ServiceApp, advertised_host, full_service_name
 from shared.supervise import forever
 
 logger = logging.getLogger(__name__)
@@ -144,8 +143,3 @@ class FeatureApp(ServiceApp):
     async def stop(self) -> None:
         await super().stop()
         gc_tuning.release()
-
-
-def advertised_host(bound: str) -> str:
-    """The host others reach a server bound to ``bound`` at: its name when bound to every address."""
-    return socket.gethostname() if bound in ("", "0.0.0.0", "::", "[::]") else bound

@@ -91,9 +91,13 @@ async def test_up_shows_a_status_table_scales_features_and_stops_cleanly_on_ctrl
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        if process.poll() is None:  # a failed assertion: stop the stack too, not only `up`
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
     assert "stopped." in (tmp_path / "up.out").read_text()
     assert not (data / "stack.json").exists()
     assert not any(alive(pid) for pid in children)

@@ -92,7 +92,7 @@ def test_every_command_exists() -> None:
         command = service["command"]
         if command[:2] == ["python", "-m"]:
             module = command[2]
-            assert module == f"services.{name}", f"{name} runs {module}"
+            assert module == f"services.{name.removesuffix('-standby')}", f"{name} runs {module}"
             assert (ROOT / module.replace(".", "/") / "__main__.py").is_file()
         else:
             # Console scripts: declared in pyproject, and the verb exists (answers --help).
@@ -210,6 +210,24 @@ def test_volumes_and_paths() -> None:
         nats = doc["services"][name]["environment"]["FRESHREC_NATS__URL"].split(",")
         assert [u.split("//")[1].split(":")[0] for u in nats] == list(NATS_NODES)
         assert doc["services"][name]["environment"]["FRESHREC_NATS__STREAM_REPLICAS"] == "3"
+
+
+def test_the_topology_is_the_one_freshrec_up_hosts_runs() -> None:
+    """Compose and `freshrec up --hosts` (cli/hosts.py) run the same processes: a NATS node per host
+    and the services as PLACEMENT spreads them (two trainers: one leads, one stands by)."""
+    from cli.hosts import PLACEMENT
+
+    doc = compose()
+    in_compose = sorted(
+        s["command"][2].removeprefix("services.")
+        for s in freshrec_services(doc).values()
+        if s["command"][:2] == ["python", "-m"]
+    )
+    assert in_compose == sorted(s for services in PLACEMENT.values() for s in services)
+    assert len(NATS_NODES) == len(PLACEMENT)
+    standby = doc["services"]["trainer-standby"]
+    assert standby["environment"] == doc["services"]["trainer"]["environment"]
+    assert standby["ports"] == [] and "volumes" not in standby
 
 
 def dockerfile_stages() -> list[str]:
