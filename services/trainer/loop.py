@@ -80,6 +80,7 @@ from shared.nats import (
     ensure_catalogue_stream,
     fetch_batch,
     follow_stream,
+    when_available,
 )
 from shared.signing import load_private_key
 from shared.watermark import watermark_proto
@@ -226,7 +227,10 @@ class TrainerLoop:
         await self.prepare()
         reader = StreamReader(self.js, self.settings.consumer_name, ack_wait_s=self._ack_wait_s())
         # Seated at the position the checkpoint holds: events after it are learned exactly once.
-        await reader.seat(self.learner.position.stream_sequence)
+        await when_available(
+            lambda: reader.seat(self.learner.position.stream_sequence),
+            what="seating the trainer on the event stream",
+        )
         catalogue = asyncio.create_task(self.follow_catalogue(), name="trainer-catalogue")
         try:
             await self._consume(reader)

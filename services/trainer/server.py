@@ -6,7 +6,6 @@ import asyncio
 import fcntl
 import logging
 import os
-import socket
 from functools import partial
 from pathlib import Path
 from typing import IO
@@ -28,7 +27,7 @@ from services.trainer.text import TEXT_DIM, TextEncoder, make_text_encoder
 from shared import nats as fnats
 from shared.db import make_engine, make_sessionmaker, upgrade_schema
 from shared.forget import ForgetWorker
-from shared.grpc_server import ServiceApp, full_service_name
+from shared.grpc_server import ServiceApp, advertised_host, full_service_name
 from shared.model_bucket import ModelBucket, adopt_bucket
 from shared.model_store import ModelStore
 
@@ -118,7 +117,9 @@ class TrainerApp(ServiceApp):
             replicas = s.nats.stream_replicas
             self.bucket = await ModelBucket.open(js, replicas=replicas)
             self.state = await StateBucket.open(js, replicas=replicas)
-            self.lease = await Lease.open(js, s.replica, socket.gethostname(), s.lease_ttl_s, replicas)
+            self.lease = await Lease.open(
+                js, s.replica, advertised_host(s.grpc.host), s.lease_ttl_s, replicas
+            )
             work = {"trainer-leadership": self._lead()}
         else:  # the only trainer: it leads from the start
             await self._become_leader()
@@ -133,7 +134,7 @@ class TrainerApp(ServiceApp):
             cleanups=[nc.drain, partial(asyncio.to_thread, engine.dispose)],
         )
         if self.lease is not None:
-            self.lease.address = f"{socket.gethostname()}:{self.port}"
+            self.lease.address = f"{advertised_host(s.grpc.host)}:{self.port}"
         logger.info("trainer (%s) listening on %s:%d", s.strategy, s.grpc.host, self.port)
 
     async def _become_leader(self) -> None:
@@ -142,11 +143,19 @@ class TrainerApp(ServiceApp):
         s = self.settings
         assert self.nc is not None and self.registry is not None and self.store is not None
         js = self.nc.jetstream()
-        if self.state is not None:
-            await self.state.restore_into(s.checkpoint_dir)
-        if self.bucket is not None:
+        # Each step that needs JetStream waits for it on its own (a node just lost, stream leaders
+        # being elected) rather than failing the whole takeover: the lease is kept meanwhile.
+        state, bucket, store = self.state, self.bucket, self.store
+        if state is not None:
+            await fnats.when_available(
+                lambda: state.restore_into(s.checkpoint_dir), what="restoring the trainer's state"
+            )
+        if bucket is not None:
             live = await asyncio.to_thread(self.registry.live)
-            await adopt_bucket(self.store, self.bucket, live.version if live else None)
+            await fnats.when_available(
+                lambda: adopt_bucket(store, bucket, live.version if live else None),
+                what="adopting the model bucket's versions",
+            )
         learner, text = build_learner(s)
         checkpoint = CheckpointFile(s.checkpoint_dir)
         saved = await asyncio.to_thread(checkpoint.load)
@@ -192,12 +201,10 @@ class TrainerApp(ServiceApp):
         while True:
             await lease.acquire()
             try:
-                await self._become_leader()
-                assert self.loop is not None and self.forget is not None
                 async with asyncio.TaskGroup() as group:
-                    group.create_task(self.loop.run(), name="trainer-loop")
-                    group.create_task(self.forget.run(), name="trainer-forget")
+                    # Kept from the start: taking over may wait for JetStream longer than the TTL.
                     group.create_task(lease.keep(), name="trainer-lease")
+                    group.create_task(self._take_over_and_learn(), name="trainer-takeover")
             except* LostLease as lost:
                 logger.error(
                     "%s: standing by (the new leader resumes from the last checkpoint)", lost.exceptions[0]
@@ -210,6 +217,13 @@ class TrainerApp(ServiceApp):
             finally:
                 self.loop = self.forget = None
                 await lease.release()
+
+    async def _take_over_and_learn(self) -> None:
+        await self._become_leader()
+        assert self.loop is not None and self.forget is not None
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.loop.run(), name="trainer-loop")
+            group.create_task(self.forget.run(), name="trainer-forget")
 
     async def stop(self) -> None:
         await super().stop()
