@@ -9,6 +9,12 @@ be idempotent: a redelivery (a crash between the effect and the ack) runs it aga
 nothing more. A ``handle`` that cannot finish yet (a peer still holds the user, its consumer has not
 caught up) returns None and gets the task again after ``retry_s``.
 
+Which replicas a request waits for is JetStream's own record: every worker's durable consumer
+carries its service and (unless the replicas of a service share one consumer) its replica in the
+consumer's metadata, and has an ``inactive_threshold``, so the consumer of a replica that went away
+is removed by the server once it has not pulled for that long (``live_replicas``). A replica that
+does not run a worker (a standby trainer) has no consumer and is not waited for.
+
 Nothing here logs the user id; reports name the request, the service and the replica only.
 """
 
@@ -19,6 +25,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from nats.aio.msg import Msg
@@ -49,6 +56,38 @@ PROGRESS_MAX_AGE_S = 30 * 24 * 3600.0
 #: data) once done, None when it cannot finish yet.
 Handler = Callable[[ingestion_pb2.ForgetTask], Awaitable[str | None]]
 
+#: Metadata keys of a forget worker's durable consumer on FRESHREC_FORGET.
+SERVICE_METADATA = "freshrec-service"
+REPLICA_METADATA = "freshrec-replica"
+
+
+@dataclass(frozen=True)
+class LiveReplica:
+    """A forget worker JetStream still has a consumer for. ``replica`` is None when the replicas of
+    the service share the consumer (any one of them reporting is that consumer's report)."""
+
+    service: str
+    replica: str | None
+    durable: str
+
+
+async def live_replicas(js: JetStreamContext) -> list[LiveReplica]:
+    """The forget workers whose durable consumers on FRESHREC_FORGET exist now (a departed replica's
+    consumer is gone once its inactive threshold passed). Consumers without our metadata (made by a
+    release before it, or by hand) are not counted."""
+    try:
+        infos = await js.consumers_info(FORGET_STREAM)
+    except NotFoundError:
+        return []
+    live = []
+    for info in infos:
+        metadata = info.config.metadata or {}
+        service = metadata.get(SERVICE_METADATA)
+        if not service or not info.name:
+            continue
+        live.append(LiveReplica(service, metadata.get(REPLICA_METADATA) or None, info.name))
+    return live
+
 
 async def ensure_forget_streams(js: JetStreamContext, replicas: int = 1, *, owner: bool = False) -> None:
     """Declares ``FRESHREC_FORGET`` (tasks kept until erased) and ``FRESHREC_FORGET_PROGRESS``;
@@ -68,7 +107,9 @@ def report_id(request_id: str, service: str, replica: str) -> str:
 
 class ForgetWorker:
     """Consumes ``FRESHREC_FORGET`` with the durable consumer ``durable`` and runs ``handle`` on
-    every task, reporting each one done as ``service`` / ``replica``."""
+    every task, reporting each one done as ``service`` / ``replica``. ``shared``: the replicas of
+    the service share ``durable`` (one of them does each task), so the consumer names no replica.
+    ``inactive_s``: JetStream removes the consumer once nobody pulled from it for that long."""
 
     def __init__(
         self,
@@ -81,6 +122,8 @@ class ForgetWorker:
         retry_s: float = 2.0,
         ack_wait_s: float = 30.0,
         stream_replicas: int = 1,
+        inactive_s: float = 120.0,
+        shared: bool = False,
     ) -> None:
         self.js = js
         self.service = service
@@ -90,6 +133,8 @@ class ForgetWorker:
         self.retry_s = retry_s
         self.ack_wait_s = ack_wait_s
         self.stream_replicas = stream_replicas
+        self.inactive_s = inactive_s
+        self.shared = shared
         #: Tasks this worker reported done (for tests and status pages).
         self.done = 0
 
@@ -110,6 +155,11 @@ class ForgetWorker:
             max_deliver=-1,
             deliver_policy=DeliverPolicy.ALL,
             filter_subject=FORGET_TASKS_SUBJECT,
+            # A pull waiting for tasks, or a task in hand, keeps the consumer; a replica that is gone
+            # stops pulling, and the server removes its consumer after this long.
+            inactive_threshold=self.inactive_s,
+            metadata={SERVICE_METADATA: self.service}
+            | ({} if self.shared else {REPLICA_METADATA: self.replica}),
         )
         with contextlib.suppress(BadRequestError):  # exists with another ack wait: keep it
             await self.js.add_consumer(FORGET_STREAM, config)

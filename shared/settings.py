@@ -77,6 +77,13 @@ class NatsSettings(BaseModel):
         le=5,
         description="Replicas of the JetStream streams a service declares (3 on a 3-node cluster).",
     )
+    forget_inactive_s: float = Field(
+        120.0,
+        gt=0,
+        description="How long after a replica stops taking forget tasks JetStream removes its durable "
+        "consumer on FRESHREC_FORGET (inactive_threshold); until then a pending forget request waits for "
+        "that replica's report. Give every service the same value.",
+    )
 
     @property
     def servers(self) -> list[str]:

@@ -80,6 +80,7 @@ class FeatureApp(ServiceApp):
             durable=f"forget-{s.replica_name}",
             handle=FeatureForget(js, consumer, store, engine, s.replica_name),
             stream_replicas=s.nats.stream_replicas,
+            inactive_s=s.nats.forget_inactive_s,
         )
 
         partitions = await feature_replicas.open_bucket(js, s.nats.stream_replicas)

@@ -135,6 +135,7 @@ class InferenceApp(ServiceApp):
                     durable=f"forget-inference-{s.replica}",
                     handle=InferenceForget(nc.jetstream(), holder, features),
                     stream_replicas=s.nats.stream_replicas,
+                    inactive_s=s.nats.forget_inactive_s,
                 ).run(),
             },
             cleanups=[*removals, nc.drain, channel.close, tower.close],

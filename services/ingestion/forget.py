@@ -5,8 +5,13 @@ A request is recorded in SQL with the user's tombstone (from then on every event
 dropped), published as a ``ForgetTask`` on ``freshrec.forget.requests`` and answered with its id.
 Every service carries it out with its own durable consumer (``shared/forget.py``) and reports on
 ``freshrec.forget.progress``; ingestion records the reports, and once every service in
-``FRESHREC_FORGET__SERVICES`` is done it marks the request complete and erases the task (the only
-place the user id was kept) from ``FRESHREC_FORGET``. One audit line per request and outcome
+``FRESHREC_FORGET__SERVICES`` has reported and so has every live replica of theirs (each feature and
+inference replica has a durable consumer of its own on ``FRESHREC_FORGET``, which JetStream removes
+once the replica has stopped pulling for ``FRESHREC_NATS__FORGET_INACTIVE_S``; see
+``shared/forget.py``) it marks the request complete and erases the task (the only place the user
+id was kept) from ``FRESHREC_FORGET``. Pending requests are checked again every
+``FRESHREC_FORGET__RECHECK_S``, so a request that only waited for a replica that went away
+completes once that replica's consumer is gone. One audit line per request and outcome
 names the request and the user's hash, never the id.
 """
 
@@ -35,7 +40,7 @@ from services.ingestion.settings import ForgetSettings
 from services.ingestion.tombstones import Tombstones
 from services.ingestion.validation import MAX_ID_CHARS
 from shared.db import scrub_wal
-from shared.forget import ensure_forget_streams
+from shared.forget import LiveReplica, ensure_forget_streams, live_replicas
 from shared.nats import (
     AVAILABLE_S,
     FORGET_PROGRESS_STREAM,
@@ -140,7 +145,8 @@ class ForgetDesk:
         request = await asyncio.to_thread(self.store.get, request_id)
         if request is None:
             raise RequestError(f"no forget request {request_id}", grpc.StatusCode.NOT_FOUND)
-        return status_of(request, self.settings.services)
+        live = await live_replicas(self.js) if self.js is not None else []
+        return status_of(request, self.settings.services, live)
 
     # -- NATS request-reply (freshrec.forget.request) ----------------------------------------
     async def answer(self, nc: NatsClient, msg: Msg) -> None:
@@ -180,15 +186,35 @@ class ForgetDesk:
         await nc.subscribe(FORGET_REQUEST_SUBJECT, queue="ingestion", cb=on_request)
 
 
-def status_of(request: Request, services: list[str]) -> ingestion_pb2.GetForgetStatusResponse:
+def waiting_for(request: Request, services: list[str], live: list[LiveReplica]) -> list[tuple[str, str]]:
+    """(service, replica) of what the request still waits for: every live replica of a service in
+    ``services`` that has not reported, and a service with no report and no live replica of its own
+    (replica "": one of its replicas is to report, whenever one runs)."""
+    reported = {p.service for p in request.progress}
+    by_replica = {(p.service, p.replica) for p in request.progress}
+    waiting: list[tuple[str, str]] = []
+    for service in services:
+        # A shared consumer (replica None) is covered by any report of its service.
+        replicas = sorted({r.replica for r in live if r.service == service and r.replica is not None})
+        missing = [(service, replica) for replica in replicas if (service, replica) not in by_replica]
+        if service not in reported and not missing:
+            missing = [(service, "")]
+        waiting += missing
+    return waiting
+
+
+def status_of(
+    request: Request, services: list[str], live: list[LiveReplica] | None = None
+) -> ingestion_pb2.GetForgetStatusResponse:
+    """The request's status: a done entry per replica that reported, a pending one per service with
+    no report and per live replica that has not reported (while the request is pending)."""
     response = ingestion_pb2.GetForgetStatusResponse(
         request_id=request.request_id, user_hash=request.user_hash
     )
     response.requested_at.FromDatetime(_ts(request.requested_at_us))
-    reported = {p.service for p in request.progress}
-    for service in services:
-        if service not in reported:
-            response.progress.add(service=service, state=ingestion_pb2.FORGET_STATE_PENDING)
+    pending = waiting_for(request, services, [] if request.completed_at_us else (live or []))
+    for service, replica in pending:
+        response.progress.add(service=service, replica=replica, state=ingestion_pb2.FORGET_STATE_PENDING)
     for p in request.progress:
         entry = response.progress.add(
             service=p.service, replica=p.replica, state=ingestion_pb2.FORGET_STATE_DONE, detail=p.detail
@@ -247,8 +273,8 @@ class IngestionEraser:
 
 
 class ProgressRecorder:
-    """Records every service's reports in SQL and completes requests (one replica per report:
-    the replicas share the durable consumer)."""
+    """Records every service's reports in SQL and completes requests once nothing live is left to
+    report (one ingestion replica records each report: the replicas share the durable consumer)."""
 
     def __init__(self, js: JetStreamContext, store: ForgetStore, settings: ForgetSettings) -> None:
         self.js = js
@@ -256,9 +282,24 @@ class ProgressRecorder:
         self.settings = settings
 
     async def run(self) -> None:
-        await forever(
-            self._consume, logger=logger, failed="recording forget progress failed; again", retry_s=1.0
-        )
+        async with asyncio.TaskGroup() as group:
+            group.create_task(
+                forever(self._consume, logger=logger, failed="recording forget progress failed", retry_s=1.0)
+            )
+            group.create_task(
+                forever(
+                    self.recheck,
+                    logger=logger,
+                    failed="checking pending forget requests failed",
+                    every_s=self.settings.recheck_s,
+                )
+            )
+
+    async def recheck(self) -> None:
+        """Completes pending requests that no live replica holds up any more (one waited for a
+        replica whose consumer has since expired)."""
+        for request_id in await asyncio.to_thread(self.store.pending):
+            await self.complete_if_done(request_id)
 
     async def _consume(self) -> None:
         await ensure_forget_streams(self.js, owner=True)
@@ -300,13 +341,18 @@ class ProgressRecorder:
         if not known:
             logger.warning("a forget report for an unknown request %s; ignored", report.request_id)
             return
-        request = await asyncio.to_thread(self.store.get, report.request_id)
-        if request is None or request.completed_at_us:
+        await self.complete_if_done(report.request_id, done_us)
+
+    async def complete_if_done(self, request_id: str, done_us: int = 0) -> None:
+        """Marks the request complete if every service has reported and so has every live replica."""
+        request = await asyncio.to_thread(self.store.get, request_id)
+        if request is None or request.completed_at_us or not request.task_seq:
             return
-        done = {p.service: p.done_at_us for p in request.progress}
-        if not set(self.settings.services) <= set(done):
+        if waiting_for(request, self.settings.services, []):
+            return  # a service has not reported at all: no need to ask JetStream
+        if waiting_for(request, self.settings.services, await live_replicas(self.js)):
             return
-        completed_us = max(done[s] for s in self.settings.services) if self.settings.services else done_us
+        completed_us = max([p.done_at_us for p in request.progress] + [done_us])
         if not await asyncio.to_thread(self.store.complete, request.request_id, completed_us):
             return
         if request.task_seq:

@@ -28,7 +28,7 @@ class ForgetRequestRow(Base):
     requested_at_us: Mapped[int] = mapped_column(BigInteger)
     #: Stream sequence of the task in FRESHREC_FORGET (0 until published), erased once done.
     task_seq: Mapped[int] = mapped_column(BigInteger, server_default="0")
-    #: When the last service reported done (0 while pending).
+    #: When the last live replica reported done (0 while pending).
     completed_at_us: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
@@ -131,6 +131,17 @@ class ForgetStore:
         return Request(
             row.request_id, row.user_hash, row.requested_at_us, row.task_seq, row.completed_at_us, progress
         )
+
+    def pending(self) -> list[str]:
+        """The ids of published requests not completed yet."""
+        with self.engine.connect() as connection:
+            return list(
+                connection.execute(
+                    select(ForgetRequestRow.request_id).where(
+                        ForgetRequestRow.completed_at_us == 0, ForgetRequestRow.task_seq > 0
+                    )
+                ).scalars()
+            )
 
     def record(self, request_id: str, service: str, replica: str, done_at_us: int, detail: str) -> bool:
         """Records a report (a repeat changes nothing); False when the request is unknown."""

@@ -197,6 +197,8 @@ class IngestionApp(ServiceApp):
             durable="forget-ingestion",
             handle=IngestionEraser(js, self.forget_store, self.tombstones, s.forget),
             stream_replicas=s.nats.stream_replicas,
+            inactive_s=s.nats.forget_inactive_s,
+            shared=True,  # the replicas share one consumer: any one erases
         )
         recorder = ProgressRecorder(js, self.forget_store, s.forget)
         self.server.tasks.append(asyncio.create_task(worker.run(), name="forget-worker"))

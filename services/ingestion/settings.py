@@ -43,7 +43,14 @@ class ForgetSettings(BaseModel):
     )
     services: list[str] = Field(
         list(FORGET_SERVICES),
-        description="Services that must report done before a request is complete (one report of each).",
+        description="Services that must report done before a request is complete: at least one report of "
+        "each, and one of every replica of theirs whose forget consumer is live (nats.forget_inactive_s).",
+    )
+    recheck_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often pending requests are checked again against the live replicas, so one that "
+        "only waited for a replica that went away completes once that replica's consumer has expired.",
     )
 
 

@@ -191,6 +191,7 @@ class TrainerApp(ServiceApp):
             durable=f"forget-{s.consumer_name}",
             handle=TrainerForget(loop),
             stream_replicas=s.nats.stream_replicas,
+            inactive_s=s.nats.forget_inactive_s,
         )
 
     async def _lead(self) -> None:
