@@ -90,7 +90,8 @@ RAW_MESSAGES = Counter(
 )
 FORGOTTEN_EVENTS = Counter(
     "freshrec_ingestion_events_forgotten_total",
-    "Events of a forgotten user dropped while the user's tombstone holds (late or redelivered), by source.",
+    "Events of a forgotten user dropped while the user's tombstone holds, by source: grpc and nats (late "
+    "or redelivered), outbox (committed before the tombstone, dropped instead of published).",
     ["source"],
 )
 FORGET_REQUESTS = Counter(

@@ -9,6 +9,11 @@ the outbox for the relay (``relay.py``).
 The publisher also knows whether the publish path works: NATS connected and the last batch
 acknowledged. While it does not, requests are still accepted (the SQL log is durable) and the
 events wait in the outbox; health reports it (``PUBLISHER_HEALTH``) and so do the metrics.
+
+Events of a forgotten user are never sent: ``forgotten`` (the tombstones) is asked right before
+the batch goes out, so an event read from the outbox (or committed) before this replica knew the
+tombstone is dropped instead of reaching the stream after ingestion erased the user from it (the
+eraser deletes its row from the event log).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import contextlib
 import logging
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -105,8 +110,11 @@ class Publisher:
         timeout_s: float,
         max_in_flight: int,
         stream: str = EVENTS_STREAM,
+        forgotten: Callable[[str], bool] | None = None,
     ) -> None:
         self.committer = committer
+        #: Whether a user is forgotten (tombstoned): their events are dropped, never published.
+        self.forgotten = forgotten
         self.timeout_s = timeout_s
         self.stream = stream
         self.nc: NatsClient | None = None
@@ -202,6 +210,7 @@ class Publisher:
         if path == "relay":
             self.never_sent.discard(events[0].seq, events[-1].seq)
         batch = _Batch(len(events), asyncio.get_running_loop().create_future())
+        sending: Sequence[OutboxEvent] = events
         first = self._next_token
         self._next_token += len(events)
         started = time.perf_counter()
@@ -210,11 +219,15 @@ class Publisher:
             async with asyncio.timeout(self.timeout_s):
                 await self._capacity.acquire(len(events))
                 acquired = True
+                # Asked as late as possible: nothing between this and the send waits.
+                sending = self._drop_forgotten(events)
+                batch.remaining = len(sending)
                 waiting = self._waiting
-                for token, event in enumerate(events, first):
+                for token, event in enumerate(sending, first):
                     waiting[token] = (batch, event.seq)
-                await self._send(nc, events, first)
-                await batch.done
+                if sending:
+                    await self._send(nc, sending, first)
+                    await batch.done
         except TimeoutError:
             logger.warning(
                 "JetStream acknowledged %d of %d events within %.1fs; the relay will retry the rest",
@@ -237,12 +250,26 @@ class Publisher:
             metrics.PUBLISHED.labels(path).inc(len(acked))
             self.committer.mark_published(acked)
             self.stalled = False
-        if len(acked) < len(events):
+        if len(acked) < len(sending):
             if batch.remaining or not acked:
                 self.stalled = True  # unanswered (or refused outright): the path does not work
             done = set(acked)
-            self._give_up([e for e in events if e.seq not in done], path)
+            self._give_up([e for e in sending if e.seq not in done], path)
         return len(acked)
+
+    def _drop_forgotten(self, events: Sequence[OutboxEvent]) -> Sequence[OutboxEvent]:
+        """The events to send: those of forgotten users are left out (and out of ``in_flight``;
+        their rows are the eraser's to delete, and the relay skips them again meanwhile)."""
+        forgotten = self.forgotten
+        if forgotten is None:
+            return events
+        dropped = [e for e in events if forgotten(e.user_id)]
+        if not dropped:
+            return events
+        metrics.FORGOTTEN_EVENTS.labels("outbox").inc(len(dropped))
+        self.in_flight.difference_update(e.seq for e in dropped)
+        logger.info("%d unpublished events of forgotten users dropped instead of published", len(dropped))
+        return [e for e in events if not forgotten(e.user_id)]
 
     async def _send(self, nc: NatsClient, events: Sequence[OutboxEvent], first_token: int) -> None:
         """Writes one HPUB per event, each replying to its own token under the acknowledgement inbox.

@@ -84,6 +84,7 @@ class IngestionApp(ServiceApp):
         key = s.forget.hash_key.get_secret_value().encode() if s.forget.hash_key else None
         tombstones = self.tombstones = Tombstones(forget_store, key)
         await tombstones.reload()
+        publisher.forgotten = tombstones.holds  # a forgotten user's events are never published
         if key is None:
             logger.warning("FRESHREC_FORGET__HASH_KEY is unset: ForgetUser is refused")
         self.desk = ForgetDesk(forget_store, tombstones, s.forget)

@@ -3,6 +3,8 @@ the NATS request, the event log's rows and the streams' messages erased, the tom
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import grpc
@@ -255,3 +257,43 @@ async def test_after_the_tombstone_expires_the_user_comes_back_as_new(make_app: 
 
 async def _done(stub, request_id: str) -> bool:  # type: ignore[no-untyped-def]
     return bool((await status(stub, request_id)).done)
+
+
+async def test_outbox_events_of_a_forgotten_user_are_dropped_not_published(
+    make_app: AppFactory, nats_server: NatsServer
+) -> None:
+    """Events committed before the tombstone but still in the outbox (NATS was down) never reach the
+    stream once the user is forgotten: the publisher drops them at the last moment before sending,
+    so the relay cannot put them back after ingestion erased the user."""
+    app = await make_app(
+        nats={"url": nats_server.url, "reconnect_wait_s": 0.2}, **forget_settings(tombstone_refresh_s=0.1)
+    )
+    before = sample("freshrec_ingestion_events_forgotten_total", source="outbox")
+    channel, stub = stub_for(app)
+    async with channel:
+        await stub.IngestEvents(
+            ingestion_pb2.IngestEventsRequest(events=[event("carol", "i0", event_id="c0")])
+        )
+        await eventually(lambda: _count(stream_ids(nats_server.url), 1), what="the first event published")
+        nats_server.stop()
+        events = [event(u, f"i{n}", event_id=f"{u}-e{n}") for n in range(3) for u in ("alice", "bob")]
+        assert (await stub.IngestEvents(ingestion_pb2.IngestEventsRequest(events=events))).accepted == 6
+        # Another replica records alice's request (and tombstone) meanwhile; this one learns it at
+        # its next reload, while the events wait in its outbox.
+        store, tombstones = app.forget_store, app.tombstones
+        assert store is not None and tombstones is not None
+        await asyncio.to_thread(store.tombstone, tombstones.hash("alice"), int((time.time() + 3600) * 1e6))
+        await eventually(lambda: _true(tombstones.holds("alice")), what="the tombstone reloaded")
+        nats_server.start()
+        ids = await eventually(
+            lambda: _has(stream_ids(nats_server.url), {"bob-e0", "bob-e1", "bob-e2"}), what="bob's events"
+        )
+        assert not any(i.startswith("alice") for i in ids)
+        assert sample("freshrec_ingestion_events_forgotten_total", source="outbox") >= before + 3
+        await asyncio.sleep(1.0)  # several relay passes later, still nothing of alice
+        assert not any(i.startswith("alice") for i in await stream_ids(nats_server.url))
+
+
+async def _has(ids_coroutine, wanted: set[str]) -> list[str] | None:  # type: ignore[no-untyped-def]
+    ids = await ids_coroutine
+    return ids if wanted <= set(ids) else None
