@@ -31,10 +31,21 @@ SERVICES = ("ingestion", "feature", "trainer", "inference")
 DEFAULT_PORTS = {"nats": 4222, "ingestion": 50051, "feature": 50052, "trainer": 50053, "inference": 50054}
 
 
+#: Ports free_port handed out in this process: the kernel may offer a port again once the probing
+#: socket is closed, before the service given it has bound it, and two services of one stack on one
+#: port answer each other's clients (a Recommend reaching the feature service is UNIMPLEMENTED).
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now and this process has not handed out before."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def port_in_use(port: int) -> bool:

