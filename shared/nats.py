@@ -235,6 +235,7 @@ async def _on_reconnect() -> None:
 async def _connect(settings: NatsSettings, name: str) -> NatsClient:
     return await nats.connect(
         servers=settings.servers,
+        dont_randomize=not settings.randomize,
         name=name,
         user=settings.user,
         password=settings.password.get_secret_value() if settings.password else None,

@@ -46,7 +46,17 @@ class PeerSettings(BaseModel):
 class NatsSettings(BaseModel):
     """How to reach NATS JetStream."""
 
-    url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated.")
+    url: str = Field(
+        "nats://127.0.0.1:4222",
+        description="NATS server URL(s), comma-separated, nearest first: the client tries them in this "
+        "order (see randomize), so a service on a host with its own node stays on that node and a fault "
+        "elsewhere does not cut it off.",
+    )
+    randomize: bool = Field(
+        False,
+        description="Try the servers in random order instead (spreads many clients over a cluster whose "
+        "nodes are equally near).",
+    )
     user: str | None = Field(None, description="NATS user name, if the server requires one.")
     password: SecretStr | None = Field(None, description="NATS password.")
     token: SecretStr | None = Field(None, description="NATS authentication token.")
