@@ -119,6 +119,13 @@ FORGET_PROGRESS_SUBJECT = "freshrec.forget.progress"
 FORGET_PROGRESS_SUBJECTS = f"{FORGET_PROGRESS_SUBJECT}.>"
 
 
+#: JetStream stream of served lists (protobuf ``ServedList``): what every Recommend and
+#: SimilarItems answer showed, published by inference off the request path, keyed by the answer's
+#: ``recommendation_id`` (``Nats-Msg-Id``).
+SERVED_STREAM = "FRESHREC_SERVED"
+SERVED_SUBJECT = "freshrec.recommendations.served"
+
+
 def forget_progress_subject(request_id: str, service: str) -> str:
     """Where ``service`` reports its part of forget request ``request_id`` done."""
     return f"{FORGET_PROGRESS_SUBJECT}.{request_id}.{service}"

@@ -1,7 +1,8 @@
 """The inference replica's share of forgetting a user: cached features and models in memory.
 
 The replica drops the user's cached features and every model it keeps loaded for an instant
-rollback whose user table names the user. It reports done once the model it serves, and the
+rollback whose user table names the user, and erases the lists served to them from
+``FRESHREC_SERVED``. It reports done once the model it serves, and the
 version the store's LIVE pointer names (what it would load next), no longer name the user (the
 trainer has made a version without them live), and the feature service has reported its part
 done and no longer knows them (so no lookup can bring them back into the cache). Until then,
@@ -14,11 +15,12 @@ import asyncio
 import json
 import logging
 
-from nats.js import JetStreamContext
+from nats.aio.client import Client as NatsClient
 
 from freshrec.v1 import ingestion_pb2
 from services.inference.features import FeatureClient
 from services.inference.reloader import ModelHolder
+from services.inference.served import erase_users_lists
 from shared.forget import reported
 
 logger = logging.getLogger(__name__)
@@ -39,8 +41,9 @@ def live_holds(holder: ModelHolder, user_id: str) -> bool:
 
 
 class InferenceForget:
-    def __init__(self, js: JetStreamContext, holder: ModelHolder, features: FeatureClient) -> None:
-        self.js = js
+    def __init__(self, nc: NatsClient, holder: ModelHolder, features: FeatureClient) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
         self.holder = holder
         self.features = features
 
@@ -58,4 +61,7 @@ class InferenceForget:
             return None  # the feature service may still hold the user (and hand them out again)
         if not await self.features.forget(user_id):
             return None  # it did not answer, or still knows them
-        return f"serving {holder.served_version or 'no model'}; cached features dropped"
+        # Last, so that no answer made while the steps above waited is left on the stream.
+        lists = await erase_users_lists(self.nc, user_id)
+        served = holder.served_version or "no model"
+        return f"serving {served}; cached features dropped; {lists} served lists erased"

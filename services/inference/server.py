@@ -25,6 +25,7 @@ from services.inference.forget import InferenceForget
 from services.inference.index import ExplorationSettings
 from services.inference.policy import RankingSettings, Recommender
 from services.inference.reloader import ModelHolder
+from services.inference.served import ServedPublisher, ensure_served_stream
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 from shared import feature_replicas, gc_tuning
@@ -114,14 +115,24 @@ class InferenceApp(ServiceApp):
         gc_tuning.settle()  # the model, catalogue and code loaded: keep collections short and rare
         ranking = RankingSettings(s.ann.exact_limit, s.mmr_candidates, s.exploration_sample)
         tower = UserTowerBatcher(s.user_tower_batch)
+        served: ServedPublisher | None = None
+        if s.served.enabled:
+            await fnats.when_available(
+                lambda: ensure_served_stream(nc.jetstream(), s.served, s.retention, s.nats.stream_replicas),
+                what="declaring the served-list stream",
+            )
+            served = ServedPublisher(nc.jetstream(), s.served, s.replica, features.forgotten.holds)
 
         await self.serve(
             SERVICE_NAME,
             inference_pb2_grpc.add_InferenceServiceServicer_to_server,
             InferenceServicer(
-                Recommender(holder, features, popular, ranking, tower, np.random.default_rng()), s.limits
+                Recommender(holder, features, popular, ranking, tower, np.random.default_rng()),
+                s.limits,
+                served,
             ),
             tasks={
+                **({"served-lists": served.run()} if served is not None else {}),
                 "model-poll": holder.poll(s.poll_interval_s),
                 **({"model-watch": holder.watch_bucket()} if bucket is not None else {}),
                 **routing,
@@ -133,7 +144,7 @@ class InferenceApp(ServiceApp):
                     service="inference",
                     replica=s.replica,
                     durable=f"forget-inference-{s.replica}",
-                    handle=InferenceForget(nc.jetstream(), holder, features),
+                    handle=InferenceForget(nc, holder, features),
                     stream_replicas=s.nats.stream_replicas,
                     inactive_s=s.nats.forget_inactive_s,
                 ).run(),

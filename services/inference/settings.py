@@ -10,7 +10,8 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.inference.ann import AnnSettings
-from shared.settings import GrpcSettings, PeerSettings, RequestLimits, ServiceSettings
+from services.inference.served import ServedSettings
+from shared.settings import GrpcSettings, PeerSettings, RequestLimits, RetentionSettings, ServiceSettings
 
 
 class InferenceSettings(ServiceSettings):
@@ -92,6 +93,8 @@ class InferenceSettings(ServiceSettings):
         description="Python's thread switch interval: how long a model load may hold the GIL from requests.",
     )
     ann: AnnSettings = AnnSettings()
+    served: ServedSettings = ServedSettings()
+    retention: RetentionSettings = RetentionSettings()
     mmr_candidates: int = Field(
         200, ge=10, le=5000, description="Candidates re-ranked by MMR when a request asks for diversity."
     )

@@ -1,8 +1,7 @@
 """Erasing a forgotten user's messages from the streams ingestion owns.
 
-JetStream's message delete (``js.delete_msg``; nats-py sends no ``no_erase``, so the server erases:
-it overwrites the stored message with random bytes instead of only marking it deleted) removes
-each message of the user from ``FRESHREC_EVENTS`` (only the user's partition subjects are read),
+JetStream's message delete (``shared/erase.py``: erased, not only marked deleted) removes each
+message of the user from ``FRESHREC_EVENTS`` (only the user's partition subjects are read),
 ``FRESHREC_RAW`` and ``FRESHREC_DLQ``. A raw message is only erased once the shared raw consumer
 has acknowledged it (its events are in the log, or were dropped by the tombstone, which erases the
 message itself); one still waiting keeps the request pending until then.
@@ -11,65 +10,22 @@ message itself); one still waiting keeps the request pending until then.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from freshrec.v1 import event_pb2
 from services.ingestion import metrics
 from services.ingestion.nats_intake import DLQ_STREAM, RAW_CONSUMER, RAW_STREAM, Undecodable, decode
-from shared.nats import (
-    ACCEPTED_SUBJECT_PREFIX,
-    DLQ_SUBJECT,
-    EVENTS_STREAM,
-    RAW_SUBJECT,
-    fetch_batch,
-    user_partition,
-)
+from shared.erase import erase_matching
+from shared.nats import ACCEPTED_SUBJECT_PREFIX, DLQ_SUBJECT, EVENTS_STREAM, RAW_SUBJECT, user_partition
 
 logger = logging.getLogger(__name__)
 
 #: A raw or dead-letter message may be a batch of up to this many events (any batch limit fits).
 ANY_BATCH = 1 << 30
-
-
-async def scan(js: JetStreamContext, stream: str, subject: str, batch: int = 500) -> AsyncIterator[Msg]:
-    """Every message of ``stream`` on ``subject`` (a filter) up to its last one now, in order,
-    through an ephemeral pull consumer without acks."""
-    info = await js.stream_info(stream)
-    last = int(info.state.last_seq or 0)
-    if not info.state.messages:
-        return
-    config = ConsumerConfig(
-        deliver_policy=DeliverPolicy.ALL,
-        ack_policy=AckPolicy.NONE,
-        mem_storage=True,
-        inactive_threshold=30.0,
-        max_waiting=1,
-    )
-    psub = await js.pull_subscribe(subject, stream=stream, config=config)
-    try:
-        if not (await psub.consumer_info()).num_pending:
-            return
-        while True:
-            msgs = await fetch_batch(psub, batch, timeout_s=2.0)
-            if not msgs:
-                return
-            for msg in msgs:
-                meta = msg.metadata
-                if meta.sequence.stream > last:
-                    return
-                yield msg
-                if meta.sequence.stream == last or meta.num_pending == 0:
-                    return
-    finally:
-        try:
-            await psub.unsubscribe()
-        except Exception:  # the consumer expires on its own (inactive_threshold)
-            logger.debug("could not unsubscribe the erasure scan consumer", exc_info=True)
 
 
 def carries_user(msg: Msg, user_id: str) -> bool:
@@ -98,23 +54,8 @@ async def erase_where(
     match: Callable[[Msg], bool],
     up_to: int | None = None,
 ) -> tuple[int, int]:
-    """Erases the messages ``match`` picks, at or below ``up_to`` if given; returns (erased, left:
-    matching messages above ``up_to``)."""
-    picked: list[int] = []
-    left = 0
-    async for msg in scan(js, stream, subject):
-        if match(msg):
-            seq = int(msg.metadata.sequence.stream)
-            if up_to is None or seq <= up_to:
-                picked.append(seq)
-            else:
-                left += 1
-    erased = 0
-    for seq in picked:
-        try:
-            erased += bool(await js.delete_msg(stream, seq))
-        except NotFoundError:
-            pass  # gone already (a redelivered request, the age limit)
+    """``erase_matching``, counted in ``freshrec_ingestion_forget_erased_total``."""
+    erased, left = await erase_matching(js, stream, subject, match, up_to)
     if erased:
         metrics.FORGET_ERASED.labels(stream).inc(erased)
     return erased, left

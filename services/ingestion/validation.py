@@ -32,6 +32,8 @@ KNOWN_TYPES = frozenset(v.number for v in event_pb2.EventType.DESCRIPTOR.values)
     event_pb2.EVENT_TYPE_UNSPECIFIED
 }
 MAX_ID_CHARS = 128
+#: A recommendation id is ours (32 hex digits); anything much longer was not sent back unchanged.
+MAX_RECOMMENDATION_ID_CHARS = 64
 MAX_CONTEXT_ENTRIES = 32
 MAX_CONTEXT_CHARS = 256
 #: C0 controls, DEL and C1 controls (Unicode category Cc).
@@ -84,6 +86,7 @@ class Validator:
         user_id = event.user_id
         item_id = event.item_id
         session_id = event.session_id
+        recommendation_id = event.recommendation_id
         if not user_id:
             return Rejection("user_id_empty", "user_id is empty")
         if not item_id:
@@ -98,13 +101,20 @@ class Validator:
                 if len(text) > MAX_ID_CHARS:
                     return Rejection(f"{name}_too_long", f"{name} is longer than {MAX_ID_CHARS} characters")
             return Rejection("session_id_too_long", f"session_id is longer than {MAX_ID_CHARS} characters")
+        if len(recommendation_id) > MAX_RECOMMENDATION_ID_CHARS:
+            return Rejection(
+                "recommendation_id_too_long",
+                f"recommendation_id is longer than {MAX_RECOMMENDATION_ID_CHARS} characters "
+                "(send back the id a Recommend or SimilarItems answer carried, unchanged)",
+            )
         # One search over all ids (the common case finds nothing), then which one it was.
-        if CONTROL_CHARS.search(event_id + user_id + item_id + session_id):
+        if CONTROL_CHARS.search(event_id + user_id + item_id + session_id + recommendation_id):
             for name, text in (
                 ("event_id", event_id),
                 ("user_id", user_id),
                 ("item_id", item_id),
                 ("session_id", session_id),
+                ("recommendation_id", recommendation_id),
             ):
                 if CONTROL_CHARS.search(text):
                     return Rejection(f"{name}_control_char", f"{name} contains a control character")

@@ -18,6 +18,7 @@ NOW = 1_800_000_000.0
 def valid(**fields: object) -> event_pb2.Event:
     e = event("user-1", "item-1", event_id="e-1", at=NOW - 60)
     e.session_id = "s-1"
+    e.recommendation_id = "0f8e2c3a9b1d4e5f8a7b6c5d4e3f2a1b"
     e.context["device"] = "web"
     for name, value in fields.items():
         setattr(e, name, value)
@@ -57,6 +58,17 @@ CONTROL = "bad\nid"
             "event_id contains a control character",
         ),
         ({"session_id": "s\x7f"}, "session_id_control_char", "session_id contains a control character"),
+        (
+            {"recommendation_id": "r" * 65},
+            "recommendation_id_too_long",
+            "recommendation_id is longer than 64 characters (send back the id a Recommend or "
+            "SimilarItems answer carried, unchanged)",
+        ),
+        (
+            {"recommendation_id": "r\t1"},
+            "recommendation_id_control_char",
+            "recommendation_id contains a control character",
+        ),
         ({"user_id": "u\x85"}, "user_id_control_char", "user_id contains a control character"),
         ({"type": event_pb2.EVENT_TYPE_UNSPECIFIED}, "type_unspecified", "type is EVENT_TYPE_UNSPECIFIED"),
         ({"type": 99}, "type_unknown", "type 99 is not a known EventType"),
