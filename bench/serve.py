@@ -10,6 +10,8 @@ the feature service is fed the users' events through JetStream and the catalogue
 Phases (figures in the last line's JSON):
 
 1. open loop, 300 requests/s of ``Recommend`` k=10 (latency from the scheduled send time);
+   then the same on a second replica that publishes no served lists, in alternating windows:
+   what publishing ``freshrec.recommendations.served`` adds to a request;
 2. closed loop, 16 concurrent clients, then the echo server the same way, and the ratio;
 3. freshness: a click on a user's top item, published to JetStream, until the next answer
    drops it (excluded as seen);
@@ -267,6 +269,62 @@ async def closed_loop(call: Any, make: Any, clients: int, seconds: float) -> Run
 
 
 # -- the benchmark --------------------------------------------------------------------------------
+async def served_list_cost(
+    stub: Any, inference: Any, workdir: Path, js: Any, recommend: Any, cfg: Config, served_stream: str
+) -> dict[str, Any]:
+    """What publishing the served lists costs a request: the same open loop on this replica and on
+    a second one with publishing turned off, in alternating windows (A B B A A B) so that drift on
+    the shared machine falls on both alike."""
+    from cli.stack import ServiceProcess, free_port, wait_healthy
+    from freshrec.v1 import inference_pb2, inference_pb2_grpc
+
+    quiet = ServiceProcess(
+        "inference",
+        free_port(),
+        {**inference.env, "FRESHREC_SERVED__ENABLED": "false"},
+        instance="inference-unpublished",
+    )
+    quiet.env["FRESHREC_GRPC__PORT"] = str(quiet.port)
+    quiet.start(workdir / "inference-unpublished.log")
+    try:
+        wait_healthy(quiet.address, 120, quiet.process)
+        async with grpc.aio.insecure_channel(quiet.address) as channel:
+            quiet_stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                info = await quiet_stub.GetModelInfo(inference_pb2.GetModelInfoRequest())
+                if info.model_version == "v000001" and info.catalogue_size >= cfg.items:
+                    break
+                await asyncio.sleep(0.2)
+            await closed_loop(quiet_stub.Recommend, recommend, cfg.clients, 1.0)  # warm-up
+            before = (await js.stream_info(served_stream)).state.messages
+            window = max(1.0, cfg.open_s / 2)
+            published: list[float] = []
+            unpublished: list[float] = []
+            errors = 0
+            for publishing in (True, False, False, True, True, False):
+                run = await open_loop(
+                    (stub if publishing else quiet_stub).Recommend, recommend, cfg.open_rate, window
+                )
+                (published if publishing else unpublished).extend(run.latencies)
+                errors += len(run.errors)
+    finally:
+        quiet.stop()
+    stored = (await js.stream_info(served_stream)).state.messages - before
+    return {
+        "rate": cfg.open_rate,
+        "seconds_each": 3 * window,
+        "published_p50_ms": ms(pct(published, 50)),
+        "unpublished_p50_ms": ms(pct(unpublished, 50)),
+        "p50_overhead_ms": round(ms(pct(published, 50)) - ms(pct(unpublished, 50)), 3),
+        "published_p99_ms": ms(pct(published, 99)),
+        "unpublished_p99_ms": ms(pct(unpublished, 99)),
+        "lists_stored": stored,
+        "requests_publishing": len(published),
+        "errors": errors,
+    }
+
+
 async def bench(cfg: Config, quick: bool, workdir: Path) -> dict[str, Any]:
     import nats
 
@@ -286,6 +344,7 @@ async def bench(cfg: Config, quick: bool, workdir: Path) -> dict[str, Any]:
         CATALOGUE_STREAM,
         MODELS_PUBLISHED_SUBJECT,
         MSG_ID_HEADER,
+        SERVED_STREAM,
         accepted_subject,
         ensure_catalogue_stream,
         ensure_events_stream,
@@ -421,6 +480,9 @@ async def bench(cfg: Config, quick: bool, workdir: Path) -> dict[str, Any]:
 
         run = await open_loop(stub.Recommend, recommend, cfg.open_rate, cfg.open_s)
         figures["open_loop"] = {"rate": cfg.open_rate, "seconds": cfg.open_s, **run.summary()}
+        figures["served_lists"] = await served_list_cost(
+            stub, inference, workdir, js, recommend, cfg, served_stream=SERVED_STREAM
+        )
 
         assert feature.process is not None
         cpu_before = cpu_seconds(pid), cpu_seconds(feature.process.pid), time.process_time()
@@ -602,6 +664,12 @@ TARGETS = [
     ("open loop 300/s p50", lambda f: f["open_loop"]["p50_ms"], "≤ 5 ms", lambda v: v <= 5),
     ("open loop 300/s p99", lambda f: f["open_loop"]["p99_ms"], "≤ 20 ms", lambda v: v <= 20),
     ("open loop errors", lambda f: f["open_loop"]["errors"], "0", lambda v: v == 0),
+    (
+        "served-list publishing, p50 added",
+        lambda f: f["served_lists"]["p50_overhead_ms"],
+        "≤ 0.2 ms",
+        lambda v: v <= 0.2,
+    ),
     ("closed loop 16 clients req/s", lambda f: f["closed_loop"]["rps"], "≥ 1000", lambda v: v >= 1000),
     ("echo server req/s (same clients)", lambda f: f["echo_closed_loop"]["rps"], "reference", None),
     ("Recommend / echo throughput", lambda f: f["recommend_to_echo_ratio"], "ratio", None),
@@ -645,6 +713,7 @@ def report(figures: dict[str, Any]) -> None:
     figures["headline"] = [
         "open_loop.p50_ms",
         "open_loop.p99_ms",
+        "served_lists.p50_overhead_ms",
         "closed_loop.rps",
         "echo_closed_loop.rps",
         "reloads.errors",

@@ -37,5 +37,8 @@ def test_serve_bench_quick_run_prints_its_figures() -> None:
     assert figures["reloads"]["errors"] == 0 and figures["reloads"]["all_swapped"]
     assert figures["open_loop"]["errors"] == 0 and figures["closed_loop"]["errors"] == 0
     assert figures["freshness"]["changed"] == figures["freshness"]["probes"]
+    # Lists were published by the replica that publishes them (and only by it).
+    served = figures["served_lists"]
+    assert served["errors"] == 0 and 0 < served["lists_stored"] <= served["requests_publishing"]
     assert 0 <= figures["ann"]["recall_at_10"] <= 1
     assert figures["series"]["reload_p99_ms_per_s"]
