@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import nats  # noqa: E402
+import nats.js.errors  # noqa: E402
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy  # noqa: E402
 
 from cli.hosts import Hosts, start_freshrec  # noqa: E402
@@ -301,7 +302,14 @@ async def run(
         # still be draining into the stream. Lost: acknowledged and not in the stream within a minute.
         drained_from = time.monotonic()
         while True:
-            counts = await stream_ids(hosts.nats_urls(first="b"))
+            try:
+                counts = await stream_ids(hosts.nats_urls(first="b"))
+            except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError):
+                # JetStream still electing leaders after the heal: every read counts afresh, read again.
+                if time.monotonic() - drained_from > 60:
+                    raise
+                await asyncio.sleep(2)
+                continue
             if all(i in counts for i in load.acked) or time.monotonic() - drained_from > 60:
                 break
             await asyncio.sleep(2)
